@@ -1,0 +1,139 @@
+"""Checkpoints: one safetensors file holding model, EMA and optimiser tensors, plus JSON metadata.
+
+No pickle anywhere. A checkpoint is written to a temporary file, fsynced and renamed over the old one,
+so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+FORMAT = "ddpm-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync the result and rename it to ``path`` (same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into tensors (for safetensors) and plain JSON values."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: dict,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict | None = None,
+) -> None:
+    """Write one checkpoint file atomically."""
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    optim_meta = None
+    if optimizer is not None:
+        optim_tensors, optim_meta = optimizer_tensors(optimizer)
+        tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config),
+        "train_state": json.dumps(train_state or {}),
+        "optimizer": json.dumps(optim_meta),
+    }
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class Checkpoint:
+    """A loaded checkpoint: config, model / EMA weights, optimiser state and training state."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        self.path = path
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is damaged or not a safetensors file ({e})") from None
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a ddpm checkpoint (no '{FORMAT}' format tag)")
+        version = metadata.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise CheckpointError(
+                f"checkpoint {path} has format version {version}; this ddpm reads version {FORMAT_VERSION}"
+            )
+        try:
+            self.config = json.loads(metadata["config"])
+            self.train_state = json.loads(metadata.get("train_state", "{}"))
+            self.optimizer_meta = json.loads(metadata.get("optimizer", "null"))
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
+        self.model, self.ema, self.optimizer = {}, {}, {}
+        for name, tensor in tensors.items():
+            group, key = name.split(".", 1)
+            getattr(self, group)[key] = tensor
+        if not self.model:
+            raise CheckpointError(f"checkpoint {path} holds no model weights")
+
+    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        if use_ema and not self.ema:
+            raise CheckpointError(f"checkpoint {self.path} has no EMA weights; use --no-ema")
+        return self.ema if use_ema else self.model

@@ -1,0 +1,308 @@
+"""Configuration: dataclasses, presets, config files (JSON or TOML) and `section.field=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"  # "unet" for images, "mlp" for 2-D points
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    num_groups: int = 32
+    mlp_hidden: int = 128  # MLP denoiser only
+    mlp_layers: int = 3
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: str = "eps"
+    var_type: str = "fixedlarge"
+    loss_type: str = "mse"
+    hybrid_lambda: float = 0.001
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | cifar10 | folder | swiss-roll | s-curve | moons
+    root: str | None = None  # data directory; None = the dataset's usual place
+    image_size: int = 28
+    channels: int | None = None  # None = the data's own (1 for grayscale, 3 for colour)
+    random_flip: bool = True
+    num_points: int = 10000  # 2-D toys only
+    split: str = "train"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    time_limit_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    log_every: int = 100
+    checkpoint_every: int = 5000
+    sample_every: int = 10000
+    num_sample_images: int = 64
+    sample_steps: int | None = None  # respaced ancestral steps for sample grids; None = all T
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        cfg = cls()
+        apply_dict(cfg, d)
+        return cfg
+
+
+def _preset_cifar10() -> Config:
+    """The paper's CIFAR-10 model and training, exactly (35,746,307 parameters)."""
+    return Config(
+        name="cifar10",
+        data=DataConfig(dataset="cifar10", image_size=32),
+    )
+
+
+def _preset_256(name: str, steps: int) -> Config:
+    """The paper's 256x256 model (113,673,219 parameters): CelebA-HQ / LSUN, from an image folder."""
+    return Config(
+        name=name,
+        model=ModelConfig(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+        diffusion=DiffusionConfig(var_type="fixedsmall"),
+        data=DataConfig(dataset="folder", image_size=256),
+        train=TrainConfig(steps=steps, batch_size=64, lr=2e-5, sample_steps=250),
+    )
+
+
+def _preset_fashion_mnist() -> Config:
+    """A small U-Net tuned for the best Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
+
+    Departures from the paper (all measured, see README): a smaller network, a 10x larger learning
+    rate with a short warm-up, an EMA decay suited to a few thousand steps, bf16 autocast, and
+    sample grids drawn on 100 respaced steps.
+    """
+    return Config(
+        name="fashion-mnist",
+        model=ModelConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0),
+        data=DataConfig(dataset="fashion-mnist", image_size=28),
+        train=TrainConfig(
+            steps=3000,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=200,
+            ema_decay=0.995,
+            precision="bf16",
+            log_every=50,
+            checkpoint_every=500,
+            sample_every=1000,
+            sample_steps=100,
+        ),
+    )
+
+
+def _preset_toy2d() -> Config:
+    """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
+    return Config(
+        name="toy2d",
+        model=ModelConfig(kind="mlp", mlp_hidden=128, mlp_layers=3, dropout=0.0),
+        diffusion=DiffusionConfig(beta_start=1e-5, beta_end=2e-3),
+        data=DataConfig(dataset="swiss-roll", image_size=0, random_flip=False),
+        train=TrainConfig(
+            steps=4000,
+            batch_size=256,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            log_every=100,
+            checkpoint_every=1000,
+            sample_every=2000,
+            num_sample_images=2000,
+        ),
+    )
+
+
+PRESETS = {
+    "cifar10": _preset_cifar10,
+    "celebahq256": lambda: _preset_256("celebahq256", 500_000),
+    "lsun256": lambda: _preset_256("lsun256", 2_400_000),
+    "fashion-mnist": _preset_fashion_mnist,
+    "toy2d": _preset_toy2d,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---- files and overrides ----
+
+
+def _coerce(value, hint, where: str):
+    """Convert a JSON/TOML value or a command-line string to the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} expects {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def _field_types(obj) -> dict:
+    return typing.get_type_hints(type(obj))
+
+
+def set_value(cfg: Config, dotted: str, value) -> None:
+    """Set e.g. ``train.lr`` from a string or a parsed value, with type checking."""
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] == "name":
+        cfg.name = str(value)
+        return
+    if len(parts) != 2 or parts[0] not in ("model", "diffusion", "data", "train"):
+        raise ConfigError(f"unknown config key {dotted!r}; use section.field with section in model/diffusion/data/train")
+    section = getattr(cfg, parts[0])
+    hints = _field_types(section)
+    if parts[1] not in hints:
+        raise ConfigError(f"unknown config key {dotted!r}; fields of {parts[0]}: {', '.join(hints)}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def apply_dict(cfg: Config, d: dict) -> None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                set_value(cfg, f"{key}.{sub}", v)
+        else:
+            set_value(cfg, key, value)
+
+
+def load_file(path: str | Path, base: Config | None = None) -> Config:
+    """A JSON or TOML config file; values not in the file come from ``base`` (or the file's ``preset``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    d = dict(d)
+    start = d.pop("preset", None)
+    cfg = copy.deepcopy(base) if base is not None else (preset(start) if start else Config())
+    apply_dict(cfg, d)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def validate(cfg: Config) -> None:
+    """Check values that would otherwise fail deep inside training with an unclear message."""
+    d, m, t, data = cfg.diffusion, cfg.model, cfg.train, cfg.data
+    if d.num_timesteps <= 0:
+        raise ConfigError(f"diffusion.num_timesteps must be positive, got {d.num_timesteps}")
+    for name in ("beta_start", "beta_end"):
+        value = getattr(d, name)
+        if not 0 < value < 1:
+            raise ConfigError(f"diffusion.{name} must be in (0, 1), got {value}")
+    if t.steps <= 0 or t.batch_size <= 0:
+        raise ConfigError("train.steps and train.batch_size must be positive")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
+    if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:
+        raise ConfigError(f"train.sample_steps must be in 1..{d.num_timesteps}")
+    if m.kind not in ("unet", "mlp"):
+        raise ConfigError(f"model.kind must be unet or mlp, got {m.kind!r}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.kind == "unet":
+        if not m.ch_mult or m.ch <= 0:
+            raise ConfigError("model.ch must be positive and model.ch_mult non-empty")
+        factor = 2 ** (len(m.ch_mult) - 1)
+        if data.image_size <= 0 or data.image_size % factor:
+            raise ConfigError(
+                f"data.image_size {data.image_size} must be a positive multiple of {factor} "
+                f"for {len(m.ch_mult)} U-Net levels"
+            )
+        for mult in m.ch_mult:
+            if (m.ch * mult) % m.num_groups:
+                raise ConfigError(f"channels {m.ch * mult} are not divisible by model.num_groups={m.num_groups}")
+
+
+def fields_of(section_cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(section_cls)]

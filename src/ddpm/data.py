@@ -1,0 +1,255 @@
+"""Datasets, all held in memory as decoded tensors: uint8 images [N, C, H, W] or float points [N, 2].
+
+Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package when installed, from a given
+directory of IDX files, or is downloaded by torchvision. MNIST and CIFAR-10 come through torchvision.
+Any folder of images can be used; the 2-D toys are generated.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .errors import DataError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CACHE = Path.home() / ".cache" / "ddpm"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+TOYS = ("swiss-roll", "s-curve", "moons")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", *TOYS)
+
+
+@dataclass
+class Dataset:
+    data: torch.Tensor  # uint8 [N, C, H, W] for images, float32 [N, 2] for points
+    name: str
+
+    @property
+    def is_image(self) -> bool:
+        return self.data.dtype == torch.uint8
+
+    @property
+    def channels(self) -> int:
+        return self.data.shape[1]
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 in 0..255 -> float in [-1, 1] (x / 127.5 - 1, as the original code)."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 0..255, rounding to the nearest level (the quantisation used for evaluation)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---- IDX files (MNIST / Fashion-MNIST) ----
+
+
+def read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(dims):
+        raise DataError(f"{path} is truncated: expected {math.prod(dims)} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, split: str) -> Path | None:
+    stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+    for candidate in (root / stem, root / f"{stem}.gz", root / "raw" / stem, root / "raw" / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _torchvision_dataset(name: str, root: Path, split: str):
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise DataError(
+            f"{name} needs torchvision to download it (pip install torchvision), or give --data-dir"
+        ) from None
+    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[name]
+    try:
+        return cls(str(root), train=split == "train", download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise DataError(f"could not download {name} to {root} ({type(e).__name__}: {e}); give --data-dir") from None
+
+
+def load_idx_dataset(name: str, root: str | None, split: str) -> torch.Tensor:
+    """MNIST-style data: IDX files from root, Debian's package, or a torchvision download."""
+    if root is not None:
+        path = Path(root)
+        if not path.is_dir():
+            raise DataError(f"data directory {path} does not exist")
+        found = _find_idx(path, split) or _find_idx(path / name.replace("-", "_").title(), split)
+        if found is None:
+            raise DataError(f"no {split} IDX images (e.g. train-images-idx3-ubyte.gz) in {path}")
+        return torch.from_numpy(read_idx(found).copy())[:, None]
+    if name == "fashion-mnist" and _find_idx(DEBIAN_FASHION_MNIST, split):
+        return torch.from_numpy(read_idx(_find_idx(DEBIAN_FASHION_MNIST, split)).copy())[:, None]
+    ds = _torchvision_dataset(name, CACHE / name, split)
+    return ds.data.clone()[:, None]
+
+
+def load_cifar10(root: str | None, split: str) -> torch.Tensor:
+    if root is not None and not Path(root).is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    ds = _torchvision_dataset("cifar10", Path(root) if root else CACHE / "cifar10", split)
+    return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- image folders ----
+
+
+def _center_crop_resize(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale != 1:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image_folder(root: str | None, size: int, channels: int | None) -> torch.Tensor:
+    """Every image below ``root`` (recursively), resized on the short side and centre-cropped.
+
+    Grayscale stays 1 channel when every image is grayscale, unless ``channels`` asks for 3.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if root is None:
+        raise DataError("dataset 'folder' needs a data directory (--data-dir)")
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}")
+    images, grayscale = [], True
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                img.load()
+                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+                img = img.convert("L" if is_gray else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"cannot read image {file}: {e}") from None
+        grayscale &= is_gray
+        images.append(_center_crop_resize(img, size))
+    mode = "L" if (channels == 1 or (channels is None and grayscale)) else "RGB"
+    arrays = [np.asarray(img.convert(mode), dtype=np.uint8) for img in images]
+    data = torch.from_numpy(np.stack(arrays))
+    return data[:, None] if mode == "L" else data.permute(0, 3, 1, 2).contiguous()
+
+
+# ---- 2-D toys ----
+
+
+def make_toy(name: str, n: int, seed: int) -> torch.Tensor:
+    """Standardised 2-D point clouds (zero mean, unit variance per axis)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    if name == "swiss-roll":
+        t = 1.5 * math.pi * (1 + 2 * u)
+        pts = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+        pts += 0.3 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    elif name == "s-curve":
+        t = 3 * math.pi * (u - 0.5)
+        pts = torch.stack([torch.sin(t), torch.sign(t) * (torch.cos(t) - 1)], dim=1)
+        pts += 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    elif name == "moons":
+        upper = torch.rand(n, generator=g) < 0.5
+        angle = math.pi * u
+        x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
+        y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
+        pts = torch.stack([x, y], dim=1) + 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    else:
+        raise DataError(f"unknown toy dataset {name!r}; choose one of {', '.join(TOYS)}")
+    pts = (pts - pts.mean(0)) / pts.std(0)
+    return pts.float()
+
+
+# ---- entry point ----
+
+
+def _match(images: torch.Tensor, size: int, channels: int | None) -> torch.Tensor:
+    """Resize (antialiased) and convert channels of a uint8 image tensor."""
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    elif channels == 1 and images.shape[1] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)
+        images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
+    if images.shape[-1] != size or images.shape[-2] != size:
+        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return images
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    name = cfg.dataset
+    if cfg.split not in ("train", "test"):
+        raise DataError(f"data split must be train or test, got {cfg.split!r}")
+    if name in TOYS:
+        return Dataset(make_toy(name, cfg.num_points, seed), name)
+    if name in ("fashion-mnist", "mnist"):
+        images = load_idx_dataset(name, cfg.root, cfg.split)
+    elif name == "cifar10":
+        images = load_cifar10(cfg.root, cfg.split)
+    elif name == "folder":
+        images = load_image_folder(cfg.root, cfg.image_size, cfg.channels)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if len(images) == 0:
+        raise DataError(f"dataset {name} is empty")
+    return Dataset(_match(images, cfg.image_size, cfg.channels), name)
+
+
+class BatchOrder:
+    """Which examples make up the batch of each step: a fresh seeded permutation every epoch.
+
+    The order is a pure function of (seed, step), so a resumed run sees exactly the data it would have.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        start, remaining, parts = step * self.batch_size, self.batch_size, []
+        while remaining:  # a batch may straddle two epochs (or more, for tiny datasets)
+            epoch, offset = divmod(start, self.n)
+            take = min(remaining, self.n - offset)
+            parts.append(self._permutation(epoch)[offset : offset + take])
+            start, remaining = start + take, remaining - take
+        return torch.cat(parts)

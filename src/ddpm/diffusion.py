@@ -1,0 +1,440 @@
+"""The Gaussian diffusion of DDPM: forward process q, reverse process p_theta, losses and the bound.
+
+Conventions (see shared/PAPER.md):
+- code timestep t runs 0..T-1 and is paper step t+1;
+- images live in [-1, 1]; every schedule array is float64 and is cast to float32 only when gathered;
+- "bits/dim" terms are means over all non-batch dimensions divided by ln 2.
+
+The model is any callable ``model(x_t, t) -> output``; it is always called with timesteps of the
+original (un-respaced) chain, so a model trained on T steps can be sampled on a strided subset.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MeanType(str, enum.Enum):
+    """What the network predicts."""
+
+    EPSILON = "eps"  # the noise (the paper's choice, Eq. 11)
+    START_X = "x0"  # the clean image
+    PREVIOUS_X = "xprev"  # the posterior mean mu directly ("mu-prediction" in the paper's Table 2)
+    VELOCITY = "v"  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), an extension
+
+
+class VarType(str, enum.Enum):
+    """How the reverse-process variance Sigma_theta(x_t, t) is chosen."""
+
+    FIXED_SMALL = "fixedsmall"  # sigma^2 = beta-tilde_t (posterior variance)
+    FIXED_LARGE = "fixedlarge"  # sigma^2 = beta_t, with beta-tilde_1 at t = 0
+    LEARNED = "learned"  # extra output channels are the log variance (the paper's Table 2)
+    LEARNED_RANGE = "learned_range"  # Improved DDPM: interpolate log beta and log beta-tilde
+
+
+class LossType(str, enum.Enum):
+    SIMPLE = "mse"  # L_simple: MSE on the prediction target (Algorithm 1)
+    KL = "kl"  # the true variational bound L_t, in bits/dim
+    HYBRID = "hybrid"  # Improved DDPM: L_simple + lambda * L_vlb, the vlb term with the mean detached
+
+
+def _parse(enum_type: type[enum.Enum], value: object, what: str) -> enum.Enum:
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum_type)
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {choices}") from None
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of Phi used by the original code."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """log p(x) of data x in [-1, 1] quantised to 256 bins of width 2/255 (the decoder L_0), in nats.
+
+    The edge bins are open: the lowest takes all mass below -1 + 1/255, the highest all above 1 - 1/255.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """`num_steps` timesteps of 0..T-1, evenly strided, always including 0 and T-1 (Improved DDPM)."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ConfigError(f"number of sampling steps must be in 1..{num_timesteps}, got {num_steps}")
+    if num_steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (num_steps - 1)
+    return sorted({round(i * stride) for i in range(num_steps)})
+
+
+@dataclass
+class PMeanVar:
+    """The reverse-process Gaussian p_theta(x_{t-1} | x_t) and the x0 it implies."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+@dataclass
+class SampleStep:
+    """One step of the reverse chain: the timestep just taken, the new sample and the x0 prediction."""
+
+    t: int
+    sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+class GaussianDiffusion:
+    """Forward and reverse processes for one beta schedule.
+
+    ``timestep_map`` maps this chain's indices to the model's timesteps; it is the identity except for
+    a chain respaced onto a subset of the steps (see :meth:`respaced`).
+    """
+
+    def __init__(
+        self,
+        betas: np.ndarray,
+        mean_type: MeanType | str = MeanType.EPSILON,
+        var_type: VarType | str = VarType.FIXED_LARGE,
+        loss_type: LossType | str = LossType.SIMPLE,
+        hybrid_lambda: float = 0.001,
+        timestep_map: np.ndarray | None = None,
+    ):
+        self.mean_type = _parse(MeanType, mean_type, "mean type")
+        self.var_type = _parse(VarType, var_type, "variance type")
+        self.loss_type = _parse(LossType, loss_type, "loss type")
+        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        if learned and self.loss_type == LossType.SIMPLE:
+            raise ConfigError("a learned variance gets no gradient from L_simple; use loss 'kl' or 'hybrid'")
+        self.hybrid_lambda = hybrid_lambda
+
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.size == 0 or not np.all((betas > 0) & (betas <= 1)):
+            raise ConfigError("betas must be a non-empty 1-D array with values in (0, 1]")
+        self.num_timesteps = T = len(betas)
+        self.timestep_map = np.arange(T) if timestep_map is None else np.asarray(timestep_map)
+
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas)
+        ac_prev = np.append(1.0, ac[:-1])
+        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # beta-tilde is 0 at t = 0; its log is clipped to the value at t = 1 (as in the original code).
+        posterior_log_variance_clipped = np.log(np.append(posterior_variance[1:2], posterior_variance[1:]))
+        if T == 1:
+            posterior_log_variance_clipped = np.log(betas)
+        self.np = dict(
+            betas=betas,
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            log_one_minus_alphas_cumprod=np.log(1.0 - ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            # "fixed large": sigma^2 = beta_t, but beta-tilde_1 at t = 0 for a better decoder likelihood.
+            fixed_large_variance=np.append(posterior_variance[1:2], betas[1:]) if T > 1 else betas,
+        )
+        # Cast once to float32 tensors: each sampling step then costs one gather per coefficient.
+        self._coef = {k: torch.from_numpy(v).float() for k, v in self.np.items()}
+        self._model_t = torch.from_numpy(self.timestep_map).long()
+
+    @property
+    def betas(self) -> np.ndarray:
+        return self.np["betas"]
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return self.np["alphas_cumprod"]
+
+    def _get(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Coefficient `name` at timesteps t (shape [B]), shaped [B, 1, ...] to broadcast over x."""
+        values = self._coef[name]
+        if values.device != t.device:
+            values = self._coef[name] = values.to(t.device)
+        return values[t].reshape(-1, *([1] * (ndim - 1)))
+
+    def respaced(self, timesteps: list[int] | int) -> GaussianDiffusion:
+        """The chain restricted to a subset of timesteps (Improved DDPM's respacing).
+
+        New betas are chosen so that alphabar at the kept steps is unchanged: beta_i = 1 - abar_i/abar_{i-1}.
+        An int asks for that many evenly strided steps.
+        """
+        if isinstance(timesteps, int):
+            timesteps = space_timesteps(self.num_timesteps, timesteps)
+        kept = sorted(set(int(t) for t in timesteps))
+        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ConfigError(f"respaced timesteps must lie in 0..{self.num_timesteps - 1}")
+        ac = self.alphas_cumprod[kept]
+        new_betas = 1.0 - ac / np.append(1.0, ac[:-1])
+        return GaussianDiffusion(
+            new_betas,
+            self.mean_type,
+            self.var_type,
+            self.loss_type,
+            self.hybrid_lambda,
+            timestep_map=self.timestep_map[kept],
+        )
+
+    # ---- forward process q ----
+
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and log variance of q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
+        mean = self._get("sqrt_alphas_cumprod", t, x0.ndim) * x0
+        variance = 1.0 - self._get("alphas_cumprod", t, x0.ndim)
+        return mean, variance, self._get("log_one_minus_alphas_cumprod", t, x0.ndim)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Eq. 4)."""
+        return (
+            self._get("sqrt_alphas_cumprod", t, x0.ndim) * x0
+            + self._get("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise
+        )
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7)."""
+        mean = (
+            self._get("posterior_mean_coef1", t, x_t.ndim) * x0
+            + self._get("posterior_mean_coef2", t, x_t.ndim) * x_t
+        )
+        variance = self._get("posterior_variance", t, x_t.ndim)
+        return mean, variance, self._get("posterior_log_variance_clipped", t, x_t.ndim)
+
+    # ---- conversions between parameterisations ----
+
+    def pred_x0_from_eps(self, x_t, t, eps):
+        return (
+            self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
+            - self._get("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
+        )
+
+    def pred_eps_from_x0(self, x_t, t, pred_x0):
+        return (
+            self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_x0
+        ) / self._get("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+
+    def pred_x0_from_xprev(self, x_t, t, xprev):
+        coef1 = self._get("posterior_mean_coef1", t, x_t.ndim)
+        coef2 = self._get("posterior_mean_coef2", t, x_t.ndim)
+        return (xprev - coef2 * x_t) / coef1
+
+    def pred_x0_from_v(self, x_t, t, v):
+        return (
+            self._get("sqrt_alphas_cumprod", t, x_t.ndim) * x_t
+            - self._get("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * v
+        )
+
+    def v_target(self, x0, t, noise):
+        return (
+            self._get("sqrt_alphas_cumprod", t, x0.ndim) * noise
+            - self._get("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+        )
+
+    # ---- reverse process p ----
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The original-chain timesteps the model is called with."""
+        if self._model_t.device != t.device:
+            self._model_t = self._model_t.to(t.device)
+        return self._model_t[t]
+
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> PMeanVar:
+        """p_theta(x_{t-1} | x_t) from the network output (Eq. 11 for eps-prediction).
+
+        ``clip_denoised`` clips the implied x0 to [-1, 1] before forming the posterior mean.
+        """
+        C = x_t.shape[1]
+        if self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+            if model_output.shape[1] != 2 * C:
+                raise ValueError(f"learned variance needs {2 * C} output channels, got {model_output.shape[1]}")
+            model_output, var_values = model_output.split(C, dim=1)
+            if self.var_type == VarType.LEARNED:
+                log_variance = var_values
+            else:
+                min_log = self._get("posterior_log_variance_clipped", t, x_t.ndim)
+                max_log = torch.log(self._get("betas", t, x_t.ndim))
+                frac = (var_values + 1) / 2  # the network output in [-1, 1] -> [0, 1]
+                log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            name = "posterior_variance" if self.var_type == VarType.FIXED_SMALL else "fixed_large_variance"
+            variance = self._get(name, t, x_t.ndim).expand_as(x_t)
+            if self.var_type == VarType.FIXED_SMALL:
+                log_variance = self._get("posterior_log_variance_clipped", t, x_t.ndim).expand_as(x_t)
+            else:
+                log_variance = torch.log(variance)
+
+        def maybe_clip(x):
+            return x.clamp(-1, 1) if clip_denoised else x
+
+        if self.mean_type == MeanType.PREVIOUS_X:
+            pred_x0 = maybe_clip(self.pred_x0_from_xprev(x_t, t, model_output))
+            mean = model_output
+        else:
+            if self.mean_type == MeanType.EPSILON:
+                pred_x0 = self.pred_x0_from_eps(x_t, t, model_output)
+            elif self.mean_type == MeanType.START_X:
+                pred_x0 = model_output
+            else:
+                pred_x0 = self.pred_x0_from_v(x_t, t, model_output)
+            pred_x0 = maybe_clip(pred_x0)
+            mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        return PMeanVar(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
+
+    def p_sample(
+        self,
+        model: Model,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> SampleStep:
+        """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0."""
+        out = self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
+        noise = randn_like(x_t, generator)
+        nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+        sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
+        return SampleStep(t=int(t[0]), sample=sample, pred_x0=out.pred_x0)
+
+    def p_sample_loop_progressive(
+        self,
+        model: Model,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        clip_denoised: bool = True,
+        x_start: torch.Tensor | None = None,
+        t_start: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[SampleStep]:
+        """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
+        x = randn(shape, generator, device) if x_start is None else x_start.to(device)
+        first = self.num_timesteps - 1 if t_start is None else t_start
+        steps = range(first, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+        for i in steps:
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            step = self.p_sample(model, x, t, clip_denoised, generator)
+            x = step.sample
+            yield step
+
+    @torch.inference_mode()
+    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+        """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped)."""
+        step = None
+        for step in self.p_sample_loop_progressive(model, shape, **kwargs):
+            pass
+        return step.sample
+
+    # ---- losses and the variational bound ----
+
+    def vb_terms_bpd(
+        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bound term L_{t} in bits/dim per example: KL(q(x_{t-1}|x_t,x0) || p) for t > 0, the
+        discretised decoder NLL -log p(x0 | x_1) at t = 0. Also returns the predicted x0."""
+        true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
+        out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)
+        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl), out.pred_x0
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) in bits/dim per example (the L_T term; no parameters)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        zeros = torch.zeros_like(mean)
+        return mean_flat(normal_kl(mean, log_variance.expand_as(mean), zeros, zeros)) / math.log(2.0)
+
+    def training_losses(
+        self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-example losses at timesteps t (Algorithm 1 for L_simple). Keys: loss, and mse / vb."""
+        x_t = self.q_sample(x0, t, noise)
+        model_output = model(x_t, self.model_timesteps(t))
+        terms: dict[str, torch.Tensor] = {}
+        if self.loss_type == LossType.KL:
+            # The true bound: the VLB term with gradients through mean and variance; no x0 clipping.
+            terms["loss"] = self.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=False)[0]
+            return terms
+
+        C = x0.shape[1]
+        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        prediction = model_output[:, :C] if learned else model_output
+        if self.mean_type == MeanType.EPSILON:
+            target = noise
+        elif self.mean_type == MeanType.START_X:
+            target = x0
+        elif self.mean_type == MeanType.PREVIOUS_X:
+            target = self.q_posterior(x0, x_t, t)[0]
+        else:
+            target = self.v_target(x0, t, noise)
+        terms["mse"] = mean_flat((target - prediction) ** 2)
+        terms["loss"] = terms["mse"]
+        if self.loss_type == LossType.HYBRID:
+            if learned:
+                # Only the variance learns from the bound: the mean is trained by L_simple alone.
+                frozen = torch.cat([prediction.detach(), model_output[:, C:]], dim=1)
+            else:
+                frozen = model_output
+            vb = self.vb_terms_bpd(frozen, x0, x_t, t, clip_denoised=False)[0]
+            # L_vlb = sum over T terms = T * E_t[L_t]; lambda * L_vlb with one sampled t.
+            terms["vb"] = vb * self.num_timesteps * self.hybrid_lambda
+            terms["loss"] = terms["mse"] + terms["vb"]
+        return terms
+
+
+def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return randn(x.shape, generator, x.device).to(x.dtype)

@@ -1,0 +1,234 @@
+"""The noise-prediction U-Net of the original DDPM code (`diffusion_tf/models/unet.py`), layer for layer.
+
+Details that matter for faithfulness (shared/PAPER.md, section 3): GroupNorm eps 1e-6; sinusoidal time
+embedding with sin before cos and a (half - 1) divisor; TensorFlow 'SAME' padding in the strided
+downsampling convolution (0 before, 1 after on even sizes); Xavier fan-avg uniform initialisation where
+the output layers of each block use a variance scale of 1e-10 instead of zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of the integer timesteps t (shape [B]): [sin, cos]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def variance_scaling_init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
+    """TF's variance_scaling(scale, 'fan_avg', 'uniform'): Xavier-uniform with gain sqrt(scale), zero bias.
+
+    The original passes scale = 1e-10 for layers meant to start near zero, so those weights are
+    Xavier-uniform times 1e-5 (a variance scale, not a weight scale).
+    """
+    nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def conv(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, padding: int = 1, scale: float = 1.0):
+    return variance_scaling_init_(nn.Conv2d(in_ch, out_ch, kernel, stride, padding), scale)
+
+
+def linear(in_features: int, out_features: int, scale: float = 1.0):
+    return variance_scaling_init_(nn.Linear(in_features, out_features), scale)
+
+
+ZERO = 1e-10  # the original's stand-in for zero initialisation
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, num_groups)
+        self.conv1 = conv(in_ch, out_ch)
+        self.temb_proj = linear(temb_ch, out_ch)
+        self.norm2 = group_norm(out_ch, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv(out_ch, out_ch, scale=ZERO)
+        self.nin_shortcut = conv(in_ch, out_ch, kernel=1, padding=0) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+
+    def __init__(self, ch: int, num_groups: int):
+        super().__init__()
+        self.norm = group_norm(ch, num_groups)
+        self.q = conv(ch, ch, kernel=1, padding=0)
+        self.k = conv(ch, ch, kernel=1, padding=0)
+        self.v = conv(ch, ch, kernel=1, padding=0)
+        self.proj_out = conv(ch, ch, kernel=1, padding=0, scale=ZERO)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # [B, 1 head, H*W, C]; the default scale of SDPA is C^-0.5, as in the paper.
+        q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(2, 3) for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with TensorFlow 'SAME' padding, or 2x2 average pooling."""
+
+    def __init__(self, ch: int, with_conv: bool):
+        super().__init__()
+        self.conv = conv(ch, ch, stride=2, padding=0) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        # 'SAME': total padding (ceil(n/2) - 1) * 2 + 3 - n, the smaller half before. On even n that is
+        # 0 before and 1 after; symmetric padding would shift the sampling grid by one pixel.
+        pads = []
+        for n in (x.shape[3], x.shape[2]):
+            total = max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return self.conv(F.pad(x, pads))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then (optionally) a 3x3 conv."""
+
+    def __init__(self, ch: int, with_conv: bool):
+        super().__init__()
+        self.conv = conv(ch, ch) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: residual blocks, optional attention after each, and a resampler."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net. ``model(x, t)`` maps images [B, C, H, W] and timesteps [B] to [B, out_ch, H, W]."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        resolution: int = 32,
+        resamp_with_conv: bool = True,
+        num_groups: int = 32,
+    ):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
+        self.ch = ch
+        temb_ch = 4 * ch
+        self.temb_dense0 = linear(ch, temb_ch)
+        self.temb_dense1 = linear(temb_ch, temb_ch)
+        self.conv_in = conv(in_channels, ch)
+
+        def res(i, o):
+            return ResBlock(i, o, temb_ch, dropout, num_groups)
+
+        def attn_or_none(c, res_now):
+            return AttnBlock(c, num_groups) if res_now in attn_resolutions else nn.Identity()
+
+        # Down path: every block output (and every downsample output) is pushed on the skip stack.
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        cur_ch, cur_res = ch, resolution
+        for level, mult in enumerate(ch_mult):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(res(cur_ch, ch * mult))
+                cur_ch = ch * mult
+                attns.append(attn_or_none(cur_ch, cur_res))
+                skip_channels.append(cur_ch)
+            last = level == len(ch_mult) - 1
+            resample = None if last else Downsample(cur_ch, resamp_with_conv)
+            if not last:
+                skip_channels.append(cur_ch)
+                cur_res //= 2
+            self.down.append(Level(blocks, attns, resample))
+
+        self.mid_block1 = res(cur_ch, cur_ch)
+        self.mid_attn = AttnBlock(cur_ch, num_groups)
+        self.mid_block2 = res(cur_ch, cur_ch)
+
+        # Up path: num_res_blocks + 1 blocks per level, each on concat([h, skip.pop()]).
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res(cur_ch + skip_channels.pop(), ch * mult))
+                cur_ch = ch * mult
+                attns.append(attn_or_none(cur_ch, cur_res))
+            resample = Upsample(cur_ch, resamp_with_conv) if level != 0 else None
+            if level != 0:
+                cur_res *= 2
+            self.up.append(Level(blocks, attns, resample))
+        assert not skip_channels
+
+        self.norm_out = group_norm(cur_ch, num_groups)
+        self.conv_out = conv(cur_ch, out_channels, scale=ZERO)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = timestep_embedding(t, self.ch).to(x.dtype)
+        temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
+
+        hs = [self.conv_in(x)]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                hs.append(attn(block(hs[-1], temb)))
+            if level.resample is not None:
+                hs.append(level.resample(hs[-1]))
+
+        h = hs[-1]
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+
+        for level in self.up:
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
+            if level.resample is not None:
+                h = level.resample(h)
+        assert not hs
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
