@@ -1,0 +1,180 @@
+"""`ddpm train | sample | import | presets | config`: parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DDPMError
+
+# Flags that are shortcuts for config keys.
+SHORTCUTS = {
+    "dataset": "data.dataset",
+    "data_dir": "data.root",
+    "image_size": "data.image_size",
+    "channels": "data.channels",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "precision": "train.precision",
+    "time_limit": "train.time_limit_minutes",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="start from a preset (see `ddpm presets`); default fashion-mnist")
+    p.add_argument("--config", help="a JSON or TOML config file (may name its own preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set model.dropout=0.1 (repeatable)")
+    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, folder, swiss-roll, s-curve or moons")
+    p.add_argument("--data-dir", help="data directory (image folder, or where the dataset files are)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop training after this long")
+
+
+def resolve_config(args: argparse.Namespace, base=None):
+    """Preset -> config file -> shortcut flags -> --set overrides, later ones winning."""
+    from .config import load_file, parse_override, preset, set_value
+
+    if base is not None:
+        if args.preset or args.config:
+            raise DDPMError("--resume uses the run's own config; give overrides with flags or --set only")
+        cfg = base
+    elif args.config:
+        cfg = load_file(args.config, base=preset(args.preset) if args.preset else None)
+    else:
+        cfg = preset(args.preset or "fashion-mnist")
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_value(cfg, key, value)
+    for text in args.set:
+        set_value(cfg, *parse_override(text))
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME, Checkpoint
+    from .config import Config, validate
+    from .train import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
+        cfg = resolve_config(args, base)
+    else:
+        cfg = resolve_config(args)
+        run_dir = Path(args.out or f"runs/{cfg.name}")
+    validate(cfg)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    result = trainer.train()
+    print(json.dumps({"run_dir": str(run_dir), **result}))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME
+    from .sample import sample_to_dir
+
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "samples-out"
+    if source.is_dir():
+        source = source / CHECKPOINT_NAME
+    info = sample_to_dir(
+        source, out, num=args.num, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
+        use_ema=not args.no_ema, device=args.device, clip_denoised=not args.no_clip,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"out_dir": str(out), **info}))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .convert import import_diffusers
+
+    path = import_diffusers(args.folder, args.out)
+    print(json.dumps({"checkpoint": str(path)}))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS, preset
+
+    for name in PRESETS:
+        doc = (PRESETS[name].__doc__ or "").strip().splitlines()
+        cfg = preset(name)
+        print(f"{name:14s} {cfg.data.dataset:14s} {(doc[0] if doc else '')}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(json.dumps(resolve_config(args).to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (Algorithm 1)")
+    _add_config_flags(p)
+    p.add_argument("--out", help="run directory (default runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
+    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="ancestral steps on a strided subset (default: all T)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
+    p.add_argument("folder", help="e.g. a local copy of google/ddpm-cifar10-32")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("presets", help="list the presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("config", help="print the resolved config as JSON (a starting point for --config)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DDPMError as e:
+        print(f"ddpm: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"ddpm: error: {e}; lower the learning rate or use --precision fp32", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ddpm: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

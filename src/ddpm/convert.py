@@ -1,0 +1,193 @@
+"""Import diffusers-format DDPM weights (e.g. the published `google/ddpm-cifar10-32`) as our checkpoints.
+
+A diffusers `UNet2DModel` configured like the paper's network has the same layers as ours under other
+names; this module maps the names (both the current and the older attention naming) and the config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_checkpoint
+from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from .errors import CheckpointError
+
+_RESNET = {"time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut"}
+_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    # names used by diffusers before 0.15 (and by the published DDPM weights)
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
+_TOP = {
+    "time_embedding.linear_1": "temb_dense0",
+    "time_embedding.linear_2": "temb_dense1",
+    "conv_norm_out": "norm_out",
+}
+
+
+def _rename(name: str) -> tuple[str, bool]:
+    """A diffusers parameter name -> (our name, whether it is an attention q/k/v/out projection)."""
+    prefix, sep, leaf = name.rpartition(".")  # leaf is weight / bias
+    for old, new in _TOP.items():
+        if prefix == old:
+            return f"{new}.{leaf}", False
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", prefix)
+    mid = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", prefix)
+    if m:
+        path, level, kind, index, layer = m.groups()
+        if kind in ("downsamplers", "upsamplers"):
+            return f"{path}.{level}.resample.{layer}.{leaf}", False
+        group = "blocks" if kind == "resnets" else "attns"
+        base = f"{path}.{level}.{group}.{index}"
+    elif mid:
+        kind, index, layer = mid.groups()
+        base = {("resnets", "0"): "mid_block1", ("resnets", "1"): "mid_block2"}.get((kind, index), "mid_attn")
+    else:
+        return name, False  # conv_in, conv_out
+    if kind == "attentions":
+        new = _ATTENTION.get(layer, layer)
+        return f"{base}.{new}.{leaf}", new in ("q", "k", "v", "proj_out")
+    return f"{base}.{_RESNET.get(layer, layer)}.{leaf}", False
+
+
+def unet_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a diffusers UNet2DModel state dict onto :class:`ddpm.unet.UNet` names and shapes."""
+    out = {}
+    for name, tensor in state.items():
+        new, is_projection = _rename(name)
+        if is_projection and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        out[new] = tensor
+    return out
+
+
+def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
+    """(our model config, image size, channels) for a diffusers UNet2DModel config of the paper's form."""
+
+    def require(key, expected, default=None):
+        value = unet_cfg.get(key, default)
+        if value != expected:
+            raise CheckpointError(f"diffusers UNet has {key}={value!r}; only {expected!r} matches the DDPM network")
+
+    require("norm_eps", 1e-6, 1e-5)
+    require("flip_sin_to_cos", False, True)
+    require("freq_shift", 1, 0)
+    require("downsample_padding", 0, 1)
+    require("time_embedding_type", "positional", "positional")
+    require("act_fn", "silu", "silu")
+    require("resnet_time_scale_shift", "default", "default")
+    channels = list(unet_cfg["block_out_channels"])
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        raise CheckpointError(f"block_out_channels {channels} are not multiples of the first")
+    size = unet_cfg.get("sample_size", 32)
+    size = size[0] if isinstance(size, list | tuple) else size
+    down_types = unet_cfg["down_block_types"]
+    attn = tuple(size // 2**i for i, kind in enumerate(down_types) if "Attn" in kind)
+    if unet_cfg.get("in_channels") != unet_cfg.get("out_channels"):
+        raise CheckpointError("only UNets with equal input and output channels (fixed variance) can be imported")
+    model = ModelConfig(
+        ch=ch,
+        ch_mult=tuple(c // ch for c in channels),
+        num_res_blocks=unet_cfg.get("layers_per_block", 2),
+        attn_resolutions=attn,
+        dropout=float(unet_cfg.get("dropout", 0.0)),
+        num_groups=unet_cfg.get("norm_num_groups", 32),
+    )
+    return model, size, unet_cfg["in_channels"]
+
+
+def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
+    schedules = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
+    variances = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
+                 "fixed_large_log": "fixedlarge"}
+    predictions = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+    try:
+        return DiffusionConfig(
+            num_timesteps=int(sched.get("num_train_timesteps", 1000)),
+            beta_schedule=schedules[sched.get("beta_schedule", "linear")],
+            beta_start=float(sched.get("beta_start", 1e-4)),
+            beta_end=float(sched.get("beta_end", 0.02)),
+            var_type=variances[sched.get("variance_type", "fixed_small")],
+            mean_type=predictions[sched.get("prediction_type", "epsilon")],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"unsupported diffusers scheduler setting {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Read a diffusers pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a directory")
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise CheckpointError(f"no diffusers UNet config.json in {unet_dir}")
+    unet_cfg = _read_json(unet_dir / "config.json")
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.is_file() else {}
+
+    weights_file = unet_dir / "diffusion_pytorch_model.safetensors"
+    if weights_file.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights_file))
+    elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
+        # Older folders ship a torch pickle; weights_only refuses anything but tensors.
+        state = torch.load(unet_dir / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in {unet_dir}")
+
+    model_cfg, size, channels = model_config_from_diffusers(unet_cfg)
+    dataset = "cifar10" if (size, channels) == (32, 3) else "folder"
+    cfg = Config(
+        name=f"imported:{folder.name}",
+        model=model_cfg,
+        diffusion=diffusion_config_from_diffusers(sched),
+        data=DataConfig(dataset=dataset, image_size=size, channels=channels),
+        train=TrainConfig(),
+    )
+    return cfg, unet_state_dict_from_diffusers(state)
+
+
+def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
+    """Convert a diffusers DDPM folder into a run directory that `ddpm sample` reads."""
+    from .build import build_model
+
+    cfg, state = load_diffusers_folder(folder)
+    model = build_model(cfg, cfg.data.channels)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"weights in {folder} do not fit the DDPM U-Net: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    run_dir = Path(run_dir)
+    weights = model.state_dict()
+    save_checkpoint(
+        run_dir / CHECKPOINT_NAME,
+        cfg.to_dict(),
+        weights,
+        ema=weights,  # published weights are the EMA weights
+        train_state={"step": 0, "imported_from": str(Path(folder).resolve())},
+    )
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return run_dir / CHECKPOINT_NAME

@@ -1,0 +1,46 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (gzipped when the name ends in .gz)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """A tiny Fashion-MNIST-like directory: 40 train and 10 test images of 8x8 with a bright square."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "idx"
+    d.mkdir()
+    for name, n in (("train", 40), ("t10k", 10)):
+        images = rng.integers(0, 60, size=(n, 8, 8))
+        images[:, 2:6, 2:6] += 150
+        write_idx(d / f"{name}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{name}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=(n,)))
+    return d
+
+
+def tiny_config(data_dir, **train) -> Config:
+    """A U-Net small enough to train a few steps in well under a second."""
+    defaults = dict(
+        steps=6, batch_size=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=3,
+        sample_every=1000, num_sample_images=4, sample_steps=5, device="cpu",
+    )
+    defaults.update(train)
+    return Config(
+        name="tiny",
+        model=ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+                          num_groups=4),
+        diffusion=DiffusionConfig(num_timesteps=50),
+        data=DataConfig(dataset="fashion-mnist", root=str(data_dir), image_size=8),
+        train=TrainConfig(**defaults),
+    )

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.config import DataConfig
+from ddpm.data import BatchOrder, load_dataset, make_toy, read_idx, to_model_range, to_uint8
+from ddpm.errors import DataError
+
+from conftest import write_idx
+
+
+def test_idx_round_trip_and_scaling(idx_dir):
+    ds = load_dataset(DataConfig(dataset="fashion-mnist", root=str(idx_dir), image_size=8))
+    assert ds.data.shape == (40, 1, 8, 8) and ds.data.dtype == torch.uint8 and ds.is_image
+    raw = read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+    assert np.array_equal(ds.data[:, 0].numpy(), raw)
+    test = load_dataset(DataConfig(dataset="fashion-mnist", root=str(idx_dir), image_size=8, split="test"))
+    assert len(test) == 10
+    x = to_model_range(torch.tensor([0, 255], dtype=torch.uint8))
+    assert x.tolist() == [-1.0, 1.0]
+    assert torch.equal(to_uint8(to_model_range(ds.data)), ds.data)
+
+
+def test_resize_and_channels(idx_dir):
+    ds = load_dataset(DataConfig(dataset="fashion-mnist", root=str(idx_dir), image_size=4, channels=3))
+    assert ds.data.shape == (40, 3, 4, 4)
+    assert torch.equal(ds.data[:, 0], ds.data[:, 2])
+
+
+def test_truncated_idx_is_reported(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 5, 5)))
+    data = (tmp_path / "train-images-idx3-ubyte").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(data[:-7])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(DataConfig(root=str(tmp_path), image_size=5))
+
+
+def make_folder(root, modes=("L", "L"), sizes=((40, 30), (30, 50))):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub").mkdir(exist_ok=True)
+    for i, (mode, size) in enumerate(zip(modes, sizes, strict=True)):
+        color = 200 if mode == "L" else (200, 10, 30)
+        path = root / ("sub" if i % 2 else ".") / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.new(mode, size, color).save(path)
+    return root
+
+
+def test_image_folder_grayscale_stays_one_channel(tmp_path):
+    root = make_folder(tmp_path / "gray")
+    ds = load_dataset(DataConfig(dataset="folder", root=str(root), image_size=16))
+    assert ds.data.shape == (2, 1, 16, 16)
+    assert (ds.data.float().mean() - 200).abs() < 2
+    rgb = load_dataset(DataConfig(dataset="folder", root=str(root), image_size=16, channels=3))
+    assert rgb.data.shape == (2, 3, 16, 16)
+
+
+def test_image_folder_colour(tmp_path):
+    root = make_folder(tmp_path / "rgb", modes=("RGB", "L"))
+    ds = load_dataset(DataConfig(dataset="folder", root=str(root), image_size=8))
+    assert ds.data.shape == (2, 3, 8, 8)
+    red = ds.data[0, :, 4, 4].tolist()
+    assert abs(red[0] - 200) <= 3 and red[1] < 20
+
+
+def test_center_crop_keeps_the_centre(tmp_path):
+    img = np.zeros((20, 60), dtype=np.uint8)
+    img[:, 20:40] = 255  # a bright centre square
+    (tmp_path / "c").mkdir()
+    Image.fromarray(img).save(tmp_path / "c" / "a.png")
+    ds = load_dataset(DataConfig(dataset="folder", root=str(tmp_path / "c"), image_size=20))
+    assert ds.data.float().mean() > 250
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "no images"),
+        (lambda p: (p.mkdir(), (p / "bad.png").write_bytes(b"not an image")), "bad.png"),
+    ],
+)
+def test_folder_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataConfig(dataset="folder", root=str(root), image_size=8))
+
+
+def test_unknown_dataset_and_missing_dir(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset(DataConfig(dataset="imagenet"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(DataConfig(dataset="mnist", root=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no train IDX"):
+        load_dataset(DataConfig(dataset="mnist", root=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("name", ["swiss-roll", "s-curve", "moons"])
+def test_toys_are_standardised_and_seeded(name):
+    pts = make_toy(name, 5000, seed=1)
+    assert pts.shape == (5000, 2)
+    torch.testing.assert_close(pts.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pts.std(0), torch.ones(2), atol=1e-4, rtol=0)
+    assert torch.equal(pts, make_toy(name, 5000, seed=1))
+    assert not torch.equal(pts, make_toy(name, 5000, seed=2))
+
+
+def test_batch_order_covers_each_epoch_once():
+    order = BatchOrder(10, 4, seed=3)
+    first_epoch = torch.cat([order.indices(s) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(first_epoch[:10].tolist()) == list(range(10))
+    assert sorted(first_epoch[10:].tolist()) == list(range(10))
+    assert not torch.equal(first_epoch[:10], first_epoch[10:])
+    assert torch.equal(BatchOrder(10, 4, seed=3).indices(3), order.indices(3))

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from ddpm.build import build_model
+from ddpm.config import preset
+from ddpm.convert import unet_state_dict_from_diffusers
+from ddpm.unet import Downsample, UNet, count_parameters, timestep_embedding
+
+
+@pytest.mark.parametrize("name,expected", [("cifar10", 35_746_307), ("celebahq256", 113_673_219),
+                                           ("lsun256", 113_673_219)])
+def test_paper_parameter_counts(name, expected):
+    cfg = preset(name)
+    with torch.device("meta"):  # count without allocating or initialising
+        model = build_model(cfg, 3)
+    assert count_parameters(model) == expected
+
+
+def test_timestep_embedding_is_sin_then_cos_with_half_minus_one_divisor():
+    t = torch.tensor([0, 7, 999])
+    emb = timestep_embedding(t, 128)
+    half = 64
+    freqs = torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
+    torch.testing.assert_close(emb[:, :half], torch.sin(t[:, None] * freqs))
+    torch.testing.assert_close(emb[:, half:], torch.cos(t[:, None] * freqs))
+    assert emb[0, :half].abs().max() == 0 and emb[0, half:].min() == 1
+
+
+def test_downsample_pads_like_tensorflow_same():
+    """Stride-2 'SAME' on even sizes pads 0 before and 1 after: output pixel (0, 0) sees input rows and
+    columns 0..2, not -1..1."""
+    down = Downsample(1, with_conv=True)
+    with torch.no_grad():
+        down.conv.weight.zero_()
+        down.conv.weight[0, 0, 0, 0] = 1.0  # picks the top-left input of each 3x3 window
+        down.conv.bias.zero_()
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    y = down(x)
+    assert y.shape == (1, 1, 4, 4)
+    assert torch.equal(y[0, 0], x[0, 0, ::2, ::2])
+
+
+def test_initialisation_is_xavier_fan_avg_with_tiny_output_layers():
+    model = UNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16, num_groups=8)
+    w = model.down[0].blocks[0].conv1.weight  # 3x3 conv 32 -> 32: fan_in = fan_out = 288
+    bound = math.sqrt(6 / (288 + 288))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert model.down[0].blocks[0].conv1.bias.abs().max() == 0
+    # "zero" layers use variance scale 1e-10, so weights are 1e-5 times the Xavier bound
+    for tiny in (model.down[0].blocks[0].conv2, model.mid_attn.proj_out, model.conv_out):
+        fan_in = tiny.weight.shape[1] * tiny.weight[0, 0].numel()
+        fan_out = tiny.weight.shape[0] * tiny.weight[0, 0].numel()
+        tiny_bound = 1e-5 * math.sqrt(6 / (fan_in + fan_out))
+        assert 0 < tiny.weight.abs().max() <= tiny_bound
+    assert model.norm_out.eps == 1e-6
+
+
+def diffusers_paper_unet(sample_size=32, channels=(128, 256, 256, 256), attn_level=1, in_channels=3):
+    from diffusers import UNet2DModel
+
+    down = ["AttnDownBlock2D" if i == attn_level else "DownBlock2D" for i in range(len(channels))]
+    up = ["AttnUpBlock2D" if i == len(channels) - 1 - attn_level else "UpBlock2D" for i in range(len(channels))]
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=channels, down_block_types=down, up_block_types=up, layers_per_block=2,
+        norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None,
+        norm_num_groups=32, dropout=0.0,
+    )
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_matches_diffusers_unet_after_weight_mapping(small):
+    """diffusers' UNet2DModel configured as the paper's network computes the same function as ours."""
+    torch.manual_seed(0)
+    if small:
+        theirs = diffusers_paper_unet(16, (32, 64), attn_level=1, in_channels=1)
+        ours = UNet(in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16, dropout=0.0)
+    else:
+        theirs = diffusers_paper_unet()
+        ours = UNet(dropout=0.0)
+    # Random non-trivial weights everywhere (diffusers and our init both leave some layers near zero).
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    ours.load_state_dict(unet_state_dict_from_diffusers(theirs.state_dict()), strict=True)
+    theirs.eval(), ours.eval()
+    x = torch.randn(2, ours.in_channels, ours.resolution, ours.resolution)
+    t = torch.tensor([3, 817])
+    with torch.no_grad():
+        expected = theirs(x, t).sample
+        got = ours(x, t)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_any_channels_and_resolution():
+    model = UNet(in_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(7,), resolution=28, num_groups=8)
+    out = model(torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 1, 28, 28)
