@@ -32,14 +32,24 @@ def idx_dir(tmp_path):
 def tiny_config(data_dir, **train) -> Config:
     """A U-Net small enough to train a few steps in well under a second."""
     defaults = dict(
-        steps=6, batch_size=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=3,
-        sample_every=1000, num_sample_images=4, sample_steps=5, device="cpu",
+        steps=6,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        log_every=1,
+        checkpoint_every=3,
+        sample_every=1000,
+        num_sample_images=4,
+        sample_steps=5,
+        device="cpu",
     )
     defaults.update(train)
     return Config(
         name="tiny",
-        model=ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
-                          num_groups=4),
+        model=ModelConfig(
+            ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, num_groups=4
+        ),
         diffusion=DiffusionConfig(num_timesteps=50),
         data=DataConfig(dataset="fashion-mnist", root=str(data_dir), image_size=8),
         train=TrainConfig(**defaults),

@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
 from ddpm.config import DataConfig
 from ddpm.data import BatchOrder, load_dataset, make_toy, read_idx, to_model_range, to_uint8
 from ddpm.errors import DataError
-
-from conftest import write_idx
 
 
 def test_idx_round_trip_and_scaling(idx_dir):

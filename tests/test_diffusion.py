@@ -90,8 +90,9 @@ def test_reverse_step_matches_diffusers(var_type, their_var, t_value):
     g = torch.Generator().manual_seed(2)
     x_t = torch.randn(4, 3, 8, 8, generator=g)
     eps = torch.randn(4, 3, 8, 8, generator=g)
-    ours = d.p_sample(lambda x, t: eps, x_t, torch.full((4,), t_value),
-                      generator=torch.Generator().manual_seed(3)).sample
+    ours = d.p_sample(
+        lambda x, t: eps, x_t, torch.full((4,), t_value), generator=torch.Generator().manual_seed(3)
+    ).sample
     theirs = sched.step(eps, t_value, x_t, generator=torch.Generator().manual_seed(3)).prev_sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -145,7 +146,9 @@ def sample_toy(var_type, steps, mu=0.3, sigma=0.2):
     d = linear(var_type=var_type)
     chain = d if steps is None else d.respaced(steps)
     model = gaussian_optimal_eps(d, mu, sigma)
-    return chain.p_sample_loop(model, (20_000, 1), generator=torch.Generator().manual_seed(6), clip_denoised=False)
+    return chain.p_sample_loop(
+        model, (20_000, 1), generator=torch.Generator().manual_seed(6), clip_denoised=False
+    )
 
 
 @pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
@@ -166,8 +169,11 @@ def test_respaced_sampling_brackets_the_true_spread():
 
 def test_progressive_sampling_exposes_every_step():
     d = linear(T=20)
-    steps = list(d.p_sample_loop_progressive(lambda x, t: torch.zeros_like(x), (2, 1, 4, 4),
-                                             generator=torch.Generator().manual_seed(0)))
+    steps = list(
+        d.p_sample_loop_progressive(
+            lambda x, t: torch.zeros_like(x), (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)
+        )
+    )
     assert [s.t for s in steps] == list(range(19, -1, -1))
     # The last step adds no noise: the sample is the (clipped) x0 prediction's posterior mean at t=0.
     assert torch.equal(steps[-1].sample, steps[-1].pred_x0)

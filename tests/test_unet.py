@@ -9,8 +9,9 @@ from ddpm.convert import unet_state_dict_from_diffusers
 from ddpm.unet import Downsample, UNet, count_parameters, timestep_embedding
 
 
-@pytest.mark.parametrize("name,expected", [("cifar10", 35_746_307), ("celebahq256", 113_673_219),
-                                           ("lsun256", 113_673_219)])
+@pytest.mark.parametrize(
+    "name,expected", [("cifar10", 35_746_307), ("celebahq256", 113_673_219), ("lsun256", 113_673_219)]
+)
 def test_paper_parameter_counts(name, expected):
     cfg = preset(name)
     with torch.device("meta"):  # count without allocating or initialising
@@ -61,12 +62,24 @@ def diffusers_paper_unet(sample_size=32, channels=(128, 256, 256, 256), attn_lev
     from diffusers import UNet2DModel
 
     down = ["AttnDownBlock2D" if i == attn_level else "DownBlock2D" for i in range(len(channels))]
-    up = ["AttnUpBlock2D" if i == len(channels) - 1 - attn_level else "UpBlock2D" for i in range(len(channels))]
+    up = [
+        "AttnUpBlock2D" if i == len(channels) - 1 - attn_level else "UpBlock2D" for i in range(len(channels))
+    ]
     return UNet2DModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-        block_out_channels=channels, down_block_types=down, up_block_types=up, layers_per_block=2,
-        norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None,
-        norm_num_groups=32, dropout=0.0,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=2,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        dropout=0.0,
     )
 
 

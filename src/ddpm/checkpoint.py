@@ -127,13 +127,18 @@ class Checkpoint:
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
         self.model, self.ema, self.optimizer = {}, {}, {}
+        groups = {"model": self.model, "ema": self.ema, "optim": self.optimizer}
         for name, tensor in tensors.items():
-            group, key = name.split(".", 1)
-            getattr(self, group)[key] = tensor
+            group, _, key = name.partition(".")
+            if group not in groups:
+                raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {name!r}")
+            groups[group][key] = tensor
         if not self.model:
             raise CheckpointError(f"checkpoint {path} holds no model weights")
 
     def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        if use_ema and not self.ema and self.train_state.get("model_is_ema"):
+            return self.model
         if use_ema and not self.ema:
             raise CheckpointError(f"checkpoint {self.path} has no EMA weights; use --no-ema")
         return self.ema if use_ema else self.model

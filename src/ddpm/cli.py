@@ -28,8 +28,13 @@ SHORTCUTS = {
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="start from a preset (see `ddpm presets`); default fashion-mnist")
     p.add_argument("--config", help="a JSON or TOML config file (may name its own preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set model.dropout=0.1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set model.dropout=0.1 (repeatable)",
+    )
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, folder, swiss-roll, s-curve or moons")
     p.add_argument("--data-dir", help="data directory (image folder, or where the dataset files are)")
     p.add_argument("--image-size", type=int)
@@ -92,8 +97,15 @@ def cmd_sample(args) -> int:
     if source.is_dir():
         source = source / CHECKPOINT_NAME
     info = sample_to_dir(
-        source, out, num=args.num, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
-        use_ema=not args.no_ema, device=args.device, clip_denoised=not args.no_clip,
+        source,
+        out,
+        num=args.num,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        use_ema=not args.no_ema,
+        device=args.device,
+        clip_denoised=not args.no_clip,
         progress=not args.no_progress,
     )
     print(json.dumps({"out_dir": str(out), **info}))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -224,7 +225,9 @@ def set_value(cfg: Config, dotted: str, value) -> None:
         cfg.name = str(value)
         return
     if len(parts) != 2 or parts[0] not in ("model", "diffusion", "data", "train"):
-        raise ConfigError(f"unknown config key {dotted!r}; use section.field with section in model/diffusion/data/train")
+        raise ConfigError(
+            f"unknown config key {dotted!r}; use section.field with section in model/diffusion/data/train"
+        )
     section = getattr(cfg, parts[0])
     hints = _field_types(section)
     if parts[1] not in hints:
@@ -301,7 +304,9 @@ def validate(cfg: Config) -> None:
             )
         for mult in m.ch_mult:
             if (m.ch * mult) % m.num_groups:
-                raise ConfigError(f"channels {m.ch * mult} are not divisible by model.num_groups={m.num_groups}")
+                raise ConfigError(
+                    f"channels {m.ch * mult} are not divisible by model.num_groups={m.num_groups}"
+                )
 
 
 def fields_of(section_cls) -> list[str]:

@@ -42,7 +42,9 @@ def _rename(name: str) -> tuple[str, bool]:
     for old, new in _TOP.items():
         if prefix == old:
             return f"{new}.{leaf}", False
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", prefix)
+    m = re.fullmatch(
+        r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", prefix
+    )
     mid = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", prefix)
     if m:
         path, level, kind, index, layer = m.groups()
@@ -78,7 +80,9 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     def require(key, expected, default=None):
         value = unet_cfg.get(key, default)
         if value != expected:
-            raise CheckpointError(f"diffusers UNet has {key}={value!r}; only {expected!r} matches the DDPM network")
+            raise CheckpointError(
+                f"diffusers UNet has {key}={value!r}; only {expected!r} matches the DDPM network"
+            )
 
     require("norm_eps", 1e-6, 1e-5)
     require("flip_sin_to_cos", False, True)
@@ -96,7 +100,9 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     down_types = unet_cfg["down_block_types"]
     attn = tuple(size // 2**i for i, kind in enumerate(down_types) if "Attn" in kind)
     if unet_cfg.get("in_channels") != unet_cfg.get("out_channels"):
-        raise CheckpointError("only UNets with equal input and output channels (fixed variance) can be imported")
+        raise CheckpointError(
+            "only UNets with equal input and output channels (fixed variance) can be imported"
+        )
     model = ModelConfig(
         ch=ch,
         ch_mult=tuple(c // ch for c in channels),
@@ -110,8 +116,12 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
 
 def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
     schedules = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
-    variances = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
-                 "fixed_large_log": "fixedlarge"}
+    variances = {
+        "fixed_small": "fixedsmall",
+        "fixed_small_log": "fixedsmall",
+        "fixed_large": "fixedlarge",
+        "fixed_large_log": "fixedlarge",
+    }
     predictions = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
     try:
         return DiffusionConfig(
@@ -186,8 +196,8 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
         run_dir / CHECKPOINT_NAME,
         cfg.to_dict(),
         weights,
-        ema=weights,  # published weights are the EMA weights
-        train_state={"step": 0, "imported_from": str(Path(folder).resolve())},
+        # Published weights are already the EMA weights: stored once, marked as such.
+        train_state={"step": 0, "imported_from": str(Path(folder).resolve()), "model_is_ema": True},
     )
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     return run_dir / CHECKPOINT_NAME

@@ -92,7 +92,9 @@ def _torchvision_dataset(name: str, root: Path, split: str):
     try:
         return cls(str(root), train=split == "train", download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise DataError(f"could not download {name} to {root} ({type(e).__name__}: {e}); give --data-dir") from None
+        raise DataError(
+            f"could not download {name} to {root} ({type(e).__name__}: {e}); give --data-dir"
+        ) from None
 
 
 def load_idx_dataset(name: str, root: str | None, split: str) -> torch.Tensor:

@@ -249,9 +249,9 @@ class GaussianDiffusion:
         )
 
     def pred_eps_from_x0(self, x_t, t, pred_x0):
-        return (
-            self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_x0
-        ) / self._get("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+        return (self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_x0) / self._get(
+            "sqrt_recipm1_alphas_cumprod", t, x_t.ndim
+        )
 
     def pred_x0_from_xprev(self, x_t, t, xprev):
         coef1 = self._get("posterior_mean_coef1", t, x_t.ndim)
@@ -288,7 +288,9 @@ class GaussianDiffusion:
         C = x_t.shape[1]
         if self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
             if model_output.shape[1] != 2 * C:
-                raise ValueError(f"learned variance needs {2 * C} output channels, got {model_output.shape[1]}")
+                raise ValueError(
+                    f"learned variance needs {2 * C} output channels, got {model_output.shape[1]}"
+                )
             model_output, var_values = model_output.split(C, dim=1)
             if self.var_type == VarType.LEARNED:
                 log_variance = var_values
@@ -366,15 +368,18 @@ class GaussianDiffusion:
     @torch.inference_mode()
     def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
         """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped)."""
-        step = None
-        for step in self.p_sample_loop_progressive(model, shape, **kwargs):
-            pass
-        return step.sample
+        *_, last = self.p_sample_loop_progressive(model, shape, **kwargs)
+        return last.sample
 
     # ---- losses and the variational bound ----
 
     def vb_terms_bpd(
-        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The bound term L_{t} in bits/dim per example: KL(q(x_{t-1}|x_t,x0) || p) for t > 0, the
         discretised decoder NLL -log p(x0 | x_1) at t = 0. Also returns the predicted x0."""

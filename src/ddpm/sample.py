@@ -39,7 +39,9 @@ def load_model(
     model = build_model(cfg, cfg.data.channels)
     missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
     if missing or unexpected:
-        raise ConfigError(f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), build_diffusion(cfg), cfg
 
 
@@ -71,8 +73,13 @@ def generate(
     for b in batches:
         n = min(batch_size, num - b * batch_size)
         g = torch.Generator().manual_seed(seed + b)
-        out.append(chain.p_sample_loop(model, (n, *shape), generator=g, device=device,
-                                       clip_denoised=clip_denoised, progress=progress).float().cpu())
+        out.append(
+            chain.p_sample_loop(
+                model, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, progress=progress
+            )
+            .float()
+            .cpu()
+        )
     return torch.cat(out)
 
 
@@ -94,7 +101,9 @@ def sample_to_dir(
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev)
     is_image = cfg.model.kind == "unet"
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
+    shape = (
+        (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
+    )
     start = time.time()
     samples = generate(model, diffusion, num, shape, batch_size, seed, steps, clip_denoised, dev, progress)
     out = Path(out_dir)

@@ -69,7 +69,9 @@ class Trainer:
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(f"{self.run_dir} already holds a run; use --resume to continue it or pick --out")
+            raise ConfigError(
+                f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
+            )
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
@@ -207,8 +209,14 @@ class Trainer:
         ema_model = self.ema.model_copy(self.model)
         shape = tuple(self.dataset.data.shape[1:])
         samples = generate(
-            ema_model, self.diffusion, t_cfg.num_sample_images, shape, batch_size=256,
-            seed=t_cfg.seed, steps=t_cfg.sample_steps, device=self.device,
+            ema_model,
+            self.diffusion,
+            t_cfg.num_sample_images,
+            shape,
+            batch_size=256,
+            seed=t_cfg.seed,
+            steps=t_cfg.sample_steps,
+            device=self.device,
         )
         (self.run_dir / "samples").mkdir(exist_ok=True)
         if self.dataset.is_image:

@@ -18,7 +18,9 @@ from torch import nn
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer-style sinusoidal embedding of the integer timesteps t (shape [B]): [sin, cos]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1)
+    )
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2 == 1:

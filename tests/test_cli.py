@@ -1,0 +1,255 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.cli import main
+from ddpm.config import preset
+
+
+def tiny_flags(idx_dir):
+    return [
+        "--data-dir",
+        str(idx_dir),
+        "--image-size",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--set",
+        "model.ch=8",
+        "--set",
+        "model.ch_mult=1,2",
+        "--set",
+        "model.num_res_blocks=1",
+        "--set",
+        "model.attn_resolutions=4",
+        "--set",
+        "model.num_groups=4",
+        "--set",
+        "diffusion.num_timesteps=20",
+        "--set",
+        "train.sample_every=1000",
+        "--set",
+        "train.num_sample_images=4",
+        "--set",
+        "train.sample_steps=5",
+        "--no-progress",
+    ]
+
+
+def test_train_resume_and_sample(idx_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_flags(idx_dir), "--out", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    assert main(["train", "--resume", str(run), "--steps", "6", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+
+    out = tmp_path / "samples"
+    args = [
+        "sample",
+        str(run),
+        "--num",
+        "5",
+        "--batch-size",
+        "2",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    npz = np.load(out / "samples.npz")["arr_0"]
+    assert npz.shape == (5, 8, 8, 1) and npz.dtype == np.uint8
+    assert len(list((out / "images").glob("*.png"))) == 5
+    assert Image.open(out / "grid.png").size[0] > 8
+    info = json.loads((out / "samples.json").read_text())
+    assert info["seed"] == 7 and info["weights"] == "ema" and info["steps"] == 20
+    # Same seed, same images; another seed, other images.
+    assert main([*args[:-2], str(tmp_path / "again"), "--no-progress"]) == 0
+    assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], npz)
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--num",
+                "5",
+                "--batch-size",
+                "2",
+                "--seed",
+                "8",
+                "--out",
+                str(tmp_path / "other"),
+                "--no-progress",
+                "--steps",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert not np.array_equal(np.load(tmp_path / "other" / "samples.npz")["arr_0"], npz)
+
+
+def test_toy2d_trains_and_plots(tmp_path):
+    run = tmp_path / "toy"
+    flags = [
+        "--preset",
+        "toy2d",
+        "--dataset",
+        "moons",
+        "--steps",
+        "20",
+        "--set",
+        "train.num_sample_images=50",
+        "--set",
+        "data.num_points=200",
+        "--set",
+        "diffusion.num_timesteps=30",
+        "--no-progress",
+    ]
+    assert main(["train", *flags, "--out", str(run)]) == 0
+    assert (run / "samples" / "step_0000020.png").is_file()
+    assert main(["sample", str(run), "--num", "10", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert np.load(tmp_path / "s" / "points.npy").shape == (10, 2)
+    assert (tmp_path / "s" / "points.png").is_file()
+
+
+def test_config_file_and_overrides(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('preset = "cifar10"\n[train]\nlr = 1e-4\n[model]\ndropout = 0.2\n')
+    assert main(["config", "--config", str(tmp_path / "c.toml"), "--set", "train.batch_size=32"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["name"] == "cifar10" and cfg["train"]["lr"] == 1e-4 and cfg["model"]["dropout"] == 0.2
+    assert cfg["train"]["batch_size"] == 32 and cfg["model"]["ch_mult"] == [1, 2, 2, 2]
+
+
+def test_paper_preset_values():
+    cfg = preset("cifar10")
+    t = cfg.train
+    assert (t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, t.batch_size) == (2e-4, 5000, 1.0, 0.9999, 128)
+    assert (cfg.model.dropout, cfg.data.random_flip, cfg.diffusion.var_type) == (0.1, True, "fixedlarge")
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.num_timesteps) == (
+        1e-4,
+        0.02,
+        1000,
+    )
+    big = preset("celebahq256")
+    assert (big.train.lr, big.train.batch_size, big.model.dropout) == (2e-5, 64, 0.0)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--preset", "imagenet64"], "unknown preset"),
+        (["train", "--set", "diffusion.num_timesteps=0"], "num_timesteps must be positive"),
+        (["train", "--set", "diffusion.beta_end=1.5"], "beta_end must be in (0, 1)"),
+        (["train", "--image-size", "30"], "multiple of 4"),
+        (["train", "--set", "train.lrr=1"], "unknown config key"),
+        (["train", "--set", "train.lr=fast"], "expects float"),
+        (["train", "--dataset", "folder"], "needs a data directory"),
+        (["train", "--dataset", "folder", "--data-dir", "/nonexistent/dir"], "does not exist"),
+        (["sample", "/nonexistent/run"], "no checkpoint"),
+        (["import", "/nonexistent/folder", "--out", "x"], "not a directory"),
+        (["train", "--config", "/nonexistent.toml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "imgs" / "good.png")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                str(tmp_path / "imgs"),
+                "--image-size",
+                "8",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm.cli", "sample", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_import_diffusers_folder_then_sample(tmp_path):
+    """A diffusers pipeline folder (the layout of google/ddpm-cifar10-32) imports and samples the same
+    function: our model's output equals the diffusers UNet's."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        attention_head_dim=None,
+        norm_num_groups=32,
+    )
+    folder = tmp_path / "ddpm-tiny"
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=50, variance_type="fixed_large").save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+
+    assert main(["import", str(folder), "--out", str(tmp_path / "run")]) == 0
+    from ddpm.sample import load_model
+
+    model, diffusion, cfg = load_model(tmp_path / "run")
+    assert cfg.model.attn_resolutions == (4,) and cfg.diffusion.var_type == "fixedlarge"
+    assert diffusion.num_timesteps == 50
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 49])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), unet(x, t).sample, rtol=1e-4, atol=1e-4)
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path / "run"),
+                "--num",
+                "2",
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path / "s"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
