@@ -113,3 +113,23 @@ def test_batch_order_covers_each_epoch_once():
     assert sorted(first_epoch[10:].tolist()) == list(range(10))
     assert not torch.equal(first_epoch[:10], first_epoch[10:])
     assert torch.equal(BatchOrder(10, 4, seed=3).indices(3), order.indices(3))
+
+
+def test_cifar10_binary_release(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    records = {}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = rng.integers(0, 256, size=(3, 3073), dtype=np.uint8)
+        rec.tofile(folder / name)
+        records[name] = rec
+    ds = load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32))
+    assert ds.data.shape == (15, 3, 32, 32)
+    first = records["data_batch_1.bin"][0, 1:].reshape(3, 32, 32)
+    assert np.array_equal(ds.data[0].numpy(), first)
+    test = load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, split="test"))
+    assert len(test) == 3
+    (folder / "data_batch_3.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32))

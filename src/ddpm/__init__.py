@@ -1,0 +1,48 @@
+"""ddpm: Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel, 2020), faithful and usable.
+
+import ddpm
+cfg = ddpm.preset("fashion-mnist")
+ddpm.Trainer(cfg, "runs/fm").train()
+model, diffusion, cfg = ddpm.load_model("runs/fm")
+images = ddpm.generate(model, diffusion, num=16, shape=(1, 28, 28), steps=100)
+"""
+
+from .build import build_diffusion, build_model
+from .checkpoint import Checkpoint
+from .config import Config, preset
+from .data import load_dataset, to_model_range, to_uint8
+from .diffusion import GaussianDiffusion, LossType, MeanType, VarType
+from .errors import CheckpointError, ConfigError, DataError, DDPMError
+from .images import save_grid
+from .sample import generate, load_model, sample_to_dir
+from .schedules import make_betas
+from .train import Trainer
+from .unet import UNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DDPMError",
+    "DataError",
+    "GaussianDiffusion",
+    "LossType",
+    "MeanType",
+    "Trainer",
+    "UNet",
+    "VarType",
+    "build_diffusion",
+    "build_model",
+    "generate",
+    "load_dataset",
+    "load_model",
+    "make_betas",
+    "preset",
+    "sample_to_dir",
+    "save_grid",
+    "to_model_range",
+    "to_uint8",
+]

@@ -105,7 +105,7 @@ def cmd_sample(args) -> int:
         steps=args.steps,
         use_ema=not args.no_ema,
         device=args.device,
-        clip_denoised=not args.no_clip,
+        clip_denoised=False if args.no_clip else None,  # None: clip images, never points
         progress=not args.no_progress,
     )
     print(json.dumps({"out_dir": str(out), **info}))
@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="ancestral steps on a strided subset (default: all T)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
     p.add_argument("--no-progress", action="store_true")

@@ -113,9 +113,31 @@ def load_idx_dataset(name: str, root: str | None, split: str) -> torch.Tensor:
     return ds.data.clone()[:, None]
 
 
+def _read_cifar_binary(folder: Path, split: str) -> np.ndarray:
+    """The binary CIFAR-10 release: records of 1 label byte + 3072 pixel bytes (CHW)."""
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    parts = []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"CIFAR-10 file {path} is missing")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % 3073:
+            raise DataError(f"CIFAR-10 file {path} is truncated")
+        parts.append(raw.reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32))
+    return np.concatenate(parts)
+
+
 def load_cifar10(root: str | None, split: str) -> torch.Tensor:
-    if root is not None and not Path(root).is_dir():
-        raise DataError(f"data directory {root} does not exist")
+    """CIFAR-10 from a directory holding the binary release (cifar-10-batches-bin), or via torchvision
+    (which reads or downloads the Python release into root)."""
+    if root is not None:
+        path = Path(root)
+        if not path.is_dir():
+            raise DataError(f"data directory {path} does not exist")
+        for folder in (path, path / "cifar-10-batches-bin"):
+            if (folder / "test_batch.bin").is_file():
+                return torch.from_numpy(_read_cifar_binary(folder, split))
     ds = _torchvision_dataset("cifar10", Path(root) if root else CACHE / "cifar10", split)
     return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
 

@@ -11,6 +11,7 @@ original (un-respaced) chain, so a model trained on T steps can be sampled on a 
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 from collections.abc import Callable, Iterator
@@ -368,7 +369,8 @@ class GaussianDiffusion:
     @torch.inference_mode()
     def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
         """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped)."""
-        *_, last = self.p_sample_loop_progressive(model, shape, **kwargs)
+        # Keep only the last step; intermediate samples are dropped as they are produced.
+        (last,) = collections.deque(self.p_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
         return last.sample
 
     # ---- losses and the variational bound ----

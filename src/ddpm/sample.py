@@ -92,15 +92,17 @@ def sample_to_dir(
     steps: int | None = None,
     use_ema: bool = True,
     device: str = "auto",
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     progress: bool = True,
 ) -> dict:
     """Sample and write grid.png, images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json.
-    For 2-D point models: points.npy and points.png."""
+    For 2-D point models: points.npy and points.png. x0 is clipped to [-1, 1] for images by default;
+    never by default for points, which are not bounded."""
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev)
     is_image = cfg.model.kind == "unet"
+    clip_denoised = is_image if clip_denoised is None else clip_denoised
     shape = (
         (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
     )

@@ -217,6 +217,7 @@ class Trainer:
             seed=t_cfg.seed,
             steps=t_cfg.sample_steps,
             device=self.device,
+            clip_denoised=self.dataset.is_image,  # 2-D points are not bounded to [-1, 1]
         )
         (self.run_dir / "samples").mkdir(exist_ok=True)
         if self.dataset.is_image:
