@@ -112,26 +112,31 @@ def _preset_256(name: str, steps: int) -> Config:
 
 
 def _preset_fashion_mnist() -> Config:
-    """A small U-Net tuned for the best Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
+    """A small U-Net tuned for good Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
 
-    Departures from the paper (all measured, see README): a smaller network, a 10x larger learning
-    rate with a short warm-up, an EMA decay suited to a few thousand steps, bf16 autocast, and
-    sample grids drawn on 100 respaced steps.
+    Departures from the paper, each chosen by measurement on this budget (see README): a 1.6M-parameter
+    network (ch 32, two levels of downsampling, attention at 7x7, GroupNorm with 8 groups), no dropout,
+    a 5x larger learning rate with a 100-step warm-up, batch 64, EMA decay 0.995 (0.9999 would still be
+    near the initial weights after 1,200 steps), bf16 autocast, and the fixed-small variance, which gives
+    clean samples on 100 respaced steps where fixed-large leaves visible grain.
     """
     return Config(
         name="fashion-mnist",
-        model=ModelConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0),
+        model=ModelConfig(
+            ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.0, num_groups=8
+        ),
+        diffusion=DiffusionConfig(var_type="fixedsmall"),
         data=DataConfig(dataset="fashion-mnist", image_size=28),
         train=TrainConfig(
-            steps=3000,
+            steps=1200,
             batch_size=64,
             lr=1e-3,
-            warmup_steps=200,
+            warmup_steps=100,
             ema_decay=0.995,
             precision="bf16",
             log_every=50,
-            checkpoint_every=500,
-            sample_every=1000,
+            checkpoint_every=200,
+            sample_every=600,
             sample_steps=100,
         ),
     )
@@ -152,7 +157,7 @@ def _preset_toy2d() -> Config:
             ema_decay=0.995,
             log_every=100,
             checkpoint_every=1000,
-            sample_every=2000,
+            sample_every=4000,
             num_sample_images=2000,
         ),
     )

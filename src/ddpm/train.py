@@ -178,9 +178,10 @@ class Trainer:
                     metrics_file.flush()
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
                 out_of_time = limit is not None and self.train_seconds >= limit
-                if self.step % t_cfg.checkpoint_every == 0 or out_of_time:
+                last = out_of_time or self.step == t_cfg.steps
+                if self.step % t_cfg.checkpoint_every == 0 or last:
                     self.save()
-                if self.step % t_cfg.sample_every == 0:
+                if self.step % t_cfg.sample_every == 0 or last:
                     self.write_samples()
                 if out_of_time:
                     stopped = "time limit"
@@ -188,8 +189,6 @@ class Trainer:
         finally:
             metrics_file.close()
             bar.close()
-        self.save()
-        self.write_samples()
         return {"step": self.step, "stopped": stopped, "train_seconds": round(self.train_seconds, 1)}
 
     def save(self) -> None:
