@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine: a virtual environment in .venv with ddpm and its dev tools,
-# and the Fashion-MNIST Debian package where apt is available. Safe to run again.
+# Set up everything on a fresh machine: a virtual environment in .venv with ddpm (and, unless --no-dev,
+# its dev tools: pytest, ruff, diffusers), and the Fashion-MNIST Debian package where apt is available.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+EXTRAS="[dev]"
+if [ "${1:-}" = "--no-dev" ]; then EXTRAS=""; fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip_install() {  # quiet unless it fails; then the whole pip log is shown
+    if ! .venv/bin/python -m pip install --disable-pip-version-check "$@" > .venv/pip.log 2>&1; then
+        cat .venv/pip.log
+        echo "setup: pip install $* failed" >&2
+        exit 1
+    fi
+}
 
 # Fashion-MNIST from Debian (elsewhere torchvision downloads it on first use).
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
@@ -20,10 +29,11 @@ fi
 
 # PyTorch: a CPU-only wheel that lies on this machine is much smaller than the default CUDA build.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    cpu_wheel=$(ls /opt/wheels/torch-*+cpu-cp3*.whl 2>/dev/null | sort -V | tail -n 1 || true)
+    tag=$(.venv/bin/python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    cpu_wheel=$(ls /opt/wheels/torch-*+cpu-"$tag"-*.whl 2>/dev/null | sort -V | tail -n 1 || true)
     echo "setup: installing torch ${cpu_wheel:+from $cpu_wheel}"
-    "${PIP[@]}" "${cpu_wheel:-torch}"
+    pip_install "${cpu_wheel:-torch}"
 fi
-echo "setup: installing ddpm and its dev tools"
-"${PIP[@]}" -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import ddpm, torch, diffusers; print('setup: ok, torch', torch.__version__)"
+echo "setup: installing ddpm${EXTRAS:+ and its dev tools}"
+pip_install -e ".$EXTRAS"
+.venv/bin/python -c "import ddpm, torch; print('setup: ok, torch', torch.__version__)"

@@ -202,7 +202,8 @@ def test_entry_point_exit_code(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
 
 
-def test_import_diffusers_folder_then_sample(tmp_path):
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_import_diffusers_folder_then_sample(tmp_path, safe_serialization):
     """A diffusers pipeline folder (the layout of google/ddpm-cifar10-32) imports and samples the same
     function: our model's output equals the diffusers UNet's."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -224,7 +225,7 @@ def test_import_diffusers_folder_then_sample(tmp_path):
         norm_num_groups=32,
     )
     folder = tmp_path / "ddpm-tiny"
-    unet.save_pretrained(folder / "unet")
+    unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization)  # .safetensors or .bin
     DDPMScheduler(num_train_timesteps=50, variance_type="fixed_large").save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
 
@@ -253,3 +254,24 @@ def test_import_diffusers_folder_then_sample(tmp_path):
         )
         == 0
     )
+
+
+def test_import_rejects_a_unet_that_is_not_the_papers(tmp_path, capsys):
+    (tmp_path / "unet").mkdir()
+    config = {"norm_eps": 1e-5, "block_out_channels": [32, 64], "in_channels": 3, "out_channels": 3}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "norm_eps" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun256", "fashion-mnist", "toy2d"])
+def test_config_files_match_presets(name):
+    """configs/*.json are the presets written out (`ddpm config --preset NAME`); they must not drift."""
+    from pathlib import Path
+
+    from ddpm.config import load_file
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.json"
+    assert load_file(path).to_dict() == preset(name).to_dict()

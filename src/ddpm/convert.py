@@ -91,6 +91,8 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     require("time_embedding_type", "positional", "positional")
     require("act_fn", "silu", "silu")
     require("resnet_time_scale_shift", "default", "default")
+    require("mid_block_scale_factor", 1, 1)
+    require("center_input_sample", False, False)
     channels = list(unet_cfg["block_out_channels"])
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -155,18 +157,24 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_path) if sched_path.is_file() else {}
 
-    weights_file = unet_dir / "diffusion_pytorch_model.safetensors"
-    if weights_file.is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights_file))
-    elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
-        # Older folders ship a torch pickle; weights_only refuses anything but tensors.
-        state = torch.load(unet_dir / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in {unet_dir}")
-
     model_cfg, size, channels = model_config_from_diffusers(unet_cfg)
+    weights_file = unet_dir / "diffusion_pytorch_model.safetensors"
+    try:
+        if weights_file.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights_file))
+        elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
+            # Older folders ship a torch pickle; weights_only refuses anything but tensors.
+            bin_file = unet_dir / "diffusion_pytorch_model.bin"
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in {unet_dir}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and torch.load raise several types for a damaged file
+        raise CheckpointError(f"cannot read the weights in {unet_dir}: {e}") from None
+
     dataset = "cifar10" if (size, channels) == (32, 3) else "folder"
     cfg = Config(
         name=f"imported:{folder.name}",

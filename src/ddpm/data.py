@@ -84,7 +84,7 @@ def _find_idx(root: Path, split: str) -> Path | None:
 def _torchvision_dataset(name: str, root: Path, split: str):
     try:
         import torchvision.datasets as tvd
-    except ImportError:
+    except Exception:  # not installed, or built for another torch (fails at import with RuntimeError)
         raise DataError(
             f"{name} needs torchvision to download it (pip install torchvision), or give --data-dir"
         ) from None

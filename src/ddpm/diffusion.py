@@ -176,6 +176,7 @@ class GaussianDiffusion:
             # "fixed large": sigma^2 = beta_t, but beta-tilde_1 at t = 0 for a better decoder likelihood.
             fixed_large_variance=np.append(posterior_variance[1:2], betas[1:]) if T > 1 else betas,
         )
+        self.np["fixed_large_log_variance"] = np.log(self.np["fixed_large_variance"])
         # Cast once to float32 tensors: each sampling step then costs one gather per coefficient.
         self._coef = {k: torch.from_numpy(v).float() for k, v in self.np.items()}
         self._model_t = torch.from_numpy(self.timestep_map).long()
@@ -302,12 +303,12 @@ class GaussianDiffusion:
                 log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            name = "posterior_variance" if self.var_type == VarType.FIXED_SMALL else "fixed_large_variance"
-            variance = self._get(name, t, x_t.ndim).expand_as(x_t)
             if self.var_type == VarType.FIXED_SMALL:
-                log_variance = self._get("posterior_log_variance_clipped", t, x_t.ndim).expand_as(x_t)
+                names = ("posterior_variance", "posterior_log_variance_clipped")
             else:
-                log_variance = torch.log(variance)
+                names = ("fixed_large_variance", "fixed_large_log_variance")
+            variance = self._get(names[0], t, x_t.ndim).expand_as(x_t)
+            log_variance = self._get(names[1], t, x_t.ndim).expand_as(x_t)
 
         def maybe_clip(x):
             return x.clamp(-1, 1) if clip_denoised else x

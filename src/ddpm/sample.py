@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, atomic_write_text
 from .config import Config
 from .data import to_uint8
 from .diffusion import GaussianDiffusion
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid, save_npz, save_pngs
 
 
@@ -39,7 +39,7 @@ def load_model(
     model = build_model(cfg, cfg.data.channels)
     missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
     if missing or unexpected:
-        raise ConfigError(
+        raise CheckpointError(
             f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.to(device).eval(), build_diffusion(cfg), cfg
