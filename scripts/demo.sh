@@ -11,5 +11,5 @@ if [ -f "$RUN/checkpoint.safetensors" ]; then
 else
     .venv/bin/ddpm train --preset fashion-mnist --out "$RUN" --time-limit 9.5
 fi
-.venv/bin/ddpm sample "$RUN" --num 64 --steps 100 --seed 0 --out "$RUN/final"
+.venv/bin/ddpm sample "$RUN" --num 64 --steps 100 --seed 0 --precision bf16 --out "$RUN/final"
 echo "demo: samples in $RUN/final/grid.png"

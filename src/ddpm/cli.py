@@ -107,6 +107,7 @@ def cmd_sample(args) -> int:
         device=args.device,
         clip_denoised=False if args.no_clip else None,  # None: clip images, never points
         progress=not args.no_progress,
+        precision=args.precision,
     )
     print(json.dumps({"out_dir": str(out), **info}))
     return 0
@@ -159,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 runs the network under autocast: faster, not bit-identical to fp32",
+    )
     p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)

@@ -22,7 +22,7 @@ from .data import BatchOrder, Dataset, load_dataset, to_model_range, to_uint8
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid
-from .sample import generate, resolve_device
+from .sample import autocast_model, generate, resolve_device
 
 
 class EMA:
@@ -145,8 +145,7 @@ class Trainer:
     def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model under the chosen precision; the diffusion maths around it stays in fp32."""
         if self.cfg.train.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.model(x, t).float()
+            return autocast_model(self.model, self.device.type)(x, t)
         return self.model(x, t)
 
     # ---- the loop ----
@@ -217,6 +216,7 @@ class Trainer:
             steps=t_cfg.sample_steps,
             device=self.device,
             clip_denoised=self.dataset.is_image,  # 2-D points are not bounded to [-1, 1]
+            precision=t_cfg.precision,
         )
         (self.run_dir / "samples").mkdir(exist_ok=True)
         if self.dataset.is_image:
