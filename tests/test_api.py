@@ -28,6 +28,16 @@ def test_readme_pieces_flow():
     assert all(s.pred_x0.abs().max() <= 1 for s in steps)
 
 
+def test_seeds_do_not_share_batches(idx_dir, tmp_path):
+    ddpm.Trainer(tiny_config(idx_dir, steps=1), tmp_path / "run", progress=False).train()
+    model, diffusion, _ = ddpm.load_model(tmp_path / "run")
+    seed0 = ddpm.generate(model, diffusion, num=4, shape=(1, 8, 8), batch_size=2, steps=3, seed=0)
+    seed1 = ddpm.generate(model, diffusion, num=4, shape=(1, 8, 8), batch_size=2, steps=3, seed=1)
+    assert not torch.equal(seed0[2:], seed1[:2])  # batch 1 of seed 0 is not batch 0 of seed 1
+    again = ddpm.generate(model, diffusion, num=4, shape=(1, 8, 8), batch_size=2, steps=3, seed=0)
+    assert torch.equal(seed0, again)
+
+
 def test_bf16_sampling_stays_close_to_fp32(idx_dir, tmp_path):
     ddpm.Trainer(tiny_config(idx_dir, steps=3), tmp_path / "run", progress=False).train()
     model, diffusion, _ = ddpm.load_model(tmp_path / "run")

@@ -161,6 +161,9 @@ def test_paper_preset_values():
         (["sample", "/nonexistent/run"], "no checkpoint"),
         (["import", "/nonexistent/folder", "--out", "x"], "not a directory"),
         (["train", "--config", "/nonexistent.toml"], "does not exist"),
+        (["train", "--set", "train.log_every=0"], "log_every must be positive"),
+        (["train", "--set", "model.num_groups=0"], "num_groups"),
+        (["train", "--set", "diffusion.loss_type=hybrid"], "hybrid"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys, monkeypatch):
@@ -275,3 +278,27 @@ def test_config_files_match_presets(name):
 
     path = Path(__file__).parent.parent / "configs" / f"{name}.json"
     assert load_file(path).to_dict() == preset(name).to_dict()
+
+
+def test_out_that_is_a_file_is_one_line_error(idx_dir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    assert main(["train", *tiny_flags(idx_dir), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm: error:") and "\n" not in err
+
+
+def test_import_rejects_multi_head_attention(tmp_path, capsys):
+    (tmp_path / "unet").mkdir()
+    config = {
+        "norm_eps": 1e-6,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "downsample_padding": 0,
+        "block_out_channels": [32, 64],
+        "attention_head_dim": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+    }
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "attention_head_dim" in capsys.readouterr().err

@@ -205,9 +205,44 @@ def test_prior_term_is_tiny_for_linear_schedule():
     assert prior.max().item() < 5e-5 and prior.min().item() > 0
 
 
+def test_vb_terms_match_an_independent_kl_and_decoder():
+    """L_t for t > 0 is KL(q(x_{t-1}|x_t,x0) || p_theta) in bits/dim (checked against torch.distributions);
+    at t = 0 it is the discretised decoder NLL."""
+    from torch.distributions import Normal, kl_divergence
+
+    d = linear(var_type="fixedlarge")
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randint(0, 256, (3, 1, 4, 4), generator=g).float() / 127.5 - 1
+    eps_hat = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 10, 700])
+    x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    vb, _ = d.vb_terms_bpd(eps_hat, x0, x_t, t, clip_denoised=False)
+    out = d.p_mean_variance(eps_hat, x_t, t, clip_denoised=False)
+    true_mean, true_var, _ = d.q_posterior(x0, x_t, t)
+    for i in (1, 2):
+        kl = kl_divergence(
+            Normal(true_mean[i], true_var[i].sqrt()), Normal(out.mean[i], out.variance[i].sqrt())
+        )
+        assert vb[i].item() == pytest.approx(kl.mean().item() / math.log(2), rel=1e-3)
+    nll = -discretized_gaussian_log_likelihood(x0[0], out.mean[0], 0.5 * out.log_variance[0])
+    assert vb[0].item() == pytest.approx(nll.mean().item() / math.log(2), rel=1e-5)
+
+
+def test_kl_loss_is_the_bound_term():
+    d = linear(loss_type="kl")
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.tensor([3, 500])
+    eps_hat = torch.randn_like(x0)
+    loss = d.training_losses(lambda x, t_: eps_hat, x0, t, noise)["loss"]
+    expected, _ = d.vb_terms_bpd(eps_hat, x0, d.q_sample(x0, t, noise), t, clip_denoised=False)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_learned_variance_needs_a_bound_loss():
     with pytest.raises(ConfigError):
         linear(var_type="learned", loss_type="mse")
+    with pytest.raises(ConfigError, match="hybrid"):
+        linear(var_type="fixedlarge", loss_type="hybrid")
     with pytest.raises(ConfigError):
         linear(mean_type="score")
 
@@ -222,3 +257,7 @@ def test_hybrid_loss_trains_variance_only_through_vb():
     losses["vb"].sum().backward()
     assert out.grad[:, :1].abs().max() == 0  # the mean half is detached from the bound
     assert out.grad[:, 1:].abs().max() > 0
+    # lambda * L_vlb with L_vlb = T * E_t[L_t]: the per-example term is scaled by T * lambda
+    x_t = d.q_sample(x0, torch.tensor([3, 700]), noise)
+    vb, _ = d.vb_terms_bpd(out.detach(), x0, x_t, torch.tensor([3, 700]), clip_denoised=False)
+    torch.testing.assert_close(losses["vb"].detach(), vb * 1000 * 0.001)

@@ -107,6 +107,12 @@ def test_matches_diffusers_unet_after_weight_mapping(small):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_wrong_input_size_is_refused():
+    model = UNet(in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16, num_groups=8)
+    with pytest.raises(ValueError, match="16x16"):
+        model(torch.randn(1, 1, 32, 32), torch.tensor([0]))
+
+
 def test_any_channels_and_resolution():
     model = UNet(in_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(7,), resolution=28, num_groups=8)
     out = model(torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2]))

@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDPMError as e:
         print(f"ddpm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. --out names an existing file, a full disk, no permission
+        print(f"ddpm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"ddpm: error: {e}; lower the learning rate or use --precision fp32", file=sys.stderr)
         return 1

@@ -110,7 +110,8 @@ def _preset_256(name: str, steps: int) -> Config:
         name=name,
         model=ModelConfig(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
         diffusion=DiffusionConfig(var_type="fixedsmall"),
-        data=DataConfig(dataset="folder", image_size=256),
+        # The paper flipped CelebA-HQ and LSUN Church but not LSUN Bedroom (the 2.4M-step lsun256 run).
+        data=DataConfig(dataset="folder", image_size=256, random_flip=name != "lsun256"),
         train=TrainConfig(steps=steps, batch_size=64, lr=2e-5, sample_steps=250),
     )
 
@@ -267,7 +268,8 @@ def load_file(path: str | Path, base: Config | None = None) -> Config:
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     d = dict(d)
     start = d.pop("preset", None)
-    cfg = copy.deepcopy(base) if base is not None else (preset(start) if start else Config())
+    # Without a preset named in the file or given, start from the CLI's default preset.
+    cfg = copy.deepcopy(base) if base is not None else preset(start or "fashion-mnist")
     apply_dict(cfg, d)
     return cfg
 
@@ -288,8 +290,13 @@ def validate(cfg: Config) -> None:
         value = getattr(d, name)
         if not 0 < value < 1:
             raise ConfigError(f"diffusion.{name} must be in (0, 1), got {value}")
-    if t.steps <= 0 or t.batch_size <= 0:
-        raise ConfigError("train.steps and train.batch_size must be positive")
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_every", "num_sample_images"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.grad_clip <= 0 or t.warmup_steps < 0:
+        raise ConfigError("train.grad_clip must be positive and train.warmup_steps non-negative")
+    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+        raise ConfigError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if not 0 <= t.ema_decay < 1:
@@ -303,8 +310,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.kind == "unet":
-        if not m.ch_mult or m.ch <= 0:
-            raise ConfigError("model.ch must be positive and model.ch_mult non-empty")
+        if not m.ch_mult or m.ch <= 0 or min(m.ch_mult) <= 0 or m.num_res_blocks <= 0:
+            raise ConfigError("model.ch, model.ch_mult and model.num_res_blocks must be positive")
+        if m.num_groups <= 0 or m.ch % m.num_groups:
+            raise ConfigError(f"model.ch={m.ch} must be divisible by model.num_groups={m.num_groups}")
         factor = 2 ** (len(m.ch_mult) - 1)
         if data.image_size <= 0 or data.image_size % factor:
             raise ConfigError(

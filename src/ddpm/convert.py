@@ -95,6 +95,11 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     require("center_input_sample", False, False)
     channels = list(unet_cfg["block_out_channels"])
     ch = channels[0]
+    head_dim = unet_cfg.get("attention_head_dim", 8)
+    if head_dim is not None and any(head_dim != c for c in channels):
+        raise CheckpointError(
+            f"diffusers UNet has attention_head_dim={head_dim}: multi-head, not the DDPM network"
+        )
     if any(c % ch for c in channels):
         raise CheckpointError(f"block_out_channels {channels} are not multiples of the first")
     size = unet_cfg.get("sample_size", 32)
@@ -117,6 +122,8 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
 
 
 def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
+    if sched.get("trained_betas") is not None:
+        raise CheckpointError("schedulers with trained_betas cannot be imported; use a named beta_schedule")
     schedules = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
     variances = {
         "fixed_small": "fixedsmall",
@@ -190,15 +197,22 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
     """Convert a diffusers DDPM folder into a run directory that `ddpm sample` reads."""
     from .build import build_model
 
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise CheckpointError(f"{run_dir} already holds a checkpoint; choose another --out")
     cfg, state = load_diffusers_folder(folder)
     model = build_model(cfg, cfg.data.channels)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(
+            f"weights in {folder} do not fit the DDPM U-Net: {str(e).splitlines()[-1]}"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"weights in {folder} do not fit the DDPM U-Net: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-    run_dir = Path(run_dir)
     weights = model.state_dict()
     save_checkpoint(
         run_dir / CHECKPOINT_NAME,

@@ -73,8 +73,9 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _find_idx(root: Path, split: str) -> Path | None:
-    stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+def _find_idx(root: Path, split: str, kind: str = "images") -> Path | None:
+    prefix = "train" if split == "train" else "t10k"
+    stem = f"{prefix}-images-idx3-ubyte" if kind == "images" else f"{prefix}-labels-idx1-ubyte"
     for candidate in (root / stem, root / f"{stem}.gz", root / "raw" / stem, root / "raw" / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
@@ -97,20 +98,24 @@ def _torchvision_dataset(name: str, root: Path, split: str):
         ) from None
 
 
-def load_idx_dataset(name: str, root: str | None, split: str) -> torch.Tensor:
-    """MNIST-style data: IDX files from root, Debian's package, or a torchvision download."""
+def load_idx_dataset(name: str, root: str | None, split: str, kind: str = "images") -> torch.Tensor:
+    """MNIST-style data from IDX files in root, Debian's package, or a torchvision download:
+    images as uint8 [N, 1, H, W], or (kind="labels") class indices [N]."""
     if root is not None:
         path = Path(root)
         if not path.is_dir():
             raise DataError(f"data directory {path} does not exist")
-        found = _find_idx(path, split) or _find_idx(path / name.replace("-", "_").title(), split)
+        torchvision_folder = path / {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
+        found = _find_idx(path, split, kind) or _find_idx(torchvision_folder, split, kind)
         if found is None:
-            raise DataError(f"no {split} IDX images (e.g. train-images-idx3-ubyte.gz) in {path}")
-        return torch.from_numpy(read_idx(found).copy())[:, None]
-    if name == "fashion-mnist" and _find_idx(DEBIAN_FASHION_MNIST, split):
-        return torch.from_numpy(read_idx(_find_idx(DEBIAN_FASHION_MNIST, split)).copy())[:, None]
-    ds = _torchvision_dataset(name, CACHE / name, split)
-    return ds.data.clone()[:, None]
+            raise DataError(f"no {split} IDX {kind} (e.g. train-{kind}-idx*-ubyte.gz) in {path}")
+    elif name == "fashion-mnist" and _find_idx(DEBIAN_FASHION_MNIST, split, kind):
+        found = _find_idx(DEBIAN_FASHION_MNIST, split, kind)
+    else:
+        ds = _torchvision_dataset(name, CACHE / name, split)
+        return ds.data.clone()[:, None] if kind == "images" else ds.targets.clone().long()
+    array = torch.from_numpy(read_idx(found).copy())
+    return array[:, None] if kind == "images" else array.long()
 
 
 def _read_cifar_binary(folder: Path, split: str) -> np.ndarray:
@@ -253,6 +258,16 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     return Dataset(_match(images, cfg.image_size, cfg.channels), name)
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (e.g. seed, purpose, step), with no collisions between purposes
+    or between nearby seeds, unlike seed + step arithmetic."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# Purposes for derived_seed, so that no two random streams share a seed.
+SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING = 1, 2, 3, 4
+
+
 class BatchOrder:
     """Which examples make up the batch of each step: a fresh seeded permutation every epoch.
 
@@ -265,7 +280,7 @@ class BatchOrder:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derived_seed(self.seed, SEED_BATCH_ORDER, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm
 

@@ -144,6 +144,10 @@ class GaussianDiffusion:
         learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
         if learned and self.loss_type == LossType.SIMPLE:
             raise ConfigError("a learned variance gets no gradient from L_simple; use loss 'kl' or 'hybrid'")
+        if not learned and self.loss_type == LossType.HYBRID:
+            raise ConfigError(
+                "the hybrid loss trains a learned variance; use var_type learned_range or loss mse"
+            )
         self.hybrid_lambda = hybrid_lambda
 
         betas = np.asarray(betas, dtype=np.float64)
@@ -166,6 +170,7 @@ class GaussianDiffusion:
             alphas_cumprod_prev=ac_prev,
             sqrt_alphas_cumprod=np.sqrt(ac),
             sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            one_minus_alphas_cumprod=1.0 - ac,
             log_one_minus_alphas_cumprod=np.log(1.0 - ac),
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
@@ -223,7 +228,7 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log variance of q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
         mean = self._get("sqrt_alphas_cumprod", t, x0.ndim) * x0
-        variance = 1.0 - self._get("alphas_cumprod", t, x0.ndim)
+        variance = self._get("one_minus_alphas_cumprod", t, x0.ndim)
         return mean, variance, self._get("log_one_minus_alphas_cumprod", t, x0.ndim)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -426,11 +431,8 @@ class GaussianDiffusion:
         terms["mse"] = mean_flat((target - prediction) ** 2)
         terms["loss"] = terms["mse"]
         if self.loss_type == LossType.HYBRID:
-            if learned:
-                # Only the variance learns from the bound: the mean is trained by L_simple alone.
-                frozen = torch.cat([prediction.detach(), model_output[:, C:]], dim=1)
-            else:
-                frozen = model_output
+            # Only the variance learns from the bound: the mean is trained by L_simple alone.
+            frozen = torch.cat([prediction.detach(), model_output[:, C:]], dim=1)
             vb = self.vb_terms_bpd(frozen, x0, x_t, t, clip_denoised=False)[0]
             # L_vlb = sum over T terms = T * E_t[L_t]; lambda * L_vlb with one sampled t.
             terms["vb"] = vb * self.num_timesteps * self.hybrid_lambda

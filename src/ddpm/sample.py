@@ -12,7 +12,7 @@ from torch import nn
 from .build import build_diffusion, build_model
 from .checkpoint import Checkpoint, atomic_write_text
 from .config import Config
-from .data import to_uint8
+from .data import SEED_SAMPLING, derived_seed, to_uint8
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid, save_npz, save_pngs
@@ -70,8 +70,9 @@ def generate(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """``num`` samples of per-example ``shape`` by ancestral sampling (Algorithm 2), on ``steps``
-    evenly strided timesteps when given. Batch b uses the generator seeded with seed + b, so a seed
-    and batch size always give the same samples. Returns float samples in the data range.
+    evenly strided timesteps when given. Batch b has its own generator derived from (seed, b), so a
+    seed and batch size always give the same samples, and different seeds never share a batch.
+    Returns float samples in the data range.
 
     ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
     chain's arithmetic stays in fp32. The default fp32 is the reference."""
@@ -90,7 +91,7 @@ def generate(
         batches = tqdm(batches, desc="batches", unit="batch")
     for b in batches:
         n = min(batch_size, num - b * batch_size)
-        g = torch.Generator().manual_seed(seed + b)
+        g = torch.Generator().manual_seed(derived_seed(seed, SEED_SAMPLING, b))
         out.append(
             chain.p_sample_loop(
                 model, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, progress=progress

@@ -18,7 +18,16 @@ from torch import nn
 from .build import build_diffusion, build_model
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_optimizer_state, save_checkpoint
 from .config import Config, validate
-from .data import BatchOrder, Dataset, load_dataset, to_model_range, to_uint8
+from .data import (
+    SEED_DROPOUT,
+    SEED_STEP,
+    BatchOrder,
+    Dataset,
+    derived_seed,
+    load_dataset,
+    to_model_range,
+    to_uint8,
+)
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid
@@ -55,7 +64,38 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    return torch.Generator().manual_seed(derived_seed(seed, SEED_STEP, step))
+
+
+# What may change when a run is resumed: where and how long it runs, and what it logs. Anything else
+# (data, model, diffusion, optimiser, seed) would silently continue a different experiment.
+RESUMABLE_CHANGES = {
+    "data.root",
+    "train.steps",
+    "train.time_limit_minutes",
+    "train.device",
+    "train.precision",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.sample_every",
+    "train.num_sample_images",
+    "train.sample_steps",
+}
+
+
+def check_resume_changes(saved: dict, cfg: Config) -> None:
+    new = cfg.to_dict()
+    for section, values in saved.items():
+        if not isinstance(values, dict):
+            continue
+        for key, old in values.items():
+            value = new.get(section, {}).get(key)
+            if isinstance(value, tuple):
+                value = list(value)
+            if value != old and f"{section}.{key}" not in RESUMABLE_CHANGES:
+                raise ConfigError(
+                    f"cannot change {section}.{key} ({old!r} -> {value!r}) when resuming; start a new run"
+                )
 
 
 class Trainer:
@@ -68,6 +108,9 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
+            if cfg.data.channels is None:  # "the data's own", which the run already resolved
+                cfg.data.channels = ckpt.config.get("data", {}).get("channels")
+            check_resume_changes(ckpt.config, cfg)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
@@ -101,6 +144,8 @@ class Trainer:
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
             self.model.load_state_dict(ckpt.model)
+            if ckpt.ema.keys() != self.ema.shadow.keys():
+                raise KeyError("its EMA weights do not match the model's parameters")
             self.ema.shadow = {k: v.to(self.device) for k, v in ckpt.ema.items()}
             load_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.optimizer_meta)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
@@ -126,7 +171,7 @@ class Trainer:
         x0 = self.batch(self.step, g)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
-        torch.manual_seed(t_cfg.seed * 1_000_003 + self.step + 1)  # dropout
+        torch.manual_seed(derived_seed(t_cfg.seed, SEED_DROPOUT, self.step))  # dropout masks
 
         lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps)
         for group in self.optimizer.param_groups:
@@ -154,7 +199,9 @@ class Trainer:
         t_cfg = self.cfg.train
         if self.step >= t_cfg.steps:
             return {"step": self.step, "stopped": "done"}
+        # The limit is for this call: a run stopped by it and resumed gets the full limit again.
         limit = None if t_cfg.time_limit_minutes is None else t_cfg.time_limit_minutes * 60
+        session_seconds = 0.0
         bar = _progress(self.progress, self.step, t_cfg.steps)
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         stopped = "done"
@@ -165,7 +212,9 @@ class Trainer:
                 stats = self.train_step()
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(f"loss became {stats['loss']} at step {self.step}")
-                self.train_seconds += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                self.train_seconds += elapsed
+                session_seconds += elapsed
                 window_images += t_cfg.batch_size
                 bar.update(1)
                 if self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps:
@@ -176,7 +225,7 @@ class Trainer:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
-                out_of_time = limit is not None and self.train_seconds >= limit
+                out_of_time = limit is not None and session_seconds >= limit
                 last = out_of_time or self.step == t_cfg.steps
                 if self.step % t_cfg.checkpoint_every == 0 or last:
                     self.save()

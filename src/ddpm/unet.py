@@ -208,6 +208,11 @@ class UNet(nn.Module):
         self.conv_out = conv(cur_ch, out_channels, scale=ZERO)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            # Attention placement was fixed for `resolution`; another size would silently move it.
+            raise ValueError(
+                f"this U-Net was built for {self.resolution}x{self.resolution} inputs, got {x.shape}"
+            )
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.ch).to(x.dtype)

@@ -1,0 +1,278 @@
+"""Sample-quality metrics from features: FID, KID and an Inception-Score analogue.
+
+For small grayscale datasets (Fashion-MNIST, MNIST) Inception features are a poor fit, so the
+"domain" extractor is a small CNN classifier trained on the dataset itself; numbers computed with it
+are labelled `domain-<dataset>` and are not comparable with Inception FIDs.
+Samples are always quantised to uint8 first, as the paper did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_write
+from .config import DataConfig
+from .data import CACHE, BatchOrder, load_dataset, to_model_range
+from .errors import DataError
+
+CLASSIFIER_VERSION = 1
+
+
+# ---- statistics ----
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased) of features [N, D], in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise DataError(f"need at least 2 feature vectors, got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
+
+    Tr((S1 S2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric
+    matrix S1^(1/2) S2 S1^(1/2), which has the same spectrum and avoids a non-symmetric sqrtm.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    w, v = np.linalg.eigh(sigma1)
+    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(sqrt_s1 @ sigma2 @ sqrt_s1)
+    trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def kernel_inception_distance(
+    f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 1000, seed=0
+):
+    """KID: unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, mean and std over subsets."""
+    rng = np.random.default_rng(seed)
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def classifier_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """The Inception-Score formula exp(E_x KL(p(y|x) || p(y))) on class probabilities (mean, std
+    over splits)."""
+    probs = np.asarray(probs, np.float64)
+    scores = []
+    for part in np.array_split(probs, splits):
+        p_y = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(p_y + 1e-12))).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---- the domain classifier ----
+
+
+class DomainClassifier(nn.Module):
+    """A small CNN for 28x28-ish images; ``features`` is its 128-d penultimate layer."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(7),  # keeps the layout at 28x28; makes other sizes work too
+            nn.Flatten(),
+            nn.Linear(2 * width * 49, 128),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+DOMAIN_DATASETS = ("fashion-mnist", "mnist")
+
+
+def _labelled_images(dataset: str, root: str | None, split: str, image_size: int):
+    from .data import _match, load_idx_dataset
+
+    if dataset not in DOMAIN_DATASETS:
+        raise DataError(f"a domain classifier exists for {', '.join(DOMAIN_DATASETS)}, not {dataset!r}")
+    images = _match(load_idx_dataset(dataset, root, split), image_size, None)
+    labels = load_idx_dataset(dataset, root, split, kind="labels")
+    if len(images) != len(labels):
+        raise DataError(f"{dataset} {split}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+@torch.no_grad()
+def classify(model: DomainClassifier, images_uint8: torch.Tensor, batch_size: int = 1000):
+    """Features [N, 128] and class probabilities [N, K] of uint8 images, as float64 numpy arrays."""
+    model.eval()
+    feats, probs = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_model_range(images_uint8[start : start + batch_size])
+        f = model.features(x)
+        feats.append(f.double().numpy())
+        probs.append(F.softmax(model.head(f), dim=1).double().numpy())
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def train_classifier(
+    dataset: str = "fashion-mnist",
+    root: str | None = None,
+    image_size: int = 28,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[DomainClassifier, dict]:
+    """Train the domain classifier on the train split (seeded); report its test accuracy."""
+    images, labels = _labelled_images(dataset, root, "train", image_size)
+    torch.manual_seed(seed)
+    model = DomainClassifier(in_channels=images.shape[1], num_classes=int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order = BatchOrder(len(images), batch_size, seed)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"classifier ({dataset})", unit="step")
+    model.train()
+    for step in iterator:
+        idx = order.indices(step)
+        loss = F.cross_entropy(model(to_model_range(images[idx])), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    test_images, test_labels = _labelled_images(dataset, root, "test", image_size)
+    _, probs = classify(model, test_images)
+    accuracy = float((probs.argmax(1) == test_labels.numpy()).mean())
+    info = {
+        "format": "ddpm-domain-classifier",
+        "version": CLASSIFIER_VERSION,
+        "dataset": dataset,
+        "image_size": image_size,
+        "channels": images.shape[1],
+        "num_classes": int(labels.max()) + 1,
+        "epochs": epochs,
+        "seed": seed,
+        "test_accuracy": round(accuracy, 4),
+    }
+    return model.eval(), info
+
+
+def classifier_path(dataset: str, image_size: int, cache_dir: str | Path | None = None) -> Path:
+    base = Path(cache_dir) if cache_dir else CACHE / "classifiers"
+    return base / f"{dataset}-{image_size}px-v{CLASSIFIER_VERSION}.safetensors"
+
+
+def save_classifier(model: DomainClassifier, info: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"info": json.dumps(info)}))
+
+
+def load_classifier(path: Path) -> tuple[DomainClassifier, dict]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {})["info"])
+        state = load_file(str(path))
+        model = DomainClassifier(info["channels"], info["num_classes"])
+        model.load_state_dict(state)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+        raise DataError(f"domain classifier {path} is damaged ({e}); delete it to retrain") from None
+    return model.eval(), info
+
+
+def domain_classifier(
+    dataset: str, root: str | None = None, image_size: int = 28, cache_dir=None, progress: bool = True
+) -> tuple[DomainClassifier, dict]:
+    """The cached classifier for ``dataset``, trained on first use."""
+    path = classifier_path(dataset, image_size, cache_dir)
+    if path.is_file():
+        return load_classifier(path)
+    model, info = train_classifier(dataset, root, image_size, progress=progress)
+    save_classifier(model, info, path)
+    return model, info
+
+
+def load_samples(path: str | Path) -> torch.Tensor:
+    """uint8 samples [N, C, H, W] from a `.npz` (arr_0 of N,H,W,C, as `ddpm sample` writes) or a folder
+    holding samples.npz."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "samples.npz"
+    if not path.is_file():
+        raise DataError(f"no samples at {path}; give a samples.npz written by `ddpm sample`")
+    try:
+        with np.load(path) as npz:
+            array = npz["arr_0"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot read samples from {path} ({e})") from None
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise DataError(
+            f"{path}: expected uint8 arr_0 of shape (N, H, W, C), got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def evaluate_domain(
+    samples_uint8: torch.Tensor,
+    dataset: str = "fashion-mnist",
+    split: str = "test",
+    root: str | None = None,
+    cache_dir=None,
+    progress: bool = True,
+) -> dict:
+    """Domain FID, KID and classifier score of uint8 samples against a reference split."""
+    if samples_uint8.dtype != torch.uint8:
+        raise DataError("samples must be quantised to uint8 before evaluation")
+    size = samples_uint8.shape[-1]
+    model, info = domain_classifier(dataset, root, size, cache_dir, progress)
+    if samples_uint8.shape[1] != info["channels"]:
+        raise DataError(f"samples have {samples_uint8.shape[1]} channels; {dataset} has {info['channels']}")
+    reference = load_dataset(DataConfig(dataset=dataset, root=root, image_size=size, split=split)).data
+    f_samples, p_samples = classify(model, samples_uint8)
+    f_ref, _ = classify(model, reference)
+    fid = frechet_distance(*feature_statistics(f_samples), *feature_statistics(f_ref))
+    kid_mean, kid_std = kernel_inception_distance(f_samples, f_ref)
+    score_mean, score_std = classifier_score(p_samples, splits=min(10, len(p_samples)))
+    return {
+        "extractor": f"domain-{dataset}-cnn-v{CLASSIFIER_VERSION}",
+        "extractor_test_accuracy": info["test_accuracy"],
+        "reference": {"dataset": dataset, "split": split, "num_images": len(reference)},
+        "num_samples": len(samples_uint8),
+        "fid": round(fid, 4),
+        "kid": round(kid_mean, 6),
+        "kid_std": round(kid_std, 6),
+        "classifier_score": round(score_mean, 4),
+        "classifier_score_std": round(score_std, 4),
+    }
