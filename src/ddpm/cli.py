@@ -121,6 +121,39 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_eval_fid(args) -> int:
+    from .checkpoint import atomic_write_text
+    from .metrics import evaluate_domain, load_samples
+
+    samples_path = Path(args.samples)
+    samples = load_samples(samples_path)
+    result = {"metric": "fid", "samples": str(samples_path)}
+    result.update(
+        evaluate_domain(
+            samples, args.dataset, args.split, args.data_dir, args.cache_dir, not args.no_progress
+        )
+    )
+    folder = samples_path if samples_path.is_dir() else samples_path.parent
+    if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
+        result["sampling"] = json.loads((folder / "samples.json").read_text())
+    out = Path(args.out) if args.out else folder / f"fid-{result['extractor']}-{args.split}.json"
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"out": str(out), **{k: v for k, v in result.items() if k != "sampling"}}))
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    from .metrics import classifier_path, save_classifier, train_classifier
+
+    model, info = train_classifier(
+        args.dataset, args.data_dir, args.image_size, args.epochs, progress=not args.no_progress
+    )
+    path = classifier_path(args.dataset, args.image_size, args.cache_dir)
+    save_classifier(model, info, path)
+    print(json.dumps({"classifier": str(path), **info}))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import PRESETS, preset
 
@@ -174,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="e.g. a local copy of google/ddpm-cifar10-32")
     p.add_argument("--out", required=True, help="run directory to create")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("eval", help="evaluate samples or a model")
+    eval_sub = p.add_subparsers(dest="metric", required=True)
+    e = eval_sub.add_parser("fid", help="domain FID, KID and classifier score of samples vs a data split")
+    e.add_argument("samples", help="samples.npz from `ddpm sample` (or the folder holding it)")
+    e.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist (domain classifier)")
+    e.add_argument(
+        "--split", default="test", choices=["train", "test"], help="reference split (default test)"
+    )
+    e.add_argument("--data-dir", help="directory of the dataset's IDX files (default: the usual place)")
+    e.add_argument(
+        "--cache-dir", help="where the domain classifier is kept (default ~/.cache/ddpm/classifiers)"
+    )
+    e.add_argument("--out", help="result JSON (default: next to the samples)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval_fid)
+
+    p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--cache-dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)

@@ -143,13 +143,15 @@ def train_classifier(
     dataset: str = "fashion-mnist",
     root: str | None = None,
     image_size: int = 28,
-    epochs: int = 3,
+    epochs: int = 2,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[DomainClassifier, dict]:
     """Train the domain classifier on the train split (seeded); report its test accuracy."""
+    if epochs <= 0 or batch_size <= 0:
+        raise DataError("classifier epochs and batch size must be positive")
     images, labels = _labelled_images(dataset, root, "train", image_size)
     torch.manual_seed(seed)
     model = DomainClassifier(in_channels=images.shape[1], num_classes=int(labels.max()) + 1)

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.cli import main
+from ddpm.errors import DataError
+from ddpm.metrics import (
+    classifier_score,
+    domain_classifier,
+    evaluate_domain,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+)
+
+
+def test_frechet_distance_closed_form_for_commuting_covariances():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))  # a shared rotation: the covariances commute
+    s1, s2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    m1, m2 = rng.normal(size=5), rng.normal(size=5)
+    expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    got = frechet_distance(m1, q @ np.diag(s1) @ q.T, m2, q @ np.diag(s2) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_general_covariances_match_matrix_square_root():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2 = a @ a.T + np.eye(4), b @ b.T + np.eye(4)
+    # Tr((S1 S2)^1/2) from the eigenvalues of S1 S2 directly (they are real and positive)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    assert frechet_distance(np.zeros(4), s1, np.zeros(4), s2) == pytest.approx(
+        np.trace(s1) + np.trace(s2) - 2 * trace_sqrt, rel=1e-8
+    )
+
+
+def test_fid_of_samples_from_two_gaussians_and_of_a_set_with_itself():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, size=(20_000, 3))
+    y = rng.normal(0.5, 2.0, size=(20_000, 3))
+    assert frechet_distance(*feature_statistics(x), *feature_statistics(x)) == pytest.approx(0, abs=1e-9)
+    closed_form = 3 * 0.5**2 + 3 * (1.0 - 2.0) ** 2
+    assert frechet_distance(*feature_statistics(x), *feature_statistics(y)) == pytest.approx(
+        closed_form, rel=0.03
+    )
+
+
+def test_kid_and_classifier_score():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
+    same, _ = kernel_inception_distance(x, y, subsets=5, subset_size=200)
+    different, _ = kernel_inception_distance(x, y + 1.0, subsets=5, subset_size=200)
+    assert abs(same) < 0.05 < different
+    confident = np.eye(10)[np.arange(1000) % 10]  # sure of each class, all classes equally often
+    assert classifier_score(confident)[0] == pytest.approx(10, rel=1e-6)
+    assert classifier_score(np.eye(10)[np.zeros(1000, int)])[0] == pytest.approx(1, rel=1e-6)
+
+
+def test_domain_fid_end_to_end(idx_dir, tmp_path):
+    from ddpm.data import load_idx_dataset
+
+    cache = tmp_path / "cache"
+    test_images = load_idx_dataset("fashion-mnist", str(idx_dir), "test")
+    same = evaluate_domain(test_images, "fashion-mnist", "test", str(idx_dir), cache, progress=False)
+    assert same["fid"] == pytest.approx(0, abs=1e-6)
+    assert same["extractor"].startswith("domain-fashion-mnist") and same["reference"]["split"] == "test"
+    assert list(cache.glob("*.safetensors"))  # trained once, cached
+    noise = torch.randint(0, 256, test_images.shape, generator=torch.Generator().manual_seed(0)).to(
+        torch.uint8
+    )
+    far = evaluate_domain(noise, "fashion-mnist", "test", str(idx_dir), cache, progress=False)
+    assert far["fid"] > 1e-3
+    with pytest.raises(DataError, match="uint8"):
+        evaluate_domain(noise.float(), "fashion-mnist", "test", str(idx_dir), cache, progress=False)
+    with pytest.raises(DataError, match="domain classifier"):
+        domain_classifier("cifar10", None, 32, cache, progress=False)
+
+
+def test_eval_fid_cli_writes_labelled_json(idx_dir, tmp_path, capsys):
+    from ddpm.data import load_idx_dataset
+
+    images = load_idx_dataset("fashion-mnist", str(idx_dir), "test").permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    (tmp_path / "samples.json").write_text(json.dumps({"seed": 3, "steps": 100}))
+    argv = [
+        "eval",
+        "fid",
+        str(tmp_path / "samples.npz"),
+        "--data-dir",
+        str(idx_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    result = json.loads(open(out["out"]).read())
+    assert result["num_samples"] == 10 and result["sampling"] == {"seed": 3, "steps": 100}
+    assert result["extractor"].startswith("domain-") and result["reference"]["dataset"] == "fashion-mnist"
+    assert main(["eval", "fid", str(tmp_path / "missing.npz")]) == 2
