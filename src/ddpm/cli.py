@@ -142,6 +142,32 @@ def cmd_eval_fid(args) -> int:
     return 0
 
 
+def cmd_eval_nll(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME
+    from .likelihood import evaluate_nll
+
+    source = Path(args.checkpoint)
+    run_dir = source if source.is_dir() else source.parent
+    out = Path(args.out) if args.out else run_dir / f"nll-{args.split}"
+    summary = evaluate_nll(
+        source / CHECKPOINT_NAME if source.is_dir() else source,
+        out,
+        split=args.split,
+        num_images=args.num,
+        batch_size=args.batch_size,
+        clip_denoised=not args.no_clip,
+        estimate_steps=args.estimate_steps,
+        seed=args.seed,
+        use_ema=not args.no_ema,
+        device=args.device,
+        data_dir=args.data_dir,
+        precision=args.precision,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"out_dir": str(out), **summary}))
+    return 0
+
+
 def cmd_train_classifier(args) -> int:
     from .metrics import classifier_path, save_classifier, train_classifier
 
@@ -223,6 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="result JSON (default: next to the samples)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_fid)
+
+    e = eval_sub.add_parser("nll", help="the NLL bound in bits/dim, per-t terms and rate/distortion")
+    e.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--num", type=int, help="evaluate the first N images (default: the whole split)")
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--no-clip", action="store_true", help="do not clip x0 in the model mean (default: clip)")
+    e.add_argument(
+        "--estimate-steps",
+        type=int,
+        metavar="K",
+        help="ESTIMATE from K evenly spaced timesteps instead of all T (labelled as such)",
+    )
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
+    e.add_argument("--out", help="output directory (default RUN_DIR/nll-SPLIT)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval_nll)
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
     p.add_argument("--dataset", default="fashion-mnist")

@@ -405,6 +405,47 @@ class GaussianDiffusion:
         zeros = torch.zeros_like(mean)
         return mean_flat(normal_kl(mean, log_variance.expand_as(mean), zeros, zeros)) / math.log(2.0)
 
+    @torch.no_grad()
+    def calc_bpd_loop(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+        timesteps: list[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The variational bound on -log p(x0) in bits/dim, per example, term by term (Eq. 5).
+
+        For every t a fresh x_t ~ q(x_t | x0) is drawn and L_t computed (the decoder NLL at t = 0, a KL
+        otherwise); the prior term L_T is added. ``timesteps`` restricts the KL terms to a subset: each
+        kept term then stands for the terms nearest to it (``kl_weights``), a quadrature *estimate* of
+        the bound, not the bound. Also returns the MSE of the predicted x0 at each t (the distortion).
+        """
+        T = self.num_timesteps
+        kept = list(range(T)) if timesteps is None else sorted(set(int(t) for t in timesteps) | {0})
+        if kept[0] < 0 or kept[-1] >= T:
+            raise ConfigError(f"timesteps must lie in 0..{T - 1}")
+        weights = kl_weights(kept, T)
+        B = x0.shape[0]
+        vb = torch.zeros(B, len(kept), device=x0.device)
+        x0_mse = torch.zeros(B, len(kept), device=x0.device)
+        for j in reversed(range(len(kept))):
+            t = torch.full((B,), kept[j], device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, randn_like(x0, generator))
+            output = model(x_t, self.model_timesteps(t))
+            vb[:, j], pred_x0 = self.vb_terms_bpd(output, x0, x_t, t, clip_denoised)
+            x0_mse[:, j] = mean_flat((pred_x0 - x0) ** 2)
+        prior = self.prior_bpd(x0)
+        total = prior + vb @ weights.to(vb.device)
+        return {
+            "total_bpd": total,
+            "prior_bpd": prior,
+            "vb_bpd": vb,
+            "x0_mse": x0_mse,
+            "timesteps": torch.tensor(kept),
+            "kl_weights": weights,
+        }
+
     def training_losses(
         self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -438,6 +479,19 @@ class GaussianDiffusion:
             terms["vb"] = vb * self.num_timesteps * self.hybrid_lambda
             terms["loss"] = terms["mse"] + terms["vb"]
         return terms
+
+
+def kl_weights(kept: list[int], T: int) -> torch.Tensor:
+    """How many of the terms t = 1..T-1 each kept timestep stands for (each term goes to the nearest
+    kept t >= 1); the decoder term t = 0 counts once. All ones when every t is kept."""
+    weights = torch.zeros(len(kept))
+    weights[0] = 1.0
+    kl_kept = np.array(kept[1:])
+    if len(kl_kept):
+        all_t = np.arange(1, T)
+        nearest = np.abs(all_t[:, None] - kl_kept[None, :]).argmin(1)
+        weights[1:] = torch.from_numpy(np.bincount(nearest, minlength=len(kl_kept))).float()
+    return weights
 
 
 def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
