@@ -180,6 +180,28 @@ def cmd_train_classifier(args) -> int:
     return 0
 
 
+def cmd_figures(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME
+    from .figures import make_figures
+
+    source = Path(args.checkpoint)
+    run_dir = source if source.is_dir() else source.parent
+    out = Path(args.out) if args.out else run_dir / "figures"
+    info = make_figures(
+        source / CHECKPOINT_NAME if source.is_dir() else source,
+        out,
+        which=args.figure,
+        seed=args.seed,
+        num=args.num,
+        frames=args.frames,
+        use_ema=not args.no_ema,
+        device=args.device,
+        data_dir=args.data_dir,
+    )
+    print(json.dumps({"out_dir": str(out), **info}))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import PRESETS, preset
 
@@ -279,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("figures", help="the paper's figures: forward process, progressive generation, ...")
+    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    p.add_argument(
+        "--figure",
+        action="append",
+        help="forward, progressive, shared, interpolate or gif (repeatable; default all)",
+    )
+    p.add_argument("--num", type=int, default=8, help="images per row (default 8)")
+    p.add_argument("--frames", type=int, default=10, help="columns along the chain (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/figures)")
+    p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from ddpm.cli import main
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.figures import forward_process, progressive
+from ddpm.schedules import make_betas
+from ddpm.train import Trainer
+
+
+def test_forward_process_columns_follow_q_and_report_snr():
+    d = GaussianDiffusion(make_betas("linear", 1000))
+    x0 = torch.full((2, 1, 8, 8), 0.5)
+    rows, snr = forward_process(d, x0, [0, 999], torch.Generator().manual_seed(0))
+    assert rows[0].shape == (2, 1, 8, 8)
+    assert (rows[0][0] - 0.5).abs().max() < 0.05  # t = 0: almost the image
+    assert abs(rows[0][1].mean()) < 0.3 and 0.6 < rows[0][1].std() < 1.4  # t = T-1: almost noise
+    abar = d.alphas_cumprod
+    assert snr == pytest.approx([abar[0] / (1 - abar[0]), abar[999] / (1 - abar[999])])
+
+
+def test_progressive_ends_at_the_sample_and_its_x0():
+    d = GaussianDiffusion(make_betas("linear", 20))
+    rows_x, rows_x0 = progressive(
+        lambda x, t: torch.zeros_like(x), d, 3, (1, 4, 4), 5, torch.Generator().manual_seed(0), "cpu"
+    )
+    assert len(rows_x) == 3 and rows_x[0].shape == (5, 1, 4, 4)
+    assert torch.equal(rows_x[0][-1], rows_x0[0][-1])  # the last step returns the x0 prediction
+
+
+def test_figures_cli_writes_every_figure(idx_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=1), run, progress=False).train()
+    assert main(["figures", str(run), "--num", "3", "--frames", "4", "--seed", "5"]) == 0
+    out = run / "figures"
+    info = json.loads((out / "figures.json").read_text())
+    assert info["seed"] == 5 and len(info["forward"]["snr"]) == 4
+    for name in (
+        "forward.png",
+        "progressive_xt.png",
+        "progressive_x0.png",
+        "shared_latents.png",
+        "interpolation.png",
+    ):
+        assert Image.open(out / name).size[0] > 8
+    gif = Image.open(out / "denoising.gif")
+    assert gif.n_frames > 5
+    first = (out / "progressive_xt.png").read_bytes()
+    assert (
+        main(
+            [
+                "figures",
+                str(run),
+                "--num",
+                "3",
+                "--frames",
+                "4",
+                "--seed",
+                "5",
+                "--figure",
+                "progressive",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "again" / "progressive_xt.png").read_bytes() == first  # seeded
+    capsys.readouterr()
+    assert main(["figures", str(run), "--figure", "fig99"]) == 2
+    assert "unknown figure" in capsys.readouterr().err
