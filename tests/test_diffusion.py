@@ -261,3 +261,25 @@ def test_hybrid_loss_trains_variance_only_through_vb():
     x_t = d.q_sample(x0, torch.tensor([3, 700]), noise)
     vb, _ = d.vb_terms_bpd(out.detach(), x0, x_t, torch.tensor([3, 700]), clip_denoised=False)
     torch.testing.assert_close(losses["vb"].detach(), vb * 1000 * 0.001)
+
+
+def test_shared_noise_gives_every_example_the_same_chain():
+    d = linear(T=10)
+    x = torch.randn(1, 1, 2, 2).expand(3, 1, 2, 2)
+    out = d.p_sample_loop(
+        lambda x_, t: torch.zeros_like(x_),
+        (3, 1, 2, 2),
+        x_start=x,
+        shared_noise=True,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
+    )
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    independent = d.p_sample_loop(
+        lambda x_, t: torch.zeros_like(x_),
+        (3, 1, 2, 2),
+        x_start=x,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
+    )
+    assert not torch.equal(independent[0], independent[1])

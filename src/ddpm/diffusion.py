@@ -339,10 +339,12 @@ class GaussianDiffusion:
         t: torch.Tensor,
         clip_denoised: bool = True,
         generator: torch.Generator | None = None,
+        shared_noise: bool = False,
     ) -> SampleStep:
-        """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0."""
+        """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0.
+        ``shared_noise`` uses the same z for every example of the batch (for interpolations)."""
         out = self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
-        noise = randn_like(x_t, generator)
+        noise = randn_like(x_t[:1], generator).expand_as(x_t) if shared_noise else randn_like(x_t, generator)
         nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
         sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
         return SampleStep(t=int(t[0]), sample=sample, pred_x0=out.pred_x0)
@@ -357,6 +359,7 @@ class GaussianDiffusion:
         x_start: torch.Tensor | None = None,
         t_start: int | None = None,
         progress: bool = False,
+        shared_noise: bool = False,
     ) -> Iterator[SampleStep]:
         """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
         x = randn(shape, generator, device) if x_start is None else x_start.to(device)
@@ -368,7 +371,7 @@ class GaussianDiffusion:
             steps = tqdm(steps, desc="sampling", unit="step", leave=False)
         for i in steps:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            step = self.p_sample(model, x, t, clip_denoised, generator)
+            step = self.p_sample(model, x, t, clip_denoised, generator, shared_noise)
             x = step.sample
             yield step
 

@@ -87,15 +87,17 @@ def shared_latents(
 def interpolate(
     model, diffusion: GaussianDiffusion, xa, xb, times: list[int], lambdas: list[float], g, device
 ):
-    """Figure 8: noise two images to t with q (shared noise), mix the latents, denoise each mixture."""
+    """Figure 8: noise two images to t with q (shared noise), mix the latents, denoise each mixture
+    with shared reverse noise."""
     rows = []
     for t in times:
         noise = randn(xa[None].shape, g, "cpu")
         tt = torch.tensor([t])
         za, zb = diffusion.q_sample(xa[None], tt, noise), diffusion.q_sample(xb[None], tt, noise)
         mixed = torch.cat([(1 - lam) * za + lam * zb for lam in lambdas]).to(device)
+        # The same reverse noise for every lambda, so the row changes only through the latent.
         done = diffusion.p_sample_loop(
-            model, tuple(mixed.shape), generator=g, device=device, x_start=mixed, t_start=t
+            model, tuple(mixed.shape), generator=g, device=device, x_start=mixed, t_start=t, shared_noise=True
         )
         rows.append(torch.cat([xa[None], done.cpu(), xb[None]]))
     return rows
