@@ -78,6 +78,11 @@ def test_train_resume_and_sample(idx_dir, tmp_path, capsys):
     # Same seed, same images; another seed, other images.
     assert main([*args[:-2], str(tmp_path / "again"), "--no-progress"]) == 0
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], npz)
+    # The other fixed variance can be chosen at sampling time; it is recorded and changes the samples.
+    assert main([*args[:-2], str(tmp_path / "large"), "--no-progress", "--var-type", "fixedlarge"]) == 0
+    large = json.loads((tmp_path / "large" / "samples.json").read_text())
+    assert large["var_type"] == "fixedlarge" and info["var_type"] == "fixedsmall"  # the preset's
+    assert not np.array_equal(np.load(tmp_path / "large" / "samples.npz")["arr_0"], npz)
     assert (
         main(
             [

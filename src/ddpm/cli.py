@@ -108,6 +108,7 @@ def cmd_sample(args) -> int:
         clip_denoised=False if args.no_clip else None,  # None: clip images, never points
         progress=not args.no_progress,
         precision=args.precision,
+        var_type=args.var_type,
     )
     print(json.dumps({"out_dir": str(out), **info}))
     return 0
@@ -163,6 +164,7 @@ def cmd_eval_nll(args) -> int:
         data_dir=args.data_dir,
         precision=args.precision,
         progress=not args.no_progress,
+        var_type=args.var_type,
     )
     print(json.dumps({"out_dir": str(out), **summary}))
     return 0
@@ -247,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="bf16 runs the network under autocast: faster, not bit-identical to fp32",
     )
+    p.add_argument(
+        "--var-type",
+        choices=["fixedsmall", "fixedlarge"],
+        help="use this fixed reverse variance instead of the checkpoint's",
+    )
     p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -289,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     e.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
+    e.add_argument(
+        "--var-type",
+        choices=["fixedsmall", "fixedlarge"],
+        help="use this fixed reverse variance instead of the checkpoint's",
+    )
     e.add_argument("--out", help="output directory (default RUN_DIR/nll-SPLIT)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_nll)

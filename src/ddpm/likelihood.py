@@ -37,12 +37,13 @@ def evaluate_nll(
     data_dir: str | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    var_type: str | None = None,
 ) -> dict:
     """Bound on the NLL of the first ``num_images`` images of ``split``; writes nll.json, per_t.csv,
     rate_distortion.csv and rate_distortion.png into ``out_dir`` and returns the summary."""
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, use_ema, dev)
+    model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
     if cfg.model.kind != "unet":
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
     if batch_size <= 0 or (num_images is not None and num_images <= 0):
@@ -107,6 +108,7 @@ def evaluate_nll(
         "distortion_bpd": round(vb_mean[0].item(), 5),  # the decoder term L_0
         "distortion_rmse_0_255": round(rows[-1]["distortion_rmse_0_255"], 5),
         "clip_denoised": clip_denoised,
+        "var_type": cfg.diffusion.var_type,
         "estimate": timesteps is not None,
         "timesteps_evaluated": len(kept),
         "precision": precision,

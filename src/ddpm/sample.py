@@ -31,11 +31,22 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_model(
-    checkpoint: str | Path | Checkpoint, use_ema: bool = True, device: str | torch.device = "cpu"
+    checkpoint: str | Path | Checkpoint,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
+    var_type: str | None = None,
 ) -> tuple[nn.Module, GaussianDiffusion, Config]:
-    """Rebuild the model and diffusion from a checkpoint; EMA weights by default."""
+    """Rebuild the model and diffusion from a checkpoint; EMA weights by default.
+
+    ``var_type`` swaps one fixed reverse variance for the other (fixedsmall <-> fixedlarge), e.g. to
+    sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = Config.from_dict(ckpt.config)
+    if var_type is not None and var_type != cfg.diffusion.var_type:
+        fixed = ("fixedsmall", "fixedlarge")
+        if var_type not in fixed or cfg.diffusion.var_type not in fixed:
+            raise ConfigError(f"only fixedsmall and fixedlarge can replace each other, not {var_type!r}")
+        cfg.diffusion.var_type = var_type
     model = build_model(cfg, cfg.data.channels)
     missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
     if missing or unexpected:
@@ -114,13 +125,14 @@ def sample_to_dir(
     clip_denoised: bool | None = None,
     progress: bool = True,
     precision: str = "fp32",
+    var_type: str | None = None,
 ) -> dict:
     """Sample and write grid.png, images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json.
     For 2-D point models: points.npy and points.png. x0 is clipped to [-1, 1] for images by default;
     never by default for points, which are not bounded."""
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, use_ema, dev)
+    model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
     is_image = cfg.model.kind == "unet"
     clip_denoised = is_image if clip_denoised is None else clip_denoised
     shape = (
@@ -150,6 +162,7 @@ def sample_to_dir(
         "batch_size": batch_size,
         "seed": seed,
         "sampler": "ancestral",
+        "var_type": cfg.diffusion.var_type,
         "steps": steps or diffusion.num_timesteps,
         "clip_denoised": clip_denoised,
         "precision": precision,
