@@ -307,3 +307,41 @@ def test_import_rejects_multi_head_attention(tmp_path, capsys):
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "attention_head_dim" in capsys.readouterr().err
+
+
+def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, capsys):
+    """README 'Reproducing the paper': import -> eval nll -> sample, on the real CIFAR-10 architecture
+    (random weights, saved in the layout of google/ddpm-cifar10-32) and a fake CIFAR-10 binary release."""
+    from diffusers import DDPMScheduler
+    from test_unet import diffusers_paper_unet
+
+    torch.manual_seed(0)
+    folder = tmp_path / "ddpm-cifar10-32"
+    diffusers_paper_unet().save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_small").save_pretrained(folder / "scheduler")
+    data = tmp_path / "cifar" / "cifar-10-batches-bin"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rng.integers(0, 256, size=(2, 3073), dtype=np.uint8).tofile(data / name)
+
+    run = tmp_path / "official"
+    assert main(["import", str(folder), "--out", str(run)]) == 0
+    argv = [
+        "eval",
+        "nll",
+        str(run),
+        "--data-dir",
+        str(tmp_path / "cifar"),
+        "--var-type",
+        "fixedlarge",
+        "--estimate-steps",
+        "3",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    summary = json.loads((run / "nll-test" / "nll.json").read_text())
+    assert summary["num_images"] == 2 and summary["var_type"] == "fixedlarge" and summary["nll_bpd"] > 0
+    argv = ["sample", str(run), "--num", "2", "--steps", "2", "--var-type", "fixedlarge", "--no-progress"]
+    assert main(argv) == 0
+    assert np.load(run / "samples-out" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
