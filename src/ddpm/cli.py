@@ -1,4 +1,4 @@
-"""`ddpm train | sample | import | presets | config`: parse arguments and call the library."""
+"""`ddpm train | sample | import | eval | figures | train-classifier | presets | config`: parse and call."""
 
 from __future__ import annotations
 
