@@ -119,21 +119,22 @@ def _preset_256(name: str, steps: int) -> Config:
 def _preset_fashion_mnist() -> Config:
     """A small U-Net tuned for good Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
 
-    Departures from the paper, each chosen by measurement on this budget (see README): a 1.6M-parameter
-    network (ch 32, two levels of downsampling, attention at 7x7, GroupNorm with 8 groups), no dropout,
-    a 5x larger learning rate with a 100-step warm-up, batch 64, EMA decay 0.995 (0.9999 would still be
-    near the initial weights after 1,000 steps), bf16 autocast, and the fixed-small variance, which gives
+    Departures from the paper, each chosen by measurement on this budget (see README): a 1.1M-parameter
+    network (ch 32, one res block per level, two downsamplings, attention at 7x7, GroupNorm with 8
+    groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8), no dropout, a 5x
+    larger learning rate with a 100-step warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near
+    the initial weights after 1,375 steps), bf16 autocast, and the fixed-small variance, which gives
     clean samples on 100 respaced steps where fixed-large leaves visible grain.
     """
     return Config(
         name="fashion-mnist",
         model=ModelConfig(
-            ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.0, num_groups=8
+            ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0, num_groups=8
         ),
         diffusion=DiffusionConfig(var_type="fixedsmall"),
         data=DataConfig(dataset="fashion-mnist", image_size=28),
         train=TrainConfig(
-            steps=1000,
+            steps=1375,
             batch_size=64,
             lr=1e-3,
             warmup_steps=100,
@@ -141,7 +142,7 @@ def _preset_fashion_mnist() -> Config:
             precision="bf16",
             log_every=50,
             checkpoint_every=200,
-            sample_every=500,
+            sample_every=700,
             sample_steps=100,
         ),
     )
