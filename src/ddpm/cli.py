@@ -109,6 +109,9 @@ def cmd_sample(args) -> int:
         progress=not args.no_progress,
         precision=args.precision,
         var_type=args.var_type,
+        sampler=args.sampler,
+        eta=args.eta,
+        spacing=args.spacing,
     )
     print(json.dumps({"out_dir": str(out), **info}))
     return 0
@@ -236,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="ancestral steps on a strided subset (default: all T)")
+    p.add_argument(
+        "--sampler",
+        choices=["ancestral", "ddim"],
+        default="ancestral",
+        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021",
+    )
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
+    )
+    p.add_argument(
+        "--spacing",
+        choices=["linspace", "leading", "trailing"],
+        default="linspace",
+        help="which timesteps --steps keeps (default linspace: 0 and T-1 included)",
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument(
         "--no-clip",

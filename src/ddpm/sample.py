@@ -16,6 +16,7 @@ from .data import SEED_SAMPLING, derived_seed, to_uint8
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid, save_npz, save_pngs
+from .samplers import ddim_sample_loop, timestep_subset
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -79,6 +80,9 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     precision: str = "fp32",
+    sampler: str = "ancestral",
+    eta: float = 0.0,
+    spacing: str = "linspace",
 ) -> torch.Tensor:
     """``num`` samples of per-example ``shape`` by ancestral sampling (Algorithm 2), on ``steps``
     evenly strided timesteps when given. Batch b has its own generator derived from (seed, b), so a
@@ -91,7 +95,12 @@ def generate(
         raise ConfigError("the number of samples and the batch size must be positive")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
-    chain = diffusion if steps is None or steps == diffusion.num_timesteps else diffusion.respaced(steps)
+    if sampler not in ("ancestral", "ddim"):
+        raise ConfigError(f"unknown sampler {sampler!r}; choose ancestral or ddim")
+    T = diffusion.num_timesteps
+    chain = (
+        diffusion if steps is None or steps == T else diffusion.respaced(timestep_subset(T, steps, spacing))
+    )
     if precision == "bf16":
         model = autocast_model(model, torch.device(device).type)
     out = []
@@ -103,13 +112,13 @@ def generate(
     for b in batches:
         n = min(batch_size, num - b * batch_size)
         g = torch.Generator().manual_seed(derived_seed(seed, SEED_SAMPLING, b))
-        out.append(
-            chain.p_sample_loop(
+        if sampler == "ddim":
+            x = ddim_sample_loop(chain, model, (n, *shape), eta, g, device, clip_denoised)
+        else:
+            x = chain.p_sample_loop(
                 model, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, progress=progress
             )
-            .float()
-            .cpu()
-        )
+        out.append(x.float().cpu())
     return torch.cat(out)
 
 
@@ -126,6 +135,9 @@ def sample_to_dir(
     progress: bool = True,
     precision: str = "fp32",
     var_type: str | None = None,
+    sampler: str = "ancestral",
+    eta: float = 0.0,
+    spacing: str = "linspace",
 ) -> dict:
     """Sample and write grid.png, images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json.
     For 2-D point models: points.npy and points.png. x0 is clipped to [-1, 1] for images by default;
@@ -140,7 +152,20 @@ def sample_to_dir(
     )
     start = time.time()
     samples = generate(
-        model, diffusion, num, shape, batch_size, seed, steps, clip_denoised, dev, progress, precision
+        model,
+        diffusion,
+        num,
+        shape,
+        batch_size,
+        seed,
+        steps,
+        clip_denoised,
+        dev,
+        progress,
+        precision,
+        sampler,
+        eta,
+        spacing,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +186,9 @@ def sample_to_dir(
         "num_samples": num,
         "batch_size": batch_size,
         "seed": seed,
-        "sampler": "ancestral",
+        "sampler": sampler,
+        **({"eta": eta} if sampler == "ddim" else {}),
+        "spacing": spacing,
         "var_type": cfg.diffusion.var_type,
         "steps": steps or diffusion.num_timesteps,
         "clip_denoised": clip_denoised,
