@@ -214,24 +214,11 @@ def test_entry_point_exit_code(tmp_path):
 def test_import_diffusers_folder_then_sample(tmp_path, safe_serialization):
     """A diffusers pipeline folder (the layout of google/ddpm-cifar10-32) imports and samples the same
     function: our model's output equals the diffusers UNet's."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+    from test_unet import diffusers_paper_unet
 
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        attention_head_dim=None,
-        norm_num_groups=32,
-    )
+    unet = diffusers_paper_unet(sample_size=8, channels=(32, 64), attn_level=1)
     folder = tmp_path / "ddpm-tiny"
     unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization)  # .safetensors or .bin
     DDPMScheduler(num_train_timesteps=50, variance_type="fixed_large").save_pretrained(folder / "scheduler")

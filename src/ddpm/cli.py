@@ -88,16 +88,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _output_dir(args, default_name: str) -> Path:
+    """--out, or ``default_name`` inside the run directory of the checkpoint argument."""
+    if args.out:
+        return Path(args.out)
+    source = Path(args.checkpoint)
+    return (source if source.is_dir() else source.parent) / default_name
+
+
 def cmd_sample(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME
     from .sample import sample_to_dir
 
-    source = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "samples-out"
-    if source.is_dir():
-        source = source / CHECKPOINT_NAME
+    out = _output_dir(args, "samples-out")
     info = sample_to_dir(
-        source,
+        args.checkpoint,
         out,
         num=args.num,
         batch_size=args.batch_size,
@@ -147,14 +151,11 @@ def cmd_eval_fid(args) -> int:
 
 
 def cmd_eval_nll(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME
     from .likelihood import evaluate_nll
 
-    source = Path(args.checkpoint)
-    run_dir = source if source.is_dir() else source.parent
-    out = Path(args.out) if args.out else run_dir / f"nll-{args.split}"
+    out = _output_dir(args, f"nll-{args.split}")
     summary = evaluate_nll(
-        source / CHECKPOINT_NAME if source.is_dir() else source,
+        args.checkpoint,
         out,
         split=args.split,
         num_images=args.num,
@@ -186,14 +187,11 @@ def cmd_train_classifier(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME
     from .figures import make_figures
 
-    source = Path(args.checkpoint)
-    run_dir = source if source.is_dir() else source.parent
-    out = Path(args.out) if args.out else run_dir / "figures"
+    out = _output_dir(args, "figures")
     info = make_figures(
-        source / CHECKPOINT_NAME if source.is_dir() else source,
+        args.checkpoint,
         out,
         which=args.figure,
         seed=args.seed,
