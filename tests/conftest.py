@@ -1,8 +1,10 @@
 import gzip
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
@@ -54,3 +56,25 @@ def tiny_config(data_dir, **train) -> Config:
         data=DataConfig(dataset="fashion-mnist", root=str(data_dir), image_size=8),
         train=TrainConfig(**defaults),
     )
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A state dict with the structure of torch-fidelity's InceptionV3 and random weights."""
+    from ddpm import inception
+
+    cls = inception._inception_class()
+    with (
+        mock.patch.object(cls, "load_state_dict", lambda self, sd: None),
+        mock.patch(
+            "torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}
+        ),
+    ):
+        torch.manual_seed(0)
+        model = cls("inception-v3-compat", list(inception.FEATURES))
+    for module in model.modules():  # variance-preserving init, so features do not vanish with depth
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(model.state_dict(), path)
+    return path

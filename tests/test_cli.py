@@ -296,9 +296,10 @@ def test_import_rejects_multi_head_attention(tmp_path, capsys):
     assert "attention_head_dim" in capsys.readouterr().err
 
 
-def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, capsys):
-    """README 'Reproducing the paper': import -> eval nll -> sample, on the real CIFAR-10 architecture
-    (random weights, saved in the layout of google/ddpm-cifar10-32) and a fake CIFAR-10 binary release."""
+def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, inception_weights):
+    """README 'Reproducing the paper': import -> eval nll -> eval fid (sampling included), on the real
+    CIFAR-10 architecture (random weights, saved in the layout of google/ddpm-cifar10-32), a fake
+    CIFAR-10 binary release and a random Inception network saved like torch-fidelity's weights."""
     from diffusers import DDPMScheduler
     from test_unet import diffusers_paper_unet
 
@@ -329,6 +330,11 @@ def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, capsy
     assert main(argv) == 0
     summary = json.loads((run / "nll-test" / "nll.json").read_text())
     assert summary["num_images"] == 2 and summary["var_type"] == "fixedlarge" and summary["nll_bpd"] > 0
-    argv = ["sample", str(run), "--num", "2", "--steps", "2", "--var-type", "fixedlarge", "--no-progress"]
-    assert main(argv) == 0
-    assert np.load(run / "samples-out" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    argv = ["eval", "fid", str(run), "--num", "2", "--steps", "2", "--var-type", "fixedlarge", "--split"]
+    argv += ["train", "--data-dir", str(tmp_path / "cifar"), "--inception-weights", str(inception_weights)]
+    assert main(argv + ["--cache-dir", str(tmp_path / "stats"), "--no-progress"]) == 0
+    assert np.load(run / "fid-samples-2" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    result = json.loads((run / "fid-samples-2" / "fid-inception-v3-compat-train.json").read_text())
+    assert result["reference"] == {"dataset": "cifar10", "split": "train", "num_images": 10}
+    assert result["sampling"]["var_type"] == "fixedlarge" and result["sampling"]["steps"] == 2
+    assert result["fid"] > 0 and result["num_samples"] == 2

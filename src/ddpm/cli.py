@@ -96,14 +96,53 @@ def _output_dir(args, default_name: str) -> Path:
     return (source if source.is_dir() else source.parent) / default_name
 
 
-def cmd_sample(args) -> int:
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How to sample: shared by `sample` and `eval fid CHECKPOINT`."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
+    p.add_argument(
+        "--sampler",
+        choices=["ancestral", "ddim"],
+        default="ancestral",
+        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021",
+    )
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
+    )
+    p.add_argument(
+        "--spacing",
+        choices=["linspace", "leading", "trailing"],
+        default="linspace",
+        help="which timesteps --steps keeps (default linspace: 0 and T-1 included)",
+    )
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 runs the network under autocast: faster, not bit-identical to fp32",
+    )
+    p.add_argument(
+        "--var-type",
+        choices=["fixedsmall", "fixedlarge"],
+        help="use this fixed reverse variance instead of the checkpoint's",
+    )
+
+
+def _sample(args, checkpoint, out: Path, num: int) -> dict:
     from .sample import sample_to_dir
 
-    out = _output_dir(args, "samples-out")
-    info = sample_to_dir(
-        args.checkpoint,
+    return sample_to_dir(
+        checkpoint,
         out,
-        num=args.num,
+        num=num,
         batch_size=args.batch_size,
         seed=args.seed,
         steps=args.steps,
@@ -117,6 +156,11 @@ def cmd_sample(args) -> int:
         eta=args.eta,
         spacing=args.spacing,
     )
+
+
+def cmd_sample(args) -> int:
+    out = _output_dir(args, "samples-out")
+    info = _sample(args, args.checkpoint, out, args.num)
     print(json.dumps({"out_dir": str(out), **info}))
     return 0
 
@@ -129,21 +173,60 @@ def cmd_import(args) -> int:
     return 0
 
 
+# Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
+FID_SAMPLES = {"cifar10": 50_000}
+DOMAIN_DATASETS = ("fashion-mnist", "mnist")
+
+
 def cmd_eval_fid(args) -> int:
-    from .checkpoint import atomic_write_text
+    from .checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text
     from .metrics import evaluate_domain, load_samples
 
-    samples_path = Path(args.samples)
-    samples = load_samples(samples_path)
-    result = {"metric": "fid", "samples": str(samples_path)}
-    result.update(
-        evaluate_domain(
-            samples, args.dataset, args.split, args.data_dir, args.cache_dir, not args.no_progress
-        )
-    )
-    folder = samples_path if samples_path.is_dir() else samples_path.parent
+    source = Path(args.source)
+    if source.suffix == ".safetensors" or (source / CHECKPOINT_NAME).is_file():
+        # A checkpoint: sample first, with the published sample count by default.
+        dataset = args.dataset or Checkpoint(source).config["data"]["dataset"]
+        num = args.num or FID_SAMPLES.get(dataset, 10_000)
+        folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
+        _sample(args, source, folder, num)
+    else:
+        folder = source if source.is_dir() else source.parent
+    sampling = {}
     if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
-        result["sampling"] = json.loads((folder / "samples.json").read_text())
+        sampling = json.loads((folder / "samples.json").read_text())
+    dataset = args.dataset or sampling.get("dataset", "fashion-mnist")
+    samples = load_samples(folder if source.suffix != ".npz" else source)
+    extractor = args.extractor
+    if extractor == "auto":
+        extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"
+    progress = not args.no_progress
+    if extractor == "domain":
+        result = evaluate_domain(samples, dataset, args.split, args.data_dir, args.cache_dir, progress)
+    else:
+        from .inception import evaluate_inception
+        from .train import resolve_device
+
+        device = resolve_device(getattr(args, "device", "auto"))
+        result = evaluate_inception(
+            samples,
+            dataset,
+            args.split,
+            args.data_dir,
+            args.inception_weights,
+            args.cache_dir,
+            device,
+            progress,
+        )
+    result = {"metric": "fid", "samples": str(folder), **result}
+    recommended = FID_SAMPLES.get(dataset)
+    if recommended and len(samples) < recommended:
+        result["warning"] = (
+            f"{len(samples)} samples; published {dataset} FIDs use {recommended} (FID is biased upward "
+            "at smaller counts, so the numbers are not comparable)"
+        )
+        print(f"ddpm: warning: {result['warning']}", file=sys.stderr)
+    if sampling:
+        result["sampling"] = sampling
     out = Path(args.out) if args.out else folder / f"fid-{result['extractor']}-{args.split}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({"out": str(out), **{k: v for k, v in result.items() if k != "sampling"}}))
@@ -234,42 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
     p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="ancestral steps on a strided subset (default: all T)")
-    p.add_argument(
-        "--sampler",
-        choices=["ancestral", "ddim"],
-        default="ancestral",
-        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021",
-    )
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
-    )
-    p.add_argument(
-        "--spacing",
-        choices=["linspace", "leading", "trailing"],
-        default="linspace",
-        help="which timesteps --steps keeps (default linspace: 0 and T-1 included)",
-    )
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument(
-        "--no-clip",
-        action="store_true",
-        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="bf16 runs the network under autocast: faster, not bit-identical to fp32",
-    )
-    p.add_argument(
-        "--var-type",
-        choices=["fixedsmall", "fixedlarge"],
-        help="use this fixed reverse variance instead of the checkpoint's",
-    )
+    _add_sampling_flags(p)
     p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -281,16 +329,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate samples or a model")
     eval_sub = p.add_subparsers(dest="metric", required=True)
-    e = eval_sub.add_parser("fid", help="domain FID, KID and classifier score of samples vs a data split")
-    e.add_argument("samples", help="samples.npz from `ddpm sample` (or the folder holding it)")
-    e.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist (domain classifier)")
+    e = eval_sub.add_parser("fid", help="FID, KID and Inception (or classifier) score vs a data split")
+    e.add_argument(
+        "source",
+        help="samples.npz from `ddpm sample` (or its folder), or a run directory / checkpoint to sample from",
+    )
+    e.add_argument(
+        "--dataset",
+        help="reference dataset (default: the samples' own, from samples.json; else fashion-mnist)",
+    )
     e.add_argument(
         "--split", default="test", choices=["train", "test"], help="reference split (default test)"
     )
-    e.add_argument("--data-dir", help="directory of the dataset's IDX files (default: the usual place)")
     e.add_argument(
-        "--cache-dir", help="where the domain classifier is kept (default ~/.cache/ddpm/classifiers)"
+        "--extractor",
+        choices=["auto", "inception", "domain"],
+        default="auto",
+        help="inception: the standard InceptionV3 (torch-fidelity); domain: a classifier trained on "
+        "fashion-mnist/mnist; auto (default): domain for those two, inception otherwise",
     )
+    e.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: download)",
+    )
+    e.add_argument("--data-dir", help="where the reference dataset is (default: the usual place)")
+    e.add_argument(
+        "--cache-dir",
+        help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)",
+    )
+    e.add_argument(
+        "--num",
+        type=int,
+        help="with a checkpoint: samples to draw (default 50,000 for cifar10, else 10,000)",
+    )
+    _add_sampling_flags(e)
     e.add_argument("--out", help="result JSON (default: next to the samples)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_fid)

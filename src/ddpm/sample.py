@@ -181,6 +181,7 @@ def sample_to_dir(
         plot_points(samples, out / "points.png")
     info = {
         "checkpoint": str(ckpt.path),
+        "dataset": cfg.data.dataset,
         "step": ckpt.train_state.get("step"),
         "weights": "ema" if use_ema else "model",
         "num_samples": num,

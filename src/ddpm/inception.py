@@ -1,0 +1,180 @@
+"""FID, Inception Score and KID with the standard Inception network (torch-fidelity's TF-compatible
+InceptionV3, the 2015-12-05 weights the paper's FIDs were computed with), on uint8 images.
+
+Reference statistics (mean and covariance of the 2048-d pool features, plus a fixed random subset of
+10,000 feature vectors for KID) are cached on disk per dataset, split, size and weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pickle
+import sys
+import types
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .data import CACHE, load_dataset
+from .errors import DataError
+from .metrics import classifier_score, feature_statistics, frechet_distance, kernel_inception_distance
+
+WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+FEATURES = ("2048", "logits_unbiased")
+KID_REFERENCE_SUBSET = 10_000
+STATS_VERSION = 1
+
+
+def _inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3.
+
+    torch-fidelity's package ``__init__`` imports torchvision (for its dataset wrappers and the VGG/CLIP
+    extractors), and no torchvision build works with a CPU-only torch wheel. The Inception extractor and
+    the helpers it imports need none of it, so when the normal import fails on torchvision the package
+    is registered without running its ``__init__`` and the one module is imported from it.
+    """
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ModuleNotFoundError as e:
+        if e.name != "torchvision":
+            raise DataError(
+                "Inception FID needs torch-fidelity: pip install torch-fidelity (or .[eval])"
+            ) from None
+    except RuntimeError:  # torchvision installed but built for another torch
+        pass
+    else:
+        return FeatureExtractorInceptionV3
+    spec = importlib.util.find_spec("torch_fidelity")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
+        del sys.modules[name]  # half-imported by the failed attempt
+    sys.modules["torch_fidelity"] = package
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3
+
+
+def load_inception(weights: str | Path | None = None, device="cpu") -> torch.nn.Module:
+    """The Inception network; ``weights`` is a local copy of torch-fidelity's weights file, else they
+    are downloaded on first use (to torch's hub cache)."""
+    cls = _inception_class()
+    if weights is not None and not Path(weights).is_file():
+        raise DataError(f"--inception-weights: no file at {weights}")
+    try:
+        model = cls("inception-v3-compat", list(FEATURES), feature_extractor_weights_path=weights)
+    except (urllib.error.URLError, OSError, ConnectionError) as e:
+        if weights is not None:
+            raise DataError(f"cannot read Inception weights {weights} ({e})") from None
+        raise DataError(
+            f"cannot download the Inception weights ({getattr(e, 'reason', e)}); offline, pass "
+            f"--inception-weights PATH to a local copy of {WEIGHTS_NAME}"
+        ) from None
+    except (
+        RuntimeError,
+        KeyError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as e:  # wrong or corrupt state dict
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"{weights} is not an InceptionV3 state dict for torch-fidelity ({first_line})"
+        ) from None
+    return model.to(device)
+
+
+@torch.inference_mode()
+def inception_outputs(model, images_uint8: torch.Tensor, batch_size: int = 200, progress: bool = False):
+    """Pool features [N, 2048] and class probabilities [N, 1008] (float64 numpy) of uint8 images
+    [N, C, H, W]; grayscale is repeated to RGB, resizing to 299 happens inside the network."""
+    if images_uint8.dtype != torch.uint8:
+        raise DataError("images must be quantised to uint8 before evaluation")
+    if images_uint8.shape[1] not in (1, 3):
+        raise DataError(f"Inception needs 1 or 3 channels, got {images_uint8.shape[1]}")
+    device = next(model.parameters()).device
+    features, probs = [], []
+    batches = range(0, len(images_uint8), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="inception", unit="batch", leave=False)
+    for i in batches:
+        x = images_uint8[i : i + batch_size].to(device)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        pool, logits = model(x)
+        features.append(pool.double().cpu())
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())
+    return torch.cat(features).numpy(), torch.cat(probs).numpy()
+
+
+def weights_id(weights: str | Path | None) -> str:
+    """Names the weights in cache keys and results: the official file, or a hash of a local one."""
+    if weights is None:
+        return WEIGHTS_NAME
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+    return f"{Path(weights).name}-sha256-{digest}"
+
+
+def reference_statistics(
+    model, dataset: str, split: str, root, image_size: int, weights, cache_dir=None, progress=True
+) -> dict:
+    """Mean, covariance and a KID subset of the reference split's Inception features, cached."""
+    cache_dir = Path(cache_dir) if cache_dir else CACHE / "reference_stats"
+    wid = weights_id(weights)
+    key = hashlib.sha256(json.dumps([STATS_VERSION, dataset, split, str(root), image_size, wid]).encode())
+    path = cache_dir / f"{dataset}-{split}-{image_size}px-{key.hexdigest()[:12]}.npz"
+    if path.is_file():
+        with np.load(path) as npz:
+            return {name: npz[name] for name in npz.files}
+    images = load_dataset(DataConfig(dataset=dataset, root=root, image_size=image_size, split=split)).data
+    features, _ = inception_outputs(model, images, progress=progress)
+    mu, sigma = feature_statistics(features)
+    rng = np.random.default_rng(0)
+    subset = features[rng.choice(len(features), min(KID_REFERENCE_SUBSET, len(features)), replace=False)]
+    stats = {"mu": mu, "sigma": sigma, "kid_features": subset.astype(np.float32), "num_images": len(images)}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **stats)
+    tmp.replace(path)  # whole file or nothing, so a killed run never leaves half a cache entry
+    return stats
+
+
+def evaluate_inception(
+    samples_uint8: torch.Tensor,
+    dataset: str,
+    split: str = "train",
+    root=None,
+    weights=None,
+    cache_dir=None,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
+    """Inception FID, KID and Inception Score of uint8 samples against a reference split."""
+    model = load_inception(weights, device)
+    size = samples_uint8.shape[-1]
+    ref = reference_statistics(model, dataset, split, root, size, weights, cache_dir, progress)
+    features, probs = inception_outputs(model, samples_uint8, progress=progress)
+    fid = frechet_distance(*feature_statistics(features), ref["mu"], ref["sigma"])
+    # torch-fidelity's defaults: KID over 100 subsets of 1000, IS over 10 splits of the 1008 logits.
+    kid_mean, kid_std = kernel_inception_distance(features, ref["kid_features"], subsets=100)
+    is_mean, is_std = classifier_score(probs, splits=min(10, len(probs)))
+    import torch_fidelity.version as tf_version
+
+    return {
+        "extractor": "inception-v3-compat",
+        "tool": f"torch-fidelity {tf_version.__version__} InceptionV3, weights {weights_id(weights)}",
+        "reference": {"dataset": dataset, "split": split, "num_images": int(ref["num_images"])},
+        "num_samples": len(samples_uint8),
+        "fid": round(fid, 4),
+        "kid": round(kid_mean, 6),
+        "kid_std": round(kid_std, 6),
+        "inception_score": round(is_mean, 4),
+        "inception_score_std": round(is_std, 4),
+    }
