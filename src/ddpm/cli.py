@@ -103,18 +103,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
     p.add_argument(
         "--sampler",
-        choices=["ancestral", "ddim"],
+        choices=["ancestral", "ddim", "dpm++2m"],
         default="ancestral",
-        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021",
+        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021; "
+        "dpm++2m: DPM-Solver++(2M), Lu et al. 2022, good in 10-25 steps",
     )
     p.add_argument(
         "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
     )
     p.add_argument(
         "--spacing",
-        choices=["linspace", "leading", "trailing"],
-        default="linspace",
-        help="which timesteps --steps keeps (default linspace: 0 and T-1 included)",
+        choices=["linspace", "leading", "trailing", "logsnr"],
+        help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and ddim), "
+        "leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument(
