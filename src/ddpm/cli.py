@@ -1,4 +1,4 @@
-"""`ddpm train | sample | import | eval | figures | train-classifier | presets | config`: parse and call."""
+"""The `ddpm` command line (train, sample, invert, import, eval, figures, ...): parse and call."""
 
 from __future__ import annotations
 
@@ -166,6 +166,27 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_invert(args) -> int:
+    from .invert import invert_to_dir
+
+    out = _output_dir(args, "inversion")
+    info = invert_to_dir(
+        args.checkpoint,
+        out,
+        images=args.images,
+        num=args.num,
+        steps=args.steps,
+        spacing=args.spacing,
+        batch_size=args.batch_size,
+        use_ema=not args.no_ema,
+        device=args.device,
+        precision=args.precision,
+        data_dir=args.data_dir,
+    )
+    print(json.dumps({"out_dir": str(out), **info}))
+    return 0
+
+
 def cmd_import(args) -> int:
     from .convert import import_diffusers
 
@@ -322,6 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
+    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    p.add_argument("--images", help="samples.npz (or its folder) to invert (default: the run's test split)")
+    p.add_argument("--num", type=int, default=8, help="how many images (default 8)")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps each way (default 100)")
+    p.add_argument(
+        "--spacing",
+        choices=["linspace", "leading", "trailing", "logsnr"],
+        default="logsnr",
+        help="timesteps (default logsnr: the round trip is 2.5x closer than linspace)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/inversion)")
+    p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
     p.add_argument("folder", help="e.g. a local copy of google/ddpm-cifar10-32")
