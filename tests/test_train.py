@@ -137,3 +137,24 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {}, {"w": torch.zeros(2)})
     assert torch.equal(Checkpoint(path).model["w"], torch.ones(2))
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_channels_last_trains_the_same_and_samples_the_same(idx_dir, tmp_path):
+    """The NHWC layout is a speed option: the same loss curve and network outputs up to float rounding
+    (weights are not compared: Adam turns rounding-level gradient differences into lr-sized steps)."""
+    from ddpm.sample import speed_options
+
+    trainers = {}
+    for name, channels_last in (("nchw", False), ("nhwc", True)):
+        trainer = Trainer(tiny_config(idx_dir, channels_last=channels_last), tmp_path / name, progress=False)
+        losses = torch.tensor([trainer.train_step()["loss"] for _ in range(4)])
+        trainers[name] = (trainer, losses)
+    torch.testing.assert_close(trainers["nhwc"][1], trainers["nchw"][1], rtol=1e-4, atol=1e-5)
+    nchw, nhwc = trainers["nchw"][0].model, trainers["nhwc"][0].model
+    assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        plain = nchw.eval()(x, t)
+        fast = speed_options(nchw, channels_last=True)(x, t)
+    assert nchw.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

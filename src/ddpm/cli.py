@@ -135,6 +135,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         choices=["fixedsmall", "fixedlarge"],
         help="use this fixed reverse variance instead of the checkpoint's",
     )
+    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
 
 def _sample(args, checkpoint, out: Path, num: int) -> dict:
@@ -156,6 +158,8 @@ def _sample(args, checkpoint, out: Path, num: int) -> dict:
         sampler=args.sampler,
         eta=args.eta,
         spacing=args.spacing,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
 
 

@@ -69,6 +69,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False  # NHWC memory layout for the network (a speed option)
+    compile: bool = False  # torch.compile the network (a speed option; slow first steps)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     time_limit_minutes: float | None = None  # stop (and checkpoint) after this much training time
     log_every: int = 100

@@ -223,3 +223,26 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
     )
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     return run_dir / CHECKPOINT_NAME
+
+
+def diffusers_unet_config(model: ModelConfig, image_size: int, channels: int) -> dict:
+    """The diffusers UNet2DModel config that computes the same function as our UNet for ``model``
+    (the inverse of :func:`model_config_from_diffusers`), e.g. to benchmark the two on identical work."""
+    levels = len(model.ch_mult)
+    attn = [image_size // 2**i in model.attn_resolutions for i in range(levels)]
+    return {
+        "sample_size": image_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": tuple(model.ch * m for m in model.ch_mult),
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "layers_per_block": model.num_res_blocks,
+        "norm_eps": 1e-6,
+        "norm_num_groups": model.num_groups,
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "attention_head_dim": None,
+        "dropout": model.dropout,
+    }

@@ -73,6 +73,22 @@ def autocast_model(model: nn.Module, device_type: str):
     return run
 
 
+def speed_options(model: nn.Module, channels_last: bool = False, compile: bool = False):
+    """``model`` as a callable with the opt-in speed options: channels_last stores its weights and the
+    inputs in NHWC layout; compile wraps it in torch.compile (compiled on first call). Neither changes
+    the maths; both change float rounding slightly, so they are off unless asked for."""
+    network = model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+        def network(x, t):
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return model(x, t)
+
+    return torch.compile(network) if compile else network
+
+
 # The spacing each sampler uses unless told: the paper's samplers stride evenly; DPM-Solver needs its
 # steps spread evenly in log-SNR (with linspace it over- or under-disperses a toy Gaussian by 25-50%).
 DEFAULT_SPACING = {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
@@ -158,6 +174,8 @@ def sample_to_dir(
     sampler: str = "ancestral",
     eta: float = 0.0,
     spacing: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> dict:
     """Sample and write grid.png, images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json.
     For 2-D point models: points.npy and points.png. x0 is clipped to [-1, 1] for images by default;
@@ -165,6 +183,7 @@ def sample_to_dir(
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
+    network = speed_options(model, channels_last, compile)
     is_image = cfg.model.kind == "unet"
     clip_denoised = is_image if clip_denoised is None else clip_denoised
     shape = (
@@ -172,7 +191,7 @@ def sample_to_dir(
     )
     start = time.time()
     samples = generate(
-        model,
+        network,
         diffusion,
         num,
         shape,
@@ -214,6 +233,8 @@ def sample_to_dir(
         "steps": steps or diffusion.num_timesteps,
         "clip_denoised": clip_denoised,
         "precision": precision,
+        **({"channels_last": True} if channels_last else {}),
+        **({"compile": True} if compile else {}),
         "seconds": round(time.time() - start, 2),
     }
     atomic_write_text(out / "samples.json", json.dumps(info, indent=2) + "\n")

@@ -31,7 +31,7 @@ from .data import (
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .images import plot_points, save_grid
-from .sample import autocast_model, generate, resolve_device
+from .sample import autocast_model, generate, resolve_device, speed_options
 
 
 class EMA:
@@ -75,6 +75,8 @@ RESUMABLE_CHANGES = {
     "train.time_limit_minutes",
     "train.device",
     "train.precision",
+    "train.channels_last",
+    "train.compile",
     "train.log_every",
     "train.checkpoint_every",
     "train.sample_every",
@@ -122,6 +124,7 @@ class Trainer:
             cfg.data.channels = self.dataset.channels
         torch.manual_seed(cfg.train.seed)  # the initial weights
         self.model = build_model(cfg, self.dataset.channels).to(self.device)
+        self.network = speed_options(self.model, cfg.train.channels_last, cfg.train.compile)
         self.diffusion: GaussianDiffusion = build_diffusion(cfg)
         t = cfg.train
         self.optimizer = torch.optim.Adam(
@@ -190,8 +193,8 @@ class Trainer:
     def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model under the chosen precision; the diffusion maths around it stays in fp32."""
         if self.cfg.train.precision == "bf16":
-            return autocast_model(self.model, self.device.type)(x, t)
-        return self.model(x, t)
+            return autocast_model(self.network, self.device.type)(x, t)
+        return self.network(x, t)
 
     # ---- the loop ----
 

@@ -1,0 +1,366 @@
+"""Speed and memory of ddpm against diffusers on identical work, in one command.
+
+    .venv/bin/python bench/bench.py            # everything (about 10 minutes on 2 CPU cores)
+    .venv/bin/python bench/bench.py --quick    # fewer timed steps, 100-step ancestral sampling
+
+Both sides use the same network: diffusers' UNet2DModel built from `diffusers_unet_config` (the paper's
+architecture; equal parameter counts are checked), the same batch, loss (eps MSE), optimiser (Adam, grad
+clip 1) and dropout. Timings alternate between the implementations and report the median of repeats.
+Peak memory is measured in a fresh child process per workload (peak RSS growth on CPU, peak allocated
+on CUDA), so one workload's freed memory cannot hide another's. Prints markdown tables with ratios
+(ours / diffusers; > 1 means ours is faster or, for memory, larger) and writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ddpm.build import build_diffusion, build_model
+from ddpm.config import preset
+from ddpm.convert import diffusers_unet_config
+from ddpm.sample import autocast_model, generate
+
+NETS = {  # name -> (preset, CPU batch, GPU batch)
+    "fashion-mnist preset (1.1M)": ("fashion-mnist", 64, 256),
+    "CIFAR-10 paper net (35.7M)": ("cifar10", 16, 128),
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import diffusers
+
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "bf16_matmul_support": torch.backends.mkldnn.is_available(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, repeats=10) -> float:
+    """Best FLOP/s of an n x n matmul: the machine's practical peak for dense work."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ---- the two implementations behind one call signature: net(x, t) -> eps ----
+
+
+def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=False):
+    cfg = preset(preset_name)
+    size, channels = cfg.data.image_size, cfg.data.channels or (1 if "mnist" in preset_name else 3)
+    torch.manual_seed(0)
+    if impl == "ours":
+        module = build_model(cfg, channels)
+        forward = module
+    else:
+        from diffusers import UNet2DModel
+
+        module = UNet2DModel(**diffusers_unet_config(cfg.model, size, channels))
+
+        def forward(x, t):
+            return module(x, t).sample
+
+    module = module.to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if compile_:
+        forward = torch.compile(forward)
+    return module, forward, cfg, (channels, size, size)
+
+
+class TrainStep:
+    """Algorithm 1 for either network: q_sample, eps MSE, Adam with grad clip."""
+
+    def __init__(self, impl, preset_name, batch, device, precision, channels_last=False, compile_=False):
+        self.module, self.forward, cfg, shape = make_net(impl, preset_name, device, channels_last, compile_)
+        self.diffusion = build_diffusion(cfg)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-4)
+        self.device, self.precision = device, precision
+        g = torch.Generator().manual_seed(0)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.x0 = (torch.rand(batch, *shape, generator=g) * 2 - 1).to(device, memory_format=memory_format)
+        self.noise = torch.randn(self.x0.shape, generator=g).to(device, memory_format=memory_format)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.net = autocast_model(self.forward, device.type) if precision == "bf16" else self.forward
+
+    def __call__(self):
+        self.module.train()
+        loss = self.diffusion.training_losses(self.net, self.x0, self.t, self.noise)["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.opt.step()
+
+    def flops(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.module.train()
+            loss = self.diffusion.training_losses(self.forward, self.x0, self.t, self.noise)["loss"].mean()
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_training(device, quick, compile_, results):
+    gpu = device.type == "cuda"
+    repeats = 3 if quick else 6
+    variants = [
+        ("ours", "fp32", {}),
+        ("diffusers", "fp32", {}),
+        ("ours", "bf16", {}),
+        ("diffusers", "bf16", {}),
+    ]
+    variants += [("ours", "fp32", {"channels_last": True}), ("ours", "bf16", {"channels_last": True})]
+    if compile_:
+        variants += [("ours", "fp32", {"compile_": True}), ("ours", "bf16", {"compile_": True})]
+    for net_name, (preset_name, cpu_batch, gpu_batch) in NETS.items():
+        batch = gpu_batch if gpu else cpu_batch
+        steps = {}
+        for impl, precision, options in variants:
+            step = TrainStep(impl, preset_name, batch, device, precision, **options)
+            step(), step()  # warm-up (allocator, autocast caches, Adam state)
+            steps[(impl, precision, tuple(options))] = step
+        counts = {impl: sum(p.numel() for p in s.module.parameters()) for (impl, _, _), s in steps.items()}
+        assert counts["ours"] == counts["diffusers"], f"parameter counts differ: {counts}"
+        seconds = {key: [] for key in steps}
+        for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant alike
+            for key, step in steps.items():
+                seconds[key].append(timed(step, device, 1))
+        rows = {}
+        for (impl, precision, options), values in seconds.items():
+            label = f"{impl} {precision}" + "".join(f" {o.rstrip('_')}" for o in options)
+            rows[label] = batch / statistics.median(values)
+        flops = steps[("ours", "fp32", ())].flops()
+        results["training"][net_name] = {
+            "batch": batch,
+            "params": counts["ours"],
+            "images_per_s": {k: round(v, 2) for k, v in rows.items()},
+            "flops_per_image": flops / batch,
+        }
+        del steps
+
+
+def bench_sampling(device, quick, results):
+    """Per-image sampling time on the fashion-mnist net: ours vs diffusers' pipelines."""
+    from diffusers import (
+        DDIMPipeline,
+        DDIMScheduler,
+        DDPMPipeline,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+    )
+
+    batch = 16
+    ancestral_steps = 100 if quick else 1000
+    ours, _, cfg, shape = make_net("ours", "fashion-mnist", device)
+    theirs, _, _, _ = make_net("diffusers", "fashion-mnist", device)
+    ours.eval(), theirs.eval()
+    diffusion = build_diffusion(cfg)
+    betas = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    cases = [
+        ("ancestral", ancestral_steps, DDPMPipeline, DDPMScheduler(**betas, variance_type="fixed_small")),
+        ("ddim", 50, DDIMPipeline, DDIMScheduler(**betas)),
+        ("dpm++2m", 20, DDPMPipeline, DPMSolverMultistepScheduler(**betas, algorithm_type="dpmsolver++")),
+    ]
+
+    def null(x, t):  # a network that costs nothing: what is left is the sampler's own work
+        return torch.zeros_like(x)
+
+    for sampler, steps, pipeline_cls, scheduler in cases:
+        pipe = pipeline_cls(unet=theirs, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        for precision in ("fp32", "bf16"):
+            run_ours = partial(generate, ours, diffusion, batch, shape, batch, 0, steps, True, device, False)
+            run_ours = partial(run_ours, precision, sampler)
+            run_theirs = partial(run_pipeline, pipe, batch, steps, device, precision)
+            t_ours, t_theirs = timed(run_ours, device, 1), timed(run_theirs, device, 1)
+            results["sampling"][f"{sampler} {steps} steps {precision}"] = {
+                "ours_s_per_image": t_ours / batch,
+                "diffusers_s_per_image": t_theirs / batch,
+            }
+            if precision == "fp32":
+                run_null = partial(generate, null, diffusion, batch, shape, batch, 0, steps, True, device)
+                t_null = timed(partial(run_null, False, "fp32", sampler), device, 1)
+                results["sampling"][f"{sampler} {steps} steps fp32"]["ours_overhead_fraction"] = (
+                    t_null / t_ours
+                )
+
+
+def run_pipeline(pipe, batch, steps, device, precision):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
+
+
+def _memory_child(queue, impl, preset_name, batch, device_name, precision):
+    device = torch.device(device_name)
+    import resource
+
+    step = TrainStep(impl, preset_name, batch, device, precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(), step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    queue.put(peak)
+
+
+def bench_memory(device, results):
+    ctx = multiprocessing.get_context("spawn")
+    for net_name, (preset_name, cpu_batch, gpu_batch) in NETS.items():
+        batch = gpu_batch if device.type == "cuda" else cpu_batch
+        for precision in ("fp32", "bf16"):
+            for impl in ("ours", "diffusers"):
+                queue = ctx.Queue()
+                proc = ctx.Process(
+                    target=_memory_child, args=(queue, impl, preset_name, batch, str(device), precision)
+                )
+                proc.start()
+                peak = queue.get()
+                proc.join()
+                results["memory"].setdefault(net_name, {})[f"{impl} {precision}"] = peak
+
+
+def report(results):
+    m = results["machine"]
+    print(
+        f"\nMachine: {m['cpu']} ({m['threads']} threads), GPU {m['gpu']}; torch {m['torch']}, "
+        f"diffusers {m['diffusers']}; {m['date']}"
+    )
+    peaks = results["matmul_peak_flops"]
+    print(
+        f"Matmul peak (2048^3): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s\n"
+    )
+    print(
+        "| network | batch | ours fp32 | diffusers fp32 | ratio | ours bf16 | diffusers bf16 | ratio | "
+        "ours bf16 / diffusers fp32 | ours fp32 channels_last | ours fp32 FLOP/s, % of fp32 matmul peak | "
+        "ours bf16 FLOP/s, % of bf16 peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for net, r in results["training"].items():
+        s = r["images_per_s"]
+        f32 = s["ours fp32"] * r["flops_per_image"]
+        b16 = s["ours bf16"] * r["flops_per_image"]
+        print(
+            f"| {net} | {r['batch']} | {s['ours fp32']:.1f} img/s | {s['diffusers fp32']:.1f} | "
+            f"{s['ours fp32'] / s['diffusers fp32']:.2f}x | {s['ours bf16']:.1f} | "
+            f"{s['diffusers bf16']:.1f} | "
+            f"{s['ours bf16'] / s['diffusers bf16']:.2f}x | {s['ours bf16'] / s['diffusers fp32']:.2f}x | "
+            f"{s['ours fp32 channels_last']:.1f} | "
+            f"{f32 / 1e9:.0f} GFLOP/s, {100 * f32 / peaks['fp32']:.0f}% | "
+            f"{b16 / 1e9:.0f} GFLOP/s, {100 * b16 / peaks['bf16']:.0f}% |"
+        )
+    if results["sampling"]:
+        print(
+            "\n| sampling (fashion-mnist net, batch 16) | ours ms/image | diffusers ms/image | ratio | "
+            "ours: time outside the network |"
+        )
+        print("|---|---|---|---|---|")
+        for key, r in results["sampling"].items():
+            overhead = r.get("ours_overhead_fraction")
+            print(
+                f"| {key} | {1e3 * r['ours_s_per_image']:.1f} | {1e3 * r['diffusers_s_per_image']:.1f} | "
+                f"{r['diffusers_s_per_image'] / r['ours_s_per_image']:.2f}x | "
+                f"{'' if overhead is None else f'{100 * overhead:.2f}%'} |"
+            )
+    if results["memory"]:
+        print(
+            "\n| peak memory of a training step | ours fp32 | diffusers fp32 | ratio | ours bf16 | "
+            "diffusers bf16 | ratio |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for net, r in results["memory"].items():
+            mb = {k: v / 2**20 for k, v in r.items()}
+            print(
+                f"| {net} | {mb['ours fp32']:.0f} MiB | {mb['diffusers fp32']:.0f} MiB | "
+                f"{mb['ours fp32'] / mb['diffusers fp32']:.2f} | {mb['ours bf16']:.0f} MiB | "
+                f"{mb['diffusers bf16']:.0f} MiB | {mb['ours bf16'] / mb['diffusers bf16']:.2f} |"
+            )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats; 100-step ancestral sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--compile", action="store_true", help="also time ours under torch.compile (slow to build)"
+    )
+    p.add_argument("--skip", action="append", default=[], choices=["training", "sampling", "memory"])
+    p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    results = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "training": {},
+        "sampling": {},
+        "memory": {},
+    }
+    results["matmul_peak_flops"] = {
+        "fp32": matmul_peak(device, torch.float32),
+        "bf16": matmul_peak(device, torch.bfloat16),
+    }
+    if "training" not in args.skip:
+        bench_training(device, args.quick, args.compile, results)
+    if "sampling" not in args.skip:
+        bench_sampling(device, args.quick, results)
+    if "memory" not in args.skip:
+        bench_memory(device, results)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
