@@ -31,7 +31,8 @@ def main():
             losses[precision] = [trainer.train_step()["loss"] for _ in range(args.steps)]
             seconds[precision] = time.perf_counter() - start
     print(
-        f"fashion-mnist preset, batch {cfg.train.batch_size}, {args.steps} steps: fp32 {seconds['fp32']:.0f} s, "
+        f"fashion-mnist preset, batch {cfg.train.batch_size}, {args.steps} steps: "
+        f"fp32 {seconds['fp32']:.0f} s, "
         f"bf16 {seconds['bf16']:.0f} s ({seconds['fp32'] / seconds['bf16']:.2f}x)\n"
     )
     print("| steps | fp32 mean loss | bf16 mean loss | bf16 - fp32 | std error of the fp32 window mean |")
