@@ -201,12 +201,11 @@ def cmd_import(args) -> int:
 
 # Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
 FID_SAMPLES = {"cifar10": 50_000}
-DOMAIN_DATASETS = ("fashion-mnist", "mnist")
 
 
 def cmd_eval_fid(args) -> int:
     from .checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text
-    from .metrics import evaluate_domain, load_samples
+    from .metrics import DOMAIN_DATASETS, evaluate_domain, load_samples
 
     source = Path(args.source)
     if source.suffix == ".safetensors" or (source / CHECKPOINT_NAME).is_file():

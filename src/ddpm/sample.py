@@ -121,8 +121,8 @@ def generate(
     eta: float = 0.0,
     spacing: str | None = None,
 ) -> torch.Tensor:
-    """``num`` samples of per-example ``shape`` by ancestral sampling (Algorithm 2), on ``steps``
-    evenly strided timesteps when given. Batch b has its own generator derived from (seed, b), so a
+    """``num`` samples of per-example ``shape`` with ``sampler`` (default: Algorithm 2), on ``steps``
+    timesteps picked by ``spacing`` when given (see ``sampling_chain``). Batch b has its own generator derived from (seed, b), so a
     seed and batch size always give the same samples, and different seeds never share a batch.
     Returns float samples in the data range.
 
