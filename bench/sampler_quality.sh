@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
 # Sample quality against the number of network evaluations for each sampler, on a trained run:
 # 1,000 samples per setting (bf16, seed 1), domain FID / KID / classifier score against the test split.
-# Usage: bash bench/sampler_quality.sh RUN_DIR [SETTINGS...]   (a setting is SAMPLER:STEPS)
+# Usage: bash bench/sampler_quality.sh RUN_DIR [SETTINGS...]   (a setting is SAMPLER:STEPS[:ETA])
 # Prints one markdown table row per setting; the JSON results stay in RUN_DIR/quality/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${1:?usage: bash bench/sampler_quality.sh RUN_DIR [SAMPLER:STEPS ...]}
+RUN=${1:?usage: bash bench/sampler_quality.sh RUN_DIR [SAMPLER:STEPS[:ETA] ...]}
 shift
 SETTINGS=("$@")
 if [ ${#SETTINGS[@]} -eq 0 ]; then
     SETTINGS=(ancestral:50 ancestral:100 ddim:10 ddim:25 ddim:50 ddim:100 dpm++2m:10 dpm++2m:15 dpm++2m:25)
 fi
-echo "| sampler | steps | domain FID | KID x1e3 | classifier score | seconds for 1,000 |"
+echo "| sampler | steps | domain FID | KID | classifier score | seconds for 1,000 |"
 echo "|---|---|---|---|---|---|"
 for setting in "${SETTINGS[@]}"; do
-    sampler=${setting%%:*}
-    steps=${setting##*:}
-    out="$RUN/quality/$sampler-$steps"
+    IFS=: read -r sampler steps eta <<< "$setting"
+    eta=${eta:-0}
+    out="$RUN/quality/$sampler-$steps-eta$eta"
     .venv/bin/ddpm sample "$RUN" --num 1000 --batch-size 250 --seed 1 --precision bf16 \
-        --sampler "$sampler" --steps "$steps" --out "$out" --no-progress > /dev/null
+        --sampler "$sampler" --steps "$steps" --eta "$eta" --out "$out" --no-progress > /dev/null
     .venv/bin/ddpm eval fid "$out" --split test --no-progress > /dev/null
     .venv/bin/python - "$out" "$sampler" "$steps" <<'PY'
 import json, sys
 out, sampler, steps = sys.argv[1:]
 r = json.load(open(f"{out}/fid-domain-fashion-mnist-cnn-v1-test.json"))
 s = r["sampling"]
-print(f"| {sampler} ({s['spacing']}) | {steps} | {r['fid']:.2f} | {1000 * r['kid']:.1f} | "
+name = f"{sampler}, eta {s['eta']}" if sampler == "ddim" else sampler
+print(f"| {name} ({s['spacing']}) | {steps} | {r['fid']:.2f} | {r['kid']:.1f} | "
       f"{r['classifier_score']:.2f} | {s['seconds']:.0f} |")
 PY
 done
