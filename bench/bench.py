@@ -6,8 +6,9 @@
 Both sides use the same network: diffusers' UNet2DModel built from `diffusers_unet_config` (the paper's
 architecture; equal parameter counts are checked), the same batch, loss (eps MSE), optimiser (Adam, grad
 clip 1) and dropout. Timings alternate between the implementations and report the median of repeats.
-Peak memory is measured in a fresh child process per workload (peak RSS growth on CPU, peak allocated
-on CUDA), so one workload's freed memory cannot hide another's. Prints markdown tables with ratios
+Peak memory is measured in a fresh child process per workload (on CPU the peak RSS of building the
+network and running two steps, over the RSS after imports; on CUDA the peak allocated), so one workload's
+freed memory cannot hide another's. Prints markdown tables with ratios
 (ours / diffusers; > 1 means ours is faster or, for memory, larger) and writes bench/results.json.
 """
 
@@ -239,15 +240,19 @@ def run_pipeline(pipe, batch, steps, device, precision):
 
 
 def _memory_child(queue, impl, preset_name, batch, device_name, precision):
-    device = torch.device(device_name)
+    """Peak memory of building the network and running two training steps, over the process's
+    footprint after its imports (the same imports for both implementations)."""
     import resource
 
-    step = TrainStep(impl, preset_name, batch, device, precision)
+    import diffusers  # noqa: F401  (imported on both sides, so the baselines match)
+
+    device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step = TrainStep(impl, preset_name, batch, device, precision)
     step(), step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
