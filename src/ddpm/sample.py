@@ -122,8 +122,9 @@ def generate(
     spacing: str | None = None,
 ) -> torch.Tensor:
     """``num`` samples of per-example ``shape`` with ``sampler`` (default: Algorithm 2), on ``steps``
-    timesteps picked by ``spacing`` when given (see ``sampling_chain``). Batch b has its own generator derived from (seed, b), so a
-    seed and batch size always give the same samples, and different seeds never share a batch.
+    timesteps picked by ``spacing`` when given (see ``sampling_chain``). Batch b has its own generator
+    derived from (seed, b), so a seed and batch size always give the same samples, and different seeds
+    never share a batch.
     Returns float samples in the data range.
 
     ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
