@@ -128,6 +128,9 @@ class TrainStep:
         self.opt.step()
 
     def flops(self) -> float:
+        """FLOPs of one forward + backward. FlopCounterMode does not count the CPU flash-attention
+        kernel behind scaled_dot_product_attention (~3% of the paper net's work), so FLOP/s is
+        slightly understated."""
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
@@ -244,7 +247,8 @@ def _memory_child(queue, impl, preset_name, batch, device_name, precision):
     footprint after its imports (the same imports for both implementations)."""
     import resource
 
-    import diffusers  # noqa: F401  (imported on both sides, so the baselines match)
+    from diffusers import UNet2DModel  # noqa: F401  (diffusers loads model code lazily: import it on
+    # both sides before the baseline, so its ~70 MiB of code is not counted against diffusers)
 
     device = torch.device(device_name)
     if device.type == "cuda":

@@ -36,7 +36,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing ddpm${EXTRAS:+ and its dev tools}"
 pip_install -e ".$EXTRAS"
-# torch-fidelity (Inception FID/IS) declares torchvision, which has no build for a CPU-only torch and would
+# torch-fidelity (Inception FID/IS) declares torchvision, which has no build matching the local CPU torch and would
 # pull a CUDA torch; its Inception network needs none of it, so it is installed without dependencies.
 if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('torch_fidelity'))"; then
     pip_install --no-deps "torch-fidelity>=0.3"

@@ -135,3 +135,11 @@ def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_pat
     assert seen["num"] == 50_000
     assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2
     assert seen["num"] == 7
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [1, 2], None])
+def test_weights_files_that_are_not_state_dicts_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    with pytest.raises(DataError, match="not an InceptionV3 state dict"):
+        inception.load_inception(path)

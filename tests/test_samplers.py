@@ -10,6 +10,9 @@ from ddpm.schedules import make_betas
 
 
 def test_spacings():
+    for steps in (61, 103, 121, 1000):  # float arange used to add a -1 for some counts
+        kept = timestep_subset(1000, steps, "trailing")
+        assert len(kept) == steps and kept[0] >= 0 and kept[-1] == 999
     assert timestep_subset(1000, 10, "leading") == list(range(0, 1000, 100))
     assert timestep_subset(1000, 10, "trailing") == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
     lin = timestep_subset(1000, 10, "linspace")
@@ -185,10 +188,15 @@ def test_ddim_inversion_round_trips():
     errors = []
     for steps in (20, 100):
         chain = d.respaced(timestep_subset(1000, steps, "logsnr", d.alphas_cumprod))
-        latent = ddim_invert(chain, model, x0)
+        latent = ddim_invert(chain, model, x0, clip_denoised=False)
         back = ddim_sample_loop(chain, model, tuple(x0.shape), eta=0.0, clip_denoised=False, x_start=latent)
         errors.append((back - x0).pow(2).mean().sqrt().item())
     assert errors[1] < errors[0] / 3 and errors[1] < 0.01
+    # trailing spacing never has t = 0: the first inverting step must start from clean data
+    chain = d.respaced(timestep_subset(1000, 100, "trailing"))
+    latent = ddim_invert(chain, model, x0, clip_denoised=False)
+    back = ddim_sample_loop(chain, model, tuple(x0.shape), eta=0.0, clip_denoised=False, x_start=latent)
+    assert (back - x0).pow(2).mean().sqrt().item() < 0.02  # 0.026 when the data was taken to be at t = 9
     assert latent.mean().item() == pytest.approx(0.0, abs=0.05)
     assert latent.std().item() == pytest.approx(1, rel=0.05)
 
@@ -220,12 +228,12 @@ def test_invert_cli_writes_latents_that_regenerate_the_reconstruction(idx_dir, t
     Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
     assert main(["invert", str(run), "--num", "3", "--steps", "6", "--data-dir", str(idx_dir)]) == 0
     info = json.loads((run / "inversion" / "invert.json").read_text())
-    assert info["num_images"] == 3 and info["steps"] == 6 and info["spacing"] == "logsnr"
+    assert info["num_images"] == 3 and info["steps"] == 6 and info["spacing"] == "linspace"
     latents = torch.from_numpy(np.load(run / "inversion" / "latents.npy"))
     assert latents.shape == (3, 1, 8, 8) and latents.dtype == torch.float32
     # the latents regenerate exactly the reconstruction that the RMSE was measured on
     model, diffusion, _ = load_model(run)
-    chain = sampling_chain(diffusion, "ddim", 6, "logsnr")
+    chain = sampling_chain(diffusion, "ddim", 6, "linspace")
     back = to_uint8(ddim_sample_loop(chain, model, (3, 1, 8, 8), x_start=latents))
     from ddpm.config import DataConfig
     from ddpm.data import load_dataset

@@ -355,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spacing",
         choices=["linspace", "leading", "trailing", "logsnr"],
-        default="logsnr",
-        help="timesteps (default logsnr: the round trip is 2.5x closer than linspace)",
+        default="linspace",
+        help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-ema", action="store_true")

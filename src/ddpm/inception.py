@@ -34,21 +34,22 @@ def _inception_class():
     """torch-fidelity's FeatureExtractorInceptionV3.
 
     torch-fidelity's package ``__init__`` imports torchvision (for its dataset wrappers and the VGG/CLIP
-    extractors), and no torchvision build works with a CPU-only torch wheel. The Inception extractor and
-    the helpers it imports need none of it, so when the normal import fails on torchvision the package
-    is registered without running its ``__init__`` and the one module is imported from it.
+    extractors), and no torchvision matches the CPU torch wheel this project installs here. The
+    Inception extractor and the helpers it imports need none of it, so when the normal import fails on
+    torchvision the package is registered without running its ``__init__`` (its other entry points,
+    such as calculate_metrics, are then unavailable in this process) and the one module is imported.
     """
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ModuleNotFoundError as e:
-        if e.name != "torchvision":
-            raise DataError(
-                "Inception FID needs torch-fidelity: pip install torch-fidelity (or .[eval])"
-            ) from None
-    except RuntimeError:  # torchvision installed but built for another torch
-        pass
-    else:
+
         return FeatureExtractorInceptionV3
+    except ModuleNotFoundError as e:
+        if e.name == "torch_fidelity":
+            raise DataError(
+                "Inception FID needs torch-fidelity: pip install --no-deps torch-fidelity"
+            ) from None
+    except (ImportError, RuntimeError):  # torchvision broken or built for another torch
+        pass
     spec = importlib.util.find_spec("torch_fidelity")
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
@@ -80,11 +81,15 @@ def load_inception(weights: str | Path | None = None, device="cpu") -> torch.nn.
         KeyError,
         ValueError,
         EOFError,
+        TypeError,
+        AttributeError,
         pickle.UnpicklingError,
-    ) as e:  # wrong or corrupt state dict
+    ) as e:
+        # a wrong or corrupt state dict, a whole pickled model, or a damaged download in the hub cache
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        source = weights if weights is not None else f"the downloaded {WEIGHTS_NAME} (torch hub cache)"
         raise DataError(
-            f"{weights} is not an InceptionV3 state dict for torch-fidelity ({first_line})"
+            f"{source} is not an InceptionV3 state dict for torch-fidelity ({first_line})"
         ) from None
     return model.to(device)
 

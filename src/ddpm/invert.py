@@ -24,7 +24,7 @@ def invert_to_dir(
     images: str | Path | None = None,
     num: int = 8,
     steps: int = 100,
-    spacing: str = "logsnr",
+    spacing: str = "linspace",
     batch_size: int = 64,
     use_ema: bool = True,
     device: str = "auto",
@@ -55,7 +55,7 @@ def invert_to_dir(
     latents, recon = [], []
     for start in range(0, len(originals), batch_size):
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)
-        latent = ddim_invert(chain, model, x0)
+        latent = ddim_invert(chain, model, x0, clip_denoised=True)  # as the generating loop below
         back = ddim_sample_loop(chain, model, tuple(x0.shape), 0.0, None, dev, True, x_start=latent)
         latents.append(latent.float().cpu())
         recon.append(to_uint8(back.float().cpu()))

@@ -90,7 +90,8 @@ def speed_options(model: nn.Module, channels_last: bool = False, compile: bool =
 
 
 # The spacing each sampler uses unless told: the paper's samplers stride evenly; DPM-Solver needs its
-# steps spread evenly in log-SNR (with linspace it over- or under-disperses a toy Gaussian by 25-50%).
+# steps spread evenly in log-SNR (with diffusers' linspace timesteps it under-disperses a toy Gaussian
+# by 20-50% at 25-10 steps; logsnr is within 3%).
 DEFAULT_SPACING = {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
 
 
