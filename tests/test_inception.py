@@ -135,6 +135,17 @@ def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_pat
     assert seen["num"] == 50_000
     assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2
     assert seen["num"] == 7
+    assert main(["eval", "fid", str(tmp_path / "run"), "--num", "0"]) == 2
+    assert seen["num"] == 0  # passed on (and refused by sampling), not replaced by the default
+
+
+def test_eval_fid_on_a_missing_source_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))  # must not be picked up
+    assert main(["eval", "fid", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
 
 
 @pytest.mark.parametrize("content", [torch.zeros(3), [1, 2], None])

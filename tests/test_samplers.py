@@ -125,6 +125,22 @@ def test_sample_cli_with_ddim(idx_dir, tmp_path):
     info = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert info["sampler"] == "ddim" and info["eta"] == 0.0 and info["spacing"] == "trailing"
     assert main(["sample", str(run), "--sampler", "ddim", "--eta", "-1", "--out", str(tmp_path / "c")]) == 2
+    argv = [
+        "sample",
+        str(run),
+        "--num",
+        "2",
+        "--steps",
+        "4",
+        "--sampler",
+        "dpm++2m",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    assert main(argv + ["--no-progress"]) == 0
+    info = json.loads((tmp_path / "d" / "samples.json").read_text())
+    assert info["sampler"] == "dpm++2m" and info["spacing"] == "logsnr"  # its default, recorded
+    assert np.load(tmp_path / "d" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
 
 
 @pytest.mark.parametrize(

@@ -208,19 +208,21 @@ def cmd_eval_fid(args) -> int:
     from .metrics import DOMAIN_DATASETS, evaluate_domain, load_samples
 
     source = Path(args.source)
+    if not source.exists():
+        raise DDPMError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
     if source.suffix == ".safetensors" or (source / CHECKPOINT_NAME).is_file():
         # A checkpoint: sample first, with the published sample count by default.
         dataset = args.dataset or Checkpoint(source).config["data"]["dataset"]
-        num = args.num or FID_SAMPLES.get(dataset, 10_000)
+        num = args.num if args.num is not None else FID_SAMPLES.get(dataset, 10_000)
         folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
         _sample(args, source, folder, num)
-    else:
-        folder = source if source.is_dir() else source.parent
+        source = folder
+    folder = source if source.is_dir() else source.parent
     sampling = {}
     if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
         sampling = json.loads((folder / "samples.json").read_text())
     dataset = args.dataset or sampling.get("dataset", "fashion-mnist")
-    samples = load_samples(folder if source.suffix != ".npz" else source)
+    samples = load_samples(source)
     extractor = args.extractor
     if extractor == "auto":
         extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"

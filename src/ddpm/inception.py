@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import pickle
 import sys
 import types
@@ -145,7 +146,7 @@ def reference_statistics(
     subset = features[rng.choice(len(features), min(KID_REFERENCE_SUBSET, len(features)), replace=False)]
     stats = {"mu": mu, "sigma": sigma, "kid_features": subset.astype(np.float32), "num_images": len(images)}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent runs never share a temporary file
     np.savez(tmp, **stats)
     tmp.replace(path)  # whole file or nothing, so a killed run never leaves half a cache entry
     return stats
