@@ -1,14 +1,15 @@
 """Speed and memory of ddpm against diffusers on identical work, in one command.
 
-    .venv/bin/python bench/bench.py            # everything (about 10 minutes on 2 CPU cores)
+    .venv/bin/python bench/bench.py            # everything (about 20 minutes on 2 CPU cores)
     .venv/bin/python bench/bench.py --quick    # fewer timed steps, 100-step ancestral sampling
 
 Both sides use the same network: diffusers' UNet2DModel built from `diffusers_unet_config` (the paper's
 architecture; equal parameter counts are checked), the same batch, loss (eps MSE), optimiser (Adam, grad
 clip 1) and dropout. Timings alternate between the implementations and report the median of repeats.
-Peak memory is measured in a fresh child process per workload (on CPU the peak RSS of building the
-network and running two steps, over the RSS after imports; on CUDA the peak allocated), so one workload's
-freed memory cannot hide another's. Prints markdown tables with ratios
+Peak memory is measured in fresh child processes, the median of three per workload (on CPU the peak RSS
+of building the network and running two steps, over the RSS after imports; on CUDA the peak allocated),
+so one workload's freed memory cannot hide another's. On CPU a profiled breakdown splits a step's time into
+convolutions and everything else, the Amdahl bound on what bf16 can gain. Prints markdown tables with ratios
 (ours / diffusers; > 1 means ours is faster or, for memory, larger) and writes bench/results.json.
 """
 
@@ -191,6 +192,35 @@ def bench_training(device, quick, compile_, results):
         del steps
 
 
+def profiled_split(step, repeats=3) -> dict:
+    """Seconds per step inside convolutions (forward and backward, including oneDNN's layout reorders,
+    which run inside them) and outside them, from torch.profiler's self times on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6 / repeats
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6 / repeats
+    return {"conv_s": conv, "rest_s": total - conv}
+
+
+def bench_breakdown(device, results):
+    """Where a training step's time goes, convolutions vs the rest, for ours fp32/bf16 and diffusers
+    fp32: bf16 only speeds up the convolutions on a CPU, which bounds the bf16 speed-up (Amdahl)."""
+    if device.type != "cpu":
+        return
+    for net_name, (preset_name, cpu_batch, _) in NETS.items():
+        split = {}
+        for impl, precision in (("ours", "fp32"), ("ours", "bf16"), ("diffusers", "fp32")):
+            step = TrainStep(impl, preset_name, cpu_batch, device, precision)
+            step(), step()
+            split[f"{impl} {precision}"] = profiled_split(step)
+            del step
+        results["breakdown"][net_name] = split
+
+
 def bench_sampling(device, quick, results):
     """Per-image sampling time on the fashion-mnist net: ours vs diffusers' pipelines."""
     from diffusers import (
@@ -242,11 +272,20 @@ def run_pipeline(pipe, batch, steps, device, precision):
         pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
 
 
+def _proc_status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def _memory_child(queue, impl, preset_name, batch, device_name, precision):
     """Peak memory of building the network and running two training steps, over the process's
-    footprint after its imports (the same imports for both implementations)."""
-    import resource
+    footprint after its imports (the same imports for both implementations).
 
+    On CPU this is the peak RSS (VmHWM) after resetting it at the baseline. getrusage's ru_maxrss
+    cannot be used: Linux carries it across fork and exec, so a child spawned by a parent that had
+    grown to several GiB (the training section) reports the parent's size and a growth of zero."""
     from diffusers import UNet2DModel  # noqa: F401  (diffusers loads model code lazily: import it on
     # both sides before the baseline, so its ~70 MiB of code is not counted against diffusers)
 
@@ -255,30 +294,35 @@ def _memory_child(queue, impl, preset_name, batch, device_name, precision):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
     step = TrainStep(impl, preset_name, batch, device, precision)
     step(), step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _proc_status_bytes("VmHWM") - base
     queue.put(peak)
 
 
-def bench_memory(device, results):
+def bench_memory(device, results, repeats=3):
+    """Median over `repeats` fresh children per workload: on CPU one child's peak RSS varies by about
+    +-30 MiB with the allocator's timing, as much as the differences being measured."""
     ctx = multiprocessing.get_context("spawn")
     for net_name, (preset_name, cpu_batch, gpu_batch) in NETS.items():
         batch = gpu_batch if device.type == "cuda" else cpu_batch
-        for precision in ("fp32", "bf16"):
-            for impl in ("ours", "diffusers"):
-                queue = ctx.Queue()
-                proc = ctx.Process(
-                    target=_memory_child, args=(queue, impl, preset_name, batch, str(device), precision)
-                )
-                proc.start()
-                peak = queue.get()
-                proc.join()
-                results["memory"].setdefault(net_name, {})[f"{impl} {precision}"] = peak
+        peaks = {}
+        for _ in range(repeats):  # interleaved, like the timings
+            for precision in ("fp32", "bf16"):
+                for impl in ("ours", "diffusers"):
+                    queue = ctx.Queue()
+                    args = (queue, impl, preset_name, batch, str(device), precision)
+                    proc = ctx.Process(target=_memory_child, args=args)
+                    proc.start()
+                    peaks.setdefault(f"{impl} {precision}", []).append(queue.get())
+                    proc.join()
+        results["memory"][net_name] = {k: statistics.median(v) for k, v in peaks.items()}
 
 
 def report(results):
@@ -292,11 +336,12 @@ def report(results):
         f"Matmul peak (2048^3): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s\n"
     )
-    print(
-        "| training step | batch | variant | images/s | vs diffusers, same precision | "
-        "vs diffusers fp32 | FLOP/s (% of the matmul peak of its precision) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    if results["training"]:
+        print(
+            "| training step | batch | variant | images/s | vs diffusers, same precision | "
+            "vs diffusers fp32 | FLOP/s (% of the matmul peak of its precision) |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for net, r in results["training"].items():
         rates = r["images_per_s"]
         for variant, rate in rates.items():
@@ -308,6 +353,23 @@ def report(results):
                 f"| {net} | {r['batch']} | {variant} | {rate:.1f} | {same:.2f}x | "
                 f"{rate / rates['diffusers fp32']:.2f}x | {utilisation if impl == 'ours' else ''} |"
             )
+    if results.get("breakdown"):
+        print(
+            "\n| where a training step's time goes (profiled, ms/step) | convolutions | everything else | "
+            "bf16 vs diffusers fp32 if everything else took no time | everything else allowed for 1.8x |"
+        )
+        print("|---|---|---|---|---|")
+        for net, split in results["breakdown"].items():
+            theirs = split["diffusers fp32"]["conv_s"] + split["diffusers fp32"]["rest_s"]
+            for variant, r in split.items():
+                bound = allowed = ""
+                if variant == "ours bf16":
+                    bound = f"{theirs / r['conv_s']:.2f}x"
+                    allowed = f"{1e3 * max(theirs / 1.8 - r['conv_s'], 0):.0f}"
+                print(
+                    f"| {net}, {variant} | {1e3 * r['conv_s']:.0f} | {1e3 * r['rest_s']:.0f} | {bound} | "
+                    f"{allowed} |"
+                )
     if results["sampling"]:
         print(
             "\n| sampling (fashion-mnist net, batch 16) | ours ms/image | diffusers ms/image | ratio | "
@@ -343,7 +405,9 @@ def main(argv=None):
     p.add_argument(
         "--compile", action="store_true", help="also time ours under torch.compile (slow to build)"
     )
-    p.add_argument("--skip", action="append", default=[], choices=["training", "sampling", "memory"])
+    p.add_argument(
+        "--skip", action="append", default=[], choices=["training", "breakdown", "sampling", "memory"]
+    )
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -351,6 +415,7 @@ def main(argv=None):
         "machine": machine(),
         "command": " ".join(sys.argv),
         "training": {},
+        "breakdown": {},
         "sampling": {},
         "memory": {},
     }
@@ -360,6 +425,8 @@ def main(argv=None):
     }
     if "training" not in args.skip:
         bench_training(device, args.quick, args.compile, results)
+    if "breakdown" not in args.skip:
+        bench_breakdown(device, results)
     if "sampling" not in args.skip:
         bench_sampling(device, args.quick, results)
     if "memory" not in args.skip:
