@@ -309,6 +309,9 @@ def _memory_child(queue, impl, preset_name, batch, device_name, precision):
 def bench_memory(device, results, repeats=3):
     """Median over `repeats` fresh children per workload: on CPU one child's peak RSS varies by about
     +-30 MiB with the allocator's timing, as much as the differences being measured."""
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        print("memory: skipped; peak RSS is read from Linux's /proc/self", file=sys.stderr)
+        return
     ctx = multiprocessing.get_context("spawn")
     for net_name, (preset_name, cpu_batch, gpu_batch) in NETS.items():
         batch = gpu_batch if device.type == "cuda" else cpu_batch
