@@ -30,7 +30,8 @@ import torch
 from ddpm.build import build_diffusion, build_model
 from ddpm.config import preset
 from ddpm.convert import diffusers_unet_config
-from ddpm.sample import autocast_model, generate
+from ddpm.runtime import wrap_network
+from ddpm.sample import generate
 
 NETS = {  # name -> (preset, CPU batch, GPU batch)
     "fashion-mnist preset (1.1M)": ("fashion-mnist", 64, 256),
@@ -118,7 +119,7 @@ class TrainStep:
         self.x0 = (torch.rand(batch, *shape, generator=g) * 2 - 1).to(device, memory_format=memory_format)
         self.noise = torch.randn(self.x0.shape, generator=g).to(device, memory_format=memory_format)
         self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        self.net = autocast_model(self.forward, device.type) if precision == "bf16" else self.forward
+        self.net = wrap_network(self.forward, device, precision)  # the same autocast as training
 
     def __call__(self):
         self.module.train()

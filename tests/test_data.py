@@ -5,7 +5,8 @@ from conftest import write_idx
 from PIL import Image
 
 from ddpm.config import DataConfig
-from ddpm.data import BatchOrder, load_dataset, make_toy, read_idx, to_model_range, to_uint8
+from ddpm.data import BatchOrder, load_dataset, make_toy, read_idx
+from ddpm.images import to_model_range, to_uint8
 from ddpm.errors import DataError
 
 

@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import (
-    GaussianDiffusion,
-    discretized_gaussian_log_likelihood,
-    space_timesteps,
-)
+from ddpm.diffusion import GaussianDiffusion, space_timesteps
 from ddpm.errors import ConfigError
+from ddpm.losses import discretized_gaussian_log_likelihood
+from ddpm.samplers import p_sample
 from ddpm.schedules import make_betas
 
 
@@ -90,8 +88,8 @@ def test_reverse_step_matches_diffusers(var_type, their_var, t_value):
     g = torch.Generator().manual_seed(2)
     x_t = torch.randn(4, 3, 8, 8, generator=g)
     eps = torch.randn(4, 3, 8, 8, generator=g)
-    ours = d.p_sample(
-        lambda x, t: eps, x_t, torch.full((4,), t_value), generator=torch.Generator().manual_seed(3)
+    ours = p_sample(
+        d, lambda x, t: eps, x_t, torch.full((4,), t_value), generator=torch.Generator().manual_seed(3)
     ).sample
     theirs = sched.step(eps, t_value, x_t, generator=torch.Generator().manual_seed(3)).prev_sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -113,7 +113,7 @@ def test_eval_fid_inception_caches_reference_stats(inception_weights, cifar_dir,
 
 
 def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_path, monkeypatch):
-    from ddpm import cli
+    from ddpm import evaluate
     from ddpm.build import build_model
     from ddpm.checkpoint import save_checkpoint
     from ddpm.config import preset
@@ -126,11 +126,11 @@ def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_pat
     save_checkpoint(tmp_path / "run" / "checkpoint.safetensors", cfg.to_dict(), weights)
     seen = {}
 
-    def fake_sample(args, checkpoint, out, num):
+    def fake_sample(checkpoint, out, options, num, progress):
         seen["num"] = num
         raise DataError("stop here")
 
-    monkeypatch.setattr(cli, "_sample", fake_sample)
+    monkeypatch.setattr(evaluate, "sample_to_dir", fake_sample)
     assert main(["eval", "fid", str(tmp_path / "run")]) == 2
     assert seen["num"] == 50_000
     assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2

@@ -236,8 +236,9 @@ def test_invert_cli_writes_latents_that_regenerate_the_reconstruction(idx_dir, t
     from conftest import tiny_config
 
     from ddpm.cli import main
-    from ddpm.data import to_uint8
-    from ddpm.sample import load_model, sampling_chain
+    from ddpm.build import load_model
+    from ddpm.images import to_uint8
+    from ddpm.samplers import sampling_chain
     from ddpm.train import Trainer
 
     run = tmp_path / "run"

@@ -142,7 +142,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_channels_last_trains_the_same_and_samples_the_same(idx_dir, tmp_path):
     """The NHWC layout is a speed option: the same loss curve and network outputs up to float rounding
     (weights are not compared: Adam turns rounding-level gradient differences into lr-sized steps)."""
-    from ddpm.sample import speed_options
+    from ddpm.runtime import wrap_network
 
     trainers = {}
     for name, channels_last in (("nchw", False), ("nhwc", True)):
@@ -155,6 +155,6 @@ def test_channels_last_trains_the_same_and_samples_the_same(idx_dir, tmp_path):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
     with torch.no_grad():
         plain = nchw.eval()(x, t)
-        fast = speed_options(nchw, channels_last=True)(x, t)
+        fast = wrap_network(nchw, channels_last=True)(x, t)
     assert nchw.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

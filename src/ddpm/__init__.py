@@ -7,14 +7,16 @@ model, diffusion, cfg = ddpm.load_model("runs/fm")
 images = ddpm.generate(model, diffusion, num=16, shape=(1, 28, 28), steps=100)
 """
 
-from .build import build_diffusion, build_model
+from .build import build_diffusion, build_model, load_model
 from .checkpoint import Checkpoint
 from .config import Config, preset
-from .data import load_dataset, to_model_range, to_uint8
+from .data import load_dataset
 from .diffusion import GaussianDiffusion, LossType, MeanType, VarType
 from .errors import CheckpointError, ConfigError, DataError, DDPMError
-from .images import save_grid
-from .sample import generate, load_model, sample_to_dir
+from .images import save_grid, to_model_range, to_uint8
+from .runtime import wrap_network
+from .sample import SampleOptions, generate, sample_to_dir
+from .samplers import SAMPLERS, sampling_chain
 from .schedules import make_betas
 from .train import Trainer
 from .unet import UNet
@@ -31,6 +33,8 @@ __all__ = [
     "GaussianDiffusion",
     "LossType",
     "MeanType",
+    "SAMPLERS",
+    "SampleOptions",
     "Trainer",
     "UNet",
     "VarType",
@@ -42,7 +46,9 @@ __all__ = [
     "make_betas",
     "preset",
     "sample_to_dir",
+    "sampling_chain",
     "save_grid",
     "to_model_range",
     "to_uint8",
+    "wrap_network",
 ]

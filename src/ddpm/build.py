@@ -1,11 +1,16 @@
-"""Build the model and the diffusion that a config describes."""
+"""Build the model and the diffusion that a config describes, fresh or from a checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .config import Config, validate
-from .diffusion import GaussianDiffusion, VarType
+from .diffusion import GaussianDiffusion, VarType, parse_option
+from .errors import CheckpointError, ConfigError
 from .mlp import MLPDenoiser
 from .schedules import make_betas
 from .unet import UNet
@@ -20,8 +25,7 @@ def build_diffusion(cfg: Config) -> GaussianDiffusion:
 def build_model(cfg: Config, channels: int) -> nn.Module:
     """The denoiser for data with ``channels`` channels (2 for 2-D points); output channels are
     doubled when the variance is learned."""
-    validate(cfg)
-    learned = build_diffusion(cfg).var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+    learned = parse_option(VarType, cfg.diffusion.var_type, "variance type").learned
     out = channels * (2 if learned else 1)
     m = cfg.model
     if m.kind == "mlp":
@@ -38,3 +42,30 @@ def build_model(cfg: Config, channels: int) -> nn.Module:
         resamp_with_conv=m.resamp_with_conv,
         num_groups=m.num_groups,
     )
+
+
+def load_model(
+    checkpoint: str | Path | Checkpoint,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
+    var_type: str | None = None,
+) -> tuple[nn.Module, GaussianDiffusion, Config]:
+    """Rebuild the model and diffusion from a checkpoint; EMA weights by default.
+
+    ``var_type`` swaps one fixed reverse variance for the other (fixedsmall <-> fixedlarge), e.g. to
+    sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    cfg = Config.from_dict(ckpt.config)
+    if var_type is not None and var_type != cfg.diffusion.var_type:
+        fixed = ("fixedsmall", "fixedlarge")
+        if var_type not in fixed or cfg.diffusion.var_type not in fixed:
+            raise ConfigError(f"only fixedsmall and fixedlarge can replace each other, not {var_type!r}")
+        cfg.diffusion.var_type = var_type
+    validate(cfg)
+    model = build_model(cfg, cfg.data.channels)
+    missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(device).eval(), build_diffusion(cfg), cfg

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from .errors import DDPMError
+from .runtime import PRECISIONS
+from .samplers import SAMPLERS, SPACINGS
 
 # Flags that are shortcuts for config keys.
 SHORTCUTS = {
@@ -23,6 +25,42 @@ SHORTCUTS = {
     "precision": "train.precision",
     "time_limit": "train.time_limit_minutes",
 }
+
+# Flags that several subcommands take, declared once: name -> argparse keywords.
+FLAGS = {
+    "--device": dict(default="auto", help="auto (default), cpu, cuda or cuda:N"),
+    "--precision": dict(
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16 runs the network under autocast: faster, not bit-identical to fp32 (default fp32)",
+    ),
+    "--no-ema": dict(action="store_true", help="use the raw weights instead of the EMA"),
+    "--data-dir": dict(help="where the dataset is (default: as in the run's config)"),
+    "--no-progress": dict(action="store_true", help="no progress bar"),
+    "--var-type": dict(
+        choices=("fixedsmall", "fixedlarge"),
+        help="use this fixed reverse variance instead of the checkpoint's",
+    ),
+    "--spacing": dict(
+        choices=SPACINGS,
+        help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and ddim), "
+        "leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
+    ),
+    "--seed": dict(type=int, default=0),
+    "--batch-size": dict(type=int, default=64),
+}
+
+
+def _add(p: argparse.ArgumentParser, *names: str, **changes) -> None:
+    """Add the shared flags ``names``; ``changes`` (keyed by the flag's dest) adjusts one's keywords."""
+    for name in names:
+        dest = name.lstrip("-").replace("-", "_")
+        p.add_argument(name, **{**FLAGS[name], **changes.get(dest, {})})
+
+
+def _add_checkpoint(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    p.add_argument("--out", help=f"output directory (default RUN_DIR/{default_out})")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -43,49 +81,53 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    # No defaults here: an unset flag leaves the config's value.
+    _add(p, "--device", "--precision", device=dict(default=None), precision=dict(default=None))
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop training after this long")
 
 
-def resolve_config(args: argparse.Namespace, base=None):
-    """Preset -> config file -> shortcut flags -> --set overrides, later ones winning."""
-    from .config import load_file, parse_override, preset, set_value
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How to sample: shared by `sample` and `eval fid CHECKPOINT`."""
+    p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
+    p.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        default="ancestral",
+        help="; ".join(f"{name}: {sampler.summary}" for name, sampler in SAMPLERS.items()),
+    )
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
+    )
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
+    )
+    _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", "--device", "--precision", "--var-type")
+    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
-    if base is not None:
-        if args.preset or args.config:
-            raise DDPMError("--resume uses the run's own config; give overrides with flags or --set only")
-        cfg = base
-    elif args.config:
-        cfg = load_file(args.config, base=preset(args.preset) if args.preset else None)
-    else:
-        cfg = preset(args.preset or "fashion-mnist")
-    for flag, key in SHORTCUTS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(cfg, key, value)
-    for text in args.set:
-        set_value(cfg, *parse_override(text))
-    return cfg
 
+def _sample_options(args, num: int | None = None):
+    from .sample import SampleOptions
 
-def cmd_train(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME, Checkpoint
-    from .config import Config, validate
-    from .train import Trainer
-
-    if args.resume:
-        run_dir = Path(args.resume)
-        base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
-        cfg = resolve_config(args, base)
-    else:
-        cfg = resolve_config(args)
-        run_dir = Path(args.out or f"runs/{cfg.name}")
-    validate(cfg)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    result = trainer.train()
-    print(json.dumps({"run_dir": str(run_dir), **result}))
-    return 0
+    return SampleOptions(
+        num=num if num is not None else 64,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        spacing=args.spacing,
+        clip_denoised=False if args.no_clip else None,  # None: clip images, never points
+        use_ema=not args.no_ema,
+        var_type=args.var_type,
+        device=args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )
 
 
 def _output_dir(args, default_name: str) -> Path:
@@ -96,78 +138,36 @@ def _output_dir(args, default_name: str) -> Path:
     return (source if source.is_dir() else source.parent) / default_name
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """How to sample: shared by `sample` and `eval fid CHECKPOINT`."""
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
-    p.add_argument(
-        "--sampler",
-        choices=["ancestral", "ddim", "dpm++2m"],
-        default="ancestral",
-        help="ancestral: the paper's Algorithm 2 (default); ddim: Song et al. 2021; "
-        "dpm++2m: DPM-Solver++(2M), Lu et al. 2022, good in 10-25 steps",
-    )
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
-    )
-    p.add_argument(
-        "--spacing",
-        choices=["linspace", "leading", "trailing", "logsnr"],
-        help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and ddim), "
-        "leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
-    )
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument(
-        "--no-clip",
-        action="store_true",
-        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="bf16 runs the network under autocast: faster, not bit-identical to fp32",
-    )
-    p.add_argument(
-        "--var-type",
-        choices=["fixedsmall", "fixedlarge"],
-        help="use this fixed reverse variance instead of the checkpoint's",
-    )
-    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
+def _print(**result) -> int:
+    print(json.dumps(result))
+    return 0
 
 
-def _sample(args, checkpoint, out: Path, num: int) -> dict:
-    from .sample import sample_to_dir
+# ---- the commands: parse, call, print one JSON line ----
 
-    return sample_to_dir(
-        checkpoint,
-        out,
-        num=num,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        steps=args.steps,
-        use_ema=not args.no_ema,
-        device=args.device,
-        clip_denoised=False if args.no_clip else None,  # None: clip images, never points
-        progress=not args.no_progress,
-        precision=args.precision,
-        var_type=args.var_type,
-        sampler=args.sampler,
-        eta=args.eta,
-        spacing=args.spacing,
-        channels_last=args.channels_last,
-        compile=args.compile,
-    )
+
+def cmd_train(args) -> int:
+    from .checkpoint import CHECKPOINT_NAME, Checkpoint
+    from .config import Config, resolve_config
+    from .train import Trainer
+
+    values = {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
+    if args.resume:
+        run_dir = Path(args.resume)
+        base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
+        cfg = resolve_config(base, args.preset, args.config, values, args.set)
+    else:
+        cfg = resolve_config(None, args.preset, args.config, values, args.set)
+        run_dir = Path(args.out or f"runs/{cfg.name}")
+    result = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress).train()
+    return _print(run_dir=str(run_dir), **result)
 
 
 def cmd_sample(args) -> int:
+    from .sample import sample_to_dir
+
     out = _output_dir(args, "samples-out")
-    info = _sample(args, args.checkpoint, out, args.num)
-    print(json.dumps({"out_dir": str(out), **info}))
-    return 0
+    return _print(out_dir=str(out), **sample_to_dir(args.checkpoint, out, _sample_options(args, args.num)))
 
 
 def cmd_invert(args) -> int:
@@ -187,77 +187,34 @@ def cmd_invert(args) -> int:
         precision=args.precision,
         data_dir=args.data_dir,
     )
-    print(json.dumps({"out_dir": str(out), **info}))
-    return 0
+    return _print(out_dir=str(out), **info)
 
 
 def cmd_import(args) -> int:
     from .convert import import_diffusers
 
-    path = import_diffusers(args.folder, args.out)
-    print(json.dumps({"checkpoint": str(path)}))
-    return 0
-
-
-# Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
-FID_SAMPLES = {"cifar10": 50_000}
+    return _print(checkpoint=str(import_diffusers(args.folder, args.out)))
 
 
 def cmd_eval_fid(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text
-    from .metrics import DOMAIN_DATASETS, evaluate_domain, load_samples
+    from .evaluate import evaluate_fid
 
-    source = Path(args.source)
-    if not source.exists():
-        raise DDPMError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
-    if source.suffix == ".safetensors" or (source / CHECKPOINT_NAME).is_file():
-        # A checkpoint: sample first, with the published sample count by default.
-        dataset = args.dataset or Checkpoint(source).config["data"]["dataset"]
-        num = args.num if args.num is not None else FID_SAMPLES.get(dataset, 10_000)
-        folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
-        _sample(args, source, folder, num)
-        source = folder
-    folder = source if source.is_dir() else source.parent
-    sampling = {}
-    if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
-        sampling = json.loads((folder / "samples.json").read_text())
-    dataset = args.dataset or sampling.get("dataset", "fashion-mnist")
-    samples = load_samples(source)
-    extractor = args.extractor
-    if extractor == "auto":
-        extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"
-    progress = not args.no_progress
-    if extractor == "domain":
-        result = evaluate_domain(samples, dataset, args.split, args.data_dir, args.cache_dir, progress)
-    else:
-        from .inception import evaluate_inception
-        from .train import resolve_device
-
-        device = resolve_device(getattr(args, "device", "auto"))
-        result = evaluate_inception(
-            samples,
-            dataset,
-            args.split,
-            args.data_dir,
-            args.inception_weights,
-            args.cache_dir,
-            device,
-            progress,
-        )
-    result = {"metric": "fid", "samples": str(folder), **result}
-    recommended = FID_SAMPLES.get(dataset)
-    if recommended and len(samples) < recommended:
-        result["warning"] = (
-            f"{len(samples)} samples; published {dataset} FIDs use {recommended} (FID is biased upward "
-            "at smaller counts, so the numbers are not comparable)"
-        )
+    path, result = evaluate_fid(
+        args.source,
+        dataset=args.dataset,
+        split=args.split,
+        extractor=args.extractor,
+        num=args.num,
+        sampling=_sample_options(args),
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        inception_weights=args.inception_weights,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    if "warning" in result:
         print(f"ddpm: warning: {result['warning']}", file=sys.stderr)
-    if sampling:
-        result["sampling"] = sampling
-    out = Path(args.out) if args.out else folder / f"fid-{result['extractor']}-{args.split}.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"out": str(out), **{k: v for k, v in result.items() if k != "sampling"}}))
-    return 0
+    return _print(out=str(path), **{k: v for k, v in result.items() if k != "sampling"})
 
 
 def cmd_eval_nll(args) -> int:
@@ -280,8 +237,7 @@ def cmd_eval_nll(args) -> int:
         progress=not args.no_progress,
         var_type=args.var_type,
     )
-    print(json.dumps({"out_dir": str(out), **summary}))
-    return 0
+    return _print(out_dir=str(out), **summary)
 
 
 def cmd_train_classifier(args) -> int:
@@ -292,8 +248,7 @@ def cmd_train_classifier(args) -> int:
     )
     path = classifier_path(args.dataset, args.image_size, args.cache_dir)
     save_classifier(model, info, path)
-    print(json.dumps({"classifier": str(path), **info}))
-    return 0
+    return _print(classifier=str(path), **info)
 
 
 def cmd_figures(args) -> int:
@@ -310,9 +265,9 @@ def cmd_figures(args) -> int:
         use_ema=not args.no_ema,
         device=args.device,
         data_dir=args.data_dir,
+        precision=args.precision,
     )
-    print(json.dumps({"out_dir": str(out), **info}))
-    return 0
+    return _print(out_dir=str(out), **info)
 
 
 def cmd_presets(args) -> int:
@@ -326,7 +281,11 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(json.dumps(resolve_config(args).to_dict(), indent=2))
+    from .config import resolve_config
+
+    values = {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
+    cfg = resolve_config(None, args.preset, args.config, values, args.set)
+    print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
 
@@ -338,34 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", help="run directory (default runs/PRESET)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add(p, "--no-progress")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
-    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    _add_checkpoint(p, "samples-out")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     _add_sampling_flags(p)
-    p.add_argument("--out", help="output directory (default RUN_DIR/samples-out)")
-    p.add_argument("--no-progress", action="store_true")
+    _add(p, "--no-progress")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
-    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    _add_checkpoint(p, "inversion")
     p.add_argument("--images", help="samples.npz (or its folder) to invert (default: the run's test split)")
     p.add_argument("--num", type=int, default=8, help="how many images (default 8)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps each way (default 100)")
-    p.add_argument(
-        "--spacing",
-        choices=["linspace", "leading", "trailing", "logsnr"],
+    spacing = dict(
         default="linspace",
         help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
-    p.add_argument("--out", help="output directory (default RUN_DIR/inversion)")
+    _add(p, "--spacing", "--batch-size", "--no-ema", "--device", "--precision", "--data-dir", spacing=spacing)
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
@@ -399,7 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: download)",
     )
-    e.add_argument("--data-dir", help="where the reference dataset is (default: the usual place)")
     e.add_argument(
         "--cache-dir",
         help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)",
@@ -411,14 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_flags(e)
     e.add_argument("--out", help="result JSON (default: next to the samples)")
-    e.add_argument("--no-progress", action="store_true")
+    _add(e, "--data-dir", "--no-progress", data_dir=dict(help="where the reference dataset is"))
     e.set_defaults(func=cmd_eval_fid)
 
     e = eval_sub.add_parser("nll", help="the NLL bound in bits/dim, per-t terms and rate/distortion")
-    e.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    _add_checkpoint(e, "nll-SPLIT")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--num", type=int, help="evaluate the first N images (default: the whole split)")
-    e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--no-clip", action="store_true", help="do not clip x0 in the model mean (default: clip)")
     e.add_argument(
         "--estimate-steps",
@@ -426,31 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="ESTIMATE from K evenly spaced timesteps instead of all T (labelled as such)",
     )
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-ema", action="store_true")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    e.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
-    e.add_argument(
-        "--var-type",
-        choices=["fixedsmall", "fixedlarge"],
-        help="use this fixed reverse variance instead of the checkpoint's",
+    nll_batch = dict(default=100)
+    _add(
+        e, "--batch-size", "--seed", "--no-ema", "--device", "--precision", "--data-dir", batch_size=nll_batch
     )
-    e.add_argument("--out", help="output directory (default RUN_DIR/nll-SPLIT)")
-    e.add_argument("--no-progress", action="store_true")
+    _add(e, "--var-type", "--no-progress")
     e.set_defaults(func=cmd_eval_nll)
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--cache-dir")
-    p.add_argument("--no-progress", action="store_true")
+    _add(p, "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("figures", help="the paper's figures: forward process, progressive generation, ...")
-    p.add_argument("checkpoint", help="a run directory or a checkpoint.safetensors file")
+    _add_checkpoint(p, "figures")
     p.add_argument(
         "--figure",
         action="append",
@@ -458,11 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--frames", type=int, default=10, help="columns along the chain (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", help="where the dataset is (default: as in the run's config)")
-    p.add_argument("--out", help="output directory (default RUN_DIR/figures)")
+    _add(p, "--seed", "--no-ema", "--device", "--precision", "--data-dir")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -16,6 +16,7 @@ else:
     import tomli as tomllib
 
 from .errors import ConfigError
+from .runtime import check_precision
 
 
 @dataclass
@@ -284,6 +285,32 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def resolve_config(
+    base: Config | None = None,
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    values: dict[str, object] | None = None,
+    overrides: list[str] = (),
+) -> Config:
+    """Preset -> config file -> ``values`` ({"train.lr": 1e-4, ...}; None values are skipped) ->
+    ``section.field=value`` overrides, later ones winning. ``base``, a run's own config (for resuming),
+    replaces the first two: a resumed run cannot take another preset or file."""
+    if base is not None:
+        if preset_name or config_file:
+            raise ConfigError("--resume uses the run's own config; give overrides with flags or --set only")
+        cfg = base
+    elif config_file:
+        cfg = load_file(config_file, base=preset(preset_name) if preset_name else None)
+    else:
+        cfg = preset(preset_name or "fashion-mnist")
+    for key, value in (values or {}).items():
+        if value is not None:
+            set_value(cfg, key, value)
+    for text in overrides:
+        set_value(cfg, *parse_override(text))
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Check values that would otherwise fail deep inside training with an unclear message."""
     d, m, t, data = cfg.diffusion, cfg.model, cfg.train, cfg.data
@@ -304,8 +331,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
+    check_precision(t.precision, "train.precision")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:
         raise ConfigError(f"train.sample_steps must be in 1..{d.num_timesteps}")
     if m.kind not in ("unet", "mlp"):

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_checkpoint
+from .build import build_model
+from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError
+from .files import write_json
 
 _RESNET = {"time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut"}
 _ATTENTION = {
@@ -195,8 +197,6 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
 
 def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
     """Convert a diffusers DDPM folder into a run directory that `ddpm sample` reads."""
-    from .build import build_model
-
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists():
         raise CheckpointError(f"{run_dir} already holds a checkpoint; choose another --out")
@@ -221,7 +221,7 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
         # Published weights are already the EMA weights: stored once, marked as such.
         train_state={"step": 0, "imported_from": str(Path(folder).resolve()), "model_is_ema": True},
     )
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "config.json", cfg.to_dict())
     return run_dir / CHECKPOINT_NAME
 
 

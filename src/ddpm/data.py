@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 from .errors import DataError
+from .rng import SEED_BATCH_ORDER, generator
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE = Path.home() / ".cache" / "ddpm"
@@ -41,16 +42,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.data.shape[0]
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 in 0..255 -> float in [-1, 1] (x / 127.5 - 1, as the original code)."""
-    return images_uint8.float() / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 0..255, rounding to the nearest level (the quantisation used for evaluation)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ---- IDX files (MNIST / Fashion-MNIST) ----
@@ -224,7 +215,7 @@ def make_toy(name: str, n: int, seed: int) -> torch.Tensor:
 # ---- entry point ----
 
 
-def _match(images: torch.Tensor, size: int, channels: int | None) -> torch.Tensor:
+def match_images(images: torch.Tensor, size: int, channels: int | None) -> torch.Tensor:
     """Resize (antialiased) and convert channels of a uint8 image tensor."""
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
@@ -255,17 +246,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(images) == 0:
         raise DataError(f"dataset {name} is empty")
-    return Dataset(_match(images, cfg.image_size, cfg.channels), name)
-
-
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (e.g. seed, purpose, step), with no collisions between purposes
-    or between nearby seeds, unlike seed + step arithmetic."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-# Purposes for derived_seed, so that no two random streams share a seed.
-SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING = 1, 2, 3, 4
+    return Dataset(match_images(images, cfg.image_size, cfg.channels), name)
 
 
 class BatchOrder:
@@ -280,7 +261,7 @@ class BatchOrder:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, SEED_BATCH_ORDER, epoch))
+            g = generator(self.seed, SEED_BATCH_ORDER, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm
 

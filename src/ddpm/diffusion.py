@@ -7,20 +7,26 @@ Conventions (see shared/PAPER.md):
 
 The model is any callable ``model(x_t, t) -> output``; it is always called with timesteps of the
 original (un-respaced) chain, so a model trained on T steps can be sampled on a strided subset.
+The samplers that walk the reverse chain (Algorithm 2 among them) are in :mod:`ddpm.samplers`.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .rng import randn_like
+
+if TYPE_CHECKING:
+    from .samplers import SampleStep
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,6 +48,11 @@ class VarType(str, enum.Enum):
     LEARNED = "learned"  # extra output channels are the log variance (the paper's Table 2)
     LEARNED_RANGE = "learned_range"  # Improved DDPM: interpolate log beta and log beta-tilde
 
+    @property
+    def learned(self) -> bool:
+        """Whether the network outputs the variance (as extra channels)."""
+        return self in (VarType.LEARNED, VarType.LEARNED_RANGE)
+
 
 class LossType(str, enum.Enum):
     SIMPLE = "mse"  # L_simple: MSE on the prediction target (Algorithm 1)
@@ -49,48 +60,13 @@ class LossType(str, enum.Enum):
     HYBRID = "hybrid"  # Improved DDPM: L_simple + lambda * L_vlb, the vlb term with the mean detached
 
 
-def _parse(enum_type: type[enum.Enum], value: object, what: str) -> enum.Enum:
+def parse_option(enum_type: type[enum.Enum], value: object, what: str) -> enum.Enum:
+    """``value`` as a member of ``enum_type``, or a ConfigError listing the choices."""
     try:
         return enum_type(value)
     except ValueError:
         choices = ", ".join(e.value for e in enum_type)
         raise ConfigError(f"unknown {what} {value!r}; choose one of {choices}") from None
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of Phi used by the original code."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
-    """log p(x) of data x in [-1, 1] quantised to 256 bins of width 2/255 (the decoder L_0), in nats.
-
-    The edge bins are open: the lowest takes all mass below -1 + 1/255, the highest all above 1 - 1/255.
-    """
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
-    )
 
 
 def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
@@ -113,15 +89,6 @@ class PMeanVar:
     pred_x0: torch.Tensor
 
 
-@dataclass
-class SampleStep:
-    """One step of the reverse chain: the timestep just taken, the new sample and the x0 prediction."""
-
-    t: int
-    sample: torch.Tensor
-    pred_x0: torch.Tensor
-
-
 class GaussianDiffusion:
     """Forward and reverse processes for one beta schedule.
 
@@ -138,10 +105,10 @@ class GaussianDiffusion:
         hybrid_lambda: float = 0.001,
         timestep_map: np.ndarray | None = None,
     ):
-        self.mean_type = _parse(MeanType, mean_type, "mean type")
-        self.var_type = _parse(VarType, var_type, "variance type")
-        self.loss_type = _parse(LossType, loss_type, "loss type")
-        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        self.mean_type = parse_option(MeanType, mean_type, "mean type")
+        self.var_type = parse_option(VarType, var_type, "variance type")
+        self.loss_type = parse_option(LossType, loss_type, "loss type")
+        learned = self.var_type.learned
         if learned and self.loss_type == LossType.SIMPLE:
             raise ConfigError("a learned variance gets no gradient from L_simple; use loss 'kl' or 'hybrid'")
         if not learned and self.loss_type == LossType.HYBRID:
@@ -194,8 +161,9 @@ class GaussianDiffusion:
     def alphas_cumprod(self) -> np.ndarray:
         return self.np["alphas_cumprod"]
 
-    def _get(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Coefficient `name` at timesteps t (shape [B]), shaped [B, 1, ...] to broadcast over x."""
+    def coef(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Schedule coefficient ``name`` (a key of ``self.np``, e.g. "alphas_cumprod") at timesteps t
+        (shape [B]), as float32 shaped [B, 1, ...] to broadcast over an x with ``ndim`` dimensions."""
         values = self._coef[name]
         if values.device != t.device:
             values = self._coef[name] = values.to(t.device)
@@ -227,54 +195,54 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log variance of q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
-        mean = self._get("sqrt_alphas_cumprod", t, x0.ndim) * x0
-        variance = self._get("one_minus_alphas_cumprod", t, x0.ndim)
-        return mean, variance, self._get("log_one_minus_alphas_cumprod", t, x0.ndim)
+        mean = self.coef("sqrt_alphas_cumprod", t, x0.ndim) * x0
+        variance = self.coef("one_minus_alphas_cumprod", t, x0.ndim)
+        return mean, variance, self.coef("log_one_minus_alphas_cumprod", t, x0.ndim)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Eq. 4)."""
         return (
-            self._get("sqrt_alphas_cumprod", t, x0.ndim) * x0
-            + self._get("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise
+            self.coef("sqrt_alphas_cumprod", t, x0.ndim) * x0
+            + self.coef("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise
         )
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7)."""
         mean = (
-            self._get("posterior_mean_coef1", t, x_t.ndim) * x0
-            + self._get("posterior_mean_coef2", t, x_t.ndim) * x_t
+            self.coef("posterior_mean_coef1", t, x_t.ndim) * x0
+            + self.coef("posterior_mean_coef2", t, x_t.ndim) * x_t
         )
-        variance = self._get("posterior_variance", t, x_t.ndim)
-        return mean, variance, self._get("posterior_log_variance_clipped", t, x_t.ndim)
+        variance = self.coef("posterior_variance", t, x_t.ndim)
+        return mean, variance, self.coef("posterior_log_variance_clipped", t, x_t.ndim)
 
     # ---- conversions between parameterisations ----
 
     def pred_x0_from_eps(self, x_t, t, eps):
         return (
-            self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
-            - self._get("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
+            self.coef("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
+            - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
         )
 
     def pred_eps_from_x0(self, x_t, t, pred_x0):
-        return (self._get("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_x0) / self._get(
+        return (self.coef("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_x0) / self.coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t.ndim
         )
 
     def pred_x0_from_xprev(self, x_t, t, xprev):
-        coef1 = self._get("posterior_mean_coef1", t, x_t.ndim)
-        coef2 = self._get("posterior_mean_coef2", t, x_t.ndim)
+        coef1 = self.coef("posterior_mean_coef1", t, x_t.ndim)
+        coef2 = self.coef("posterior_mean_coef2", t, x_t.ndim)
         return (xprev - coef2 * x_t) / coef1
 
     def pred_x0_from_v(self, x_t, t, v):
         return (
-            self._get("sqrt_alphas_cumprod", t, x_t.ndim) * x_t
-            - self._get("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * v
+            self.coef("sqrt_alphas_cumprod", t, x_t.ndim) * x_t
+            - self.coef("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * v
         )
 
     def v_target(self, x0, t, noise):
         return (
-            self._get("sqrt_alphas_cumprod", t, x0.ndim) * noise
-            - self._get("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+            self.coef("sqrt_alphas_cumprod", t, x0.ndim) * noise
+            - self.coef("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
         )
 
     # ---- reverse process p ----
@@ -293,7 +261,7 @@ class GaussianDiffusion:
         ``clip_denoised`` clips the implied x0 to [-1, 1] before forming the posterior mean.
         """
         C = x_t.shape[1]
-        if self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+        if self.var_type.learned:
             if model_output.shape[1] != 2 * C:
                 raise ValueError(
                     f"learned variance needs {2 * C} output channels, got {model_output.shape[1]}"
@@ -302,8 +270,8 @@ class GaussianDiffusion:
             if self.var_type == VarType.LEARNED:
                 log_variance = var_values
             else:
-                min_log = self._get("posterior_log_variance_clipped", t, x_t.ndim)
-                max_log = torch.log(self._get("betas", t, x_t.ndim))
+                min_log = self.coef("posterior_log_variance_clipped", t, x_t.ndim)
+                max_log = torch.log(self.coef("betas", t, x_t.ndim))
                 frac = (var_values + 1) / 2  # the network output in [-1, 1] -> [0, 1]
                 log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
@@ -312,8 +280,8 @@ class GaussianDiffusion:
                 names = ("posterior_variance", "posterior_log_variance_clipped")
             else:
                 names = ("fixed_large_variance", "fixed_large_log_variance")
-            variance = self._get(names[0], t, x_t.ndim).expand_as(x_t)
-            log_variance = self._get(names[1], t, x_t.ndim).expand_as(x_t)
+            variance = self.coef(names[0], t, x_t.ndim).expand_as(x_t)
+            log_variance = self.coef(names[1], t, x_t.ndim).expand_as(x_t)
 
         def maybe_clip(x):
             return x.clamp(-1, 1) if clip_denoised else x
@@ -332,55 +300,26 @@ class GaussianDiffusion:
             mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return PMeanVar(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
 
-    def p_sample(
-        self,
-        model: Model,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        generator: torch.Generator | None = None,
-        shared_noise: bool = False,
-    ) -> SampleStep:
-        """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0.
-        ``shared_noise`` uses the same z for every example of the batch (for interpolations)."""
-        out = self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
-        noise = randn_like(x_t[:1], generator).expand_as(x_t) if shared_noise else randn_like(x_t, generator)
-        nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
-        sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
-        return SampleStep(t=int(t[0]), sample=sample, pred_x0=out.pred_x0)
+    def predict(
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> PMeanVar:
+        """Call the network on x_t at timesteps t of this chain and form p_theta(x_{t-1} | x_t)."""
+        return self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
+
+    # The ancestral sampler (Algorithm 2) lives in ddpm.samplers; these are aliases of its loops, for
+    # the names the README documented (``diffusion.respaced(50).p_sample_loop_progressive(...)``).
 
     def p_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...],
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        clip_denoised: bool = True,
-        x_start: torch.Tensor | None = None,
-        t_start: int | None = None,
-        progress: bool = False,
-        shared_noise: bool = False,
+        self, model: Model, shape: tuple[int, ...], **kwargs
     ) -> Iterator[SampleStep]:
-        """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
-        x = randn(shape, generator, device) if x_start is None else x_start.to(device)
-        first = self.num_timesteps - 1 if t_start is None else t_start
-        steps = range(first, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
+        from .samplers import ancestral_progressive
 
-            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-        for i in steps:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            step = self.p_sample(model, x, t, clip_denoised, generator, shared_noise)
-            x = step.sample
-            yield step
+        return ancestral_progressive(self, model, shape, **kwargs)
 
-    @torch.inference_mode()
     def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
-        """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped)."""
-        # Keep only the last step; intermediate samples are dropped as they are produced.
-        (last,) = collections.deque(self.p_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
-        return last.sample
+        from .samplers import ancestral_sample_loop
+
+        return ancestral_sample_loop(self, model, shape, **kwargs)
 
     # ---- losses and the variational bound ----
 
@@ -462,8 +401,7 @@ class GaussianDiffusion:
             return terms
 
         C = x0.shape[1]
-        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
-        prediction = model_output[:, :C] if learned else model_output
+        prediction = model_output[:, :C] if self.var_type.learned else model_output
         if self.mean_type == MeanType.EPSILON:
             target = noise
         elif self.mean_type == MeanType.START_X:
@@ -495,13 +433,3 @@ def kl_weights(kept: list[int], T: int) -> torch.Tensor:
         nearest = np.abs(all_t[:, None] - kl_kept[None, :]).argmin(1)
         weights[1:] = torch.from_numpy(np.bincount(nearest, minlength=len(kl_kept))).float()
     return weights
-
-
-def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return randn(x.shape, generator, x.device).to(x.dtype)

@@ -3,26 +3,28 @@ latents (Fig. 7), interpolation (Fig. 8) and an animated denoising chain. Every 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write, atomic_write_text
+from .build import load_model
 from .config import DataConfig
-from .data import SEED_SAMPLING, derived_seed, load_dataset, to_model_range, to_uint8
-from .diffusion import GaussianDiffusion, randn
+from .data import load_dataset
+from .diffusion import GaussianDiffusion
 from .errors import ConfigError
-from .images import make_grid
-from .sample import load_model, resolve_device
+from .files import atomic_write, write_json
+from .images import make_grid, to_model_range, to_uint8
+from .rng import randn, sampling_generator
+from .runtime import resolve_device, wrap_network
+from .samplers import ancestral_progressive, ancestral_sample_loop
 
 FIGURES = ("forward", "progressive", "shared", "interpolate", "gif")
 
 
 def _generator(seed: int, figure: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(seed, SEED_SAMPLING, 1_000 + figure))
+    return sampling_generator(seed, 1_000 + figure)  # streams of their own, apart from sample batches
 
 
 def _times(T: int, count: int) -> list[int]:
@@ -57,7 +59,7 @@ def progressive(
     """Figure 6: x_t (top) and the predicted x0 (bottom) at ``frames`` times along one reverse chain."""
     keep = set(_times(diffusion.num_timesteps, frames))
     xs, x0s = [], []
-    for step in diffusion.p_sample_loop_progressive(model, (n, *shape), generator=g, device=device):
+    for step in ancestral_progressive(diffusion, model, (n, *shape), generator=g, device=device):
         if step.t in keep:
             xs.append(step.sample.cpu())
             x0s.append(step.pred_x0.cpu())
@@ -76,8 +78,8 @@ def shared_latents(
     for t in times:
         x_t = diffusion.q_sample(x0[None], torch.tensor([t]), randn(x0[None].shape, g, "cpu"))
         start = x_t.expand(n, *x0.shape).to(device)
-        done = diffusion.p_sample_loop(
-            model, (n, *x0.shape), generator=g, device=device, x_start=start, t_start=t
+        done = ancestral_sample_loop(
+            diffusion, model, (n, *x0.shape), generator=g, device=device, x_start=start, t_start=t
         )
         rows.append(torch.cat([x0[None], done.cpu()]))
     return rows
@@ -96,8 +98,15 @@ def interpolate(
         za, zb = diffusion.q_sample(xa[None], tt, noise), diffusion.q_sample(xb[None], tt, noise)
         mixed = torch.cat([(1 - lam) * za + lam * zb for lam in lambdas]).to(device)
         # The same reverse noise for every lambda, so the row changes only through the latent.
-        done = diffusion.p_sample_loop(
-            model, tuple(mixed.shape), generator=g, device=device, x_start=mixed, t_start=t, shared_noise=True
+        done = ancestral_sample_loop(
+            diffusion,
+            model,
+            tuple(mixed.shape),
+            generator=g,
+            device=device,
+            x_start=mixed,
+            t_start=t,
+            shared_noise=True,
         )
         rows.append(torch.cat([xa[None], done.cpu(), xb[None]]))
     return rows
@@ -109,7 +118,7 @@ def denoising_gif(
 ) -> None:
     keep = set(_times(diffusion.num_timesteps, frames))
     images = []
-    for step in diffusion.p_sample_loop_progressive(model, (n, *shape), generator=g, device=device):
+    for step in ancestral_progressive(diffusion, model, (n, *shape), generator=g, device=device):
         if step.t in keep:
             grid = make_grid(to_uint8(step.sample.cpu()), padding=1)
             images.append(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid))
@@ -130,8 +139,10 @@ def make_figures(
     use_ema: bool = True,
     device: str = "auto",
     data_dir: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
-    """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json."""
+    """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
+    ``precision="bf16"`` runs the network under bf16 autocast (see ``ddpm.runtime.wrap_network``)."""
     which = list(FIGURES) if not which else which
     unknown = set(which) - set(FIGURES)
     if unknown:
@@ -140,6 +151,7 @@ def make_figures(
         raise ConfigError("--num and --frames must be at least 2")
     dev = resolve_device(device)
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
+    model = wrap_network(model, dev, precision)
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -182,6 +194,13 @@ def make_figures(
             model, diffusion, num, shape, max(frames, 20), _generator(seed, 5), dev, out / "denoising.gif"
         )
         written["gif"] = {"file": "denoising.gif"}
-    info = {"checkpoint": str(checkpoint), "seed": seed, "weights": "ema" if use_ema else "model", **written}
-    atomic_write_text(out / "figures.json", json.dumps(info, indent=2) + "\n")
+    weights = "ema" if use_ema else "model"
+    info = {
+        "checkpoint": str(checkpoint),
+        "seed": seed,
+        "weights": weights,
+        "precision": precision,
+        **written,
+    }
+    write_json(out / "figures.json", info)
     return info

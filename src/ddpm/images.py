@@ -1,4 +1,5 @@
-"""Writing samples: image grids, single PNGs, the uint8 .npz that FID tools read, 2-D scatter plots."""
+"""Images as the package hands them around: conversion between uint8 pixels and the model's [-1, 1],
+and writing / reading samples (grids, single PNGs, the uint8 .npz that FID tools read, 2-D plots)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write
+from .errors import DataError
+from .files import atomic_write
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 in 0..255 -> float in [-1, 1] (x / 127.5 - 1, as the original code)."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 0..255, rounding to the nearest level (the quantisation used for evaluation)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_hwc_uint8(images_uint8: torch.Tensor) -> np.ndarray:
@@ -55,6 +67,26 @@ def save_npz(images_uint8: torch.Tensor, path: str | Path) -> None:
             np.savez(f, arr_0=array)
 
     atomic_write(Path(path), write)
+
+
+def load_samples(path: str | Path) -> torch.Tensor:
+    """uint8 samples [N, C, H, W] from a `.npz` (arr_0 of N,H,W,C, as `ddpm sample` writes) or a folder
+    holding samples.npz."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "samples.npz"
+    if not path.is_file():
+        raise DataError(f"no samples at {path}; give a samples.npz written by `ddpm sample`")
+    try:
+        with np.load(path) as npz:
+            array = npz["arr_0"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot read samples from {path} ({e})") from None
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise DataError(
+            f"{path}: expected uint8 arr_0 of shape (N, H, W, C), got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def plot_points(points: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> None:

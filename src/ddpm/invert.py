@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .build import load_model
 from .config import DataConfig
-from .data import load_dataset, to_model_range, to_uint8
+from .data import load_dataset
 from .errors import ConfigError, DataError
-from .images import save_grid
-from .metrics import load_samples
-from .sample import autocast_model, load_model, resolve_device, sampling_chain
-from .samplers import ddim_invert, ddim_sample_loop
+from .files import write_json
+from .images import load_samples, save_grid, to_model_range, to_uint8
+from .runtime import resolve_device, wrap_network
+from .samplers import ddim_invert, ddim_sample_loop, sampling_chain
 
 
 def invert_to_dir(
@@ -50,13 +49,14 @@ def invert_to_dir(
     if tuple(originals.shape[1:]) != expected:
         raise DataError(f"images have shape {tuple(originals.shape[1:])}; the model takes {expected}")
     chain = sampling_chain(diffusion, "ddim", steps, spacing)
-    if precision == "bf16":
-        model = autocast_model(model, dev.type)
+    network = wrap_network(model, dev, precision)
     latents, recon = [], []
     for start in range(0, len(originals), batch_size):
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)
-        latent = ddim_invert(chain, model, x0, clip_denoised=True)  # as the generating loop below
-        back = ddim_sample_loop(chain, model, tuple(x0.shape), 0.0, None, dev, True, x_start=latent)
+        latent = ddim_invert(chain, network, x0, clip_denoised=True)  # as the generating loop below
+        back = ddim_sample_loop(
+            chain, network, tuple(x0.shape), device=dev, clip_denoised=True, x_start=latent
+        )
         latents.append(latent.float().cpu())
         recon.append(to_uint8(back.float().cpu()))
     latents, recon = torch.cat(latents), torch.cat(recon)
@@ -76,5 +76,5 @@ def invert_to_dir(
         "latent_mean": round(latents.mean().item(), 4),
         "latent_std": round(latents.std().item(), 4),
     }
-    atomic_write_text(out / "invert.json", json.dumps(info, indent=2) + "\n")
+    write_json(out / "invert.json", info)
     return info

@@ -9,18 +9,21 @@ the KL terms received so far, and the distortion is the RMSE of the x0 predicted
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, atomic_write, atomic_write_text
+from .build import load_model
+from .checkpoint import Checkpoint
 from .config import DataConfig
-from .data import SEED_SAMPLING, derived_seed, load_dataset, to_model_range
+from .data import load_dataset
 from .errors import ConfigError
-from .sample import autocast_model, load_model, resolve_device
+from .files import atomic_write, write_json
+from .images import to_model_range
+from .rng import sampling_generator
+from .runtime import resolve_device, wrap_network
 
 
 def evaluate_nll(
@@ -58,7 +61,7 @@ def evaluate_nll(
             raise ConfigError(f"--estimate-steps must be in 2..{T}")
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
-    net = autocast_model(model, dev.type) if precision == "bf16" else model
+    net = wrap_network(model, dev, precision)
 
     totals, priors, vb_sum, mse_sum, kept, weights = [], [], None, None, None, None
     batches = range(math.ceil(len(images) / batch_size))
@@ -69,7 +72,7 @@ def evaluate_nll(
     start = time.time()
     for b in batches:
         x0 = to_model_range(images[b * batch_size : (b + 1) * batch_size]).to(dev)
-        g = torch.Generator().manual_seed(derived_seed(seed, SEED_SAMPLING, b))
+        g = sampling_generator(seed, b)
         out = diffusion.calc_bpd_loop(net, x0, clip_denoised, g, timesteps)
         totals.append(out["total_bpd"].cpu())
         priors.append(out["prior_bpd"].cpu())
@@ -123,7 +126,7 @@ def evaluate_nll(
 
 def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "nll.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "nll.json", summary)
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write
 from .config import DataConfig
-from .data import CACHE, BatchOrder, load_dataset, to_model_range
+from .data import CACHE, BatchOrder, load_dataset, load_idx_dataset, match_images
 from .errors import DataError
+from .files import atomic_write
+from .images import to_model_range
 
 CLASSIFIER_VERSION = 1
 
@@ -115,11 +116,9 @@ DOMAIN_DATASETS = ("fashion-mnist", "mnist")
 
 
 def _labelled_images(dataset: str, root: str | None, split: str, image_size: int):
-    from .data import _match, load_idx_dataset
-
     if dataset not in DOMAIN_DATASETS:
         raise DataError(f"a domain classifier exists for {', '.join(DOMAIN_DATASETS)}, not {dataset!r}")
-    images = _match(load_idx_dataset(dataset, root, split), image_size, None)
+    images = match_images(load_idx_dataset(dataset, root, split), image_size, None)
     labels = load_idx_dataset(dataset, root, split, kind="labels")
     if len(images) != len(labels):
         raise DataError(f"{dataset} {split}: {len(images)} images but {len(labels)} labels")
@@ -224,26 +223,6 @@ def domain_classifier(
     model, info = train_classifier(dataset, root, image_size, progress=progress)
     save_classifier(model, info, path)
     return model, info
-
-
-def load_samples(path: str | Path) -> torch.Tensor:
-    """uint8 samples [N, C, H, W] from a `.npz` (arr_0 of N,H,W,C, as `ddpm sample` writes) or a folder
-    holding samples.npz."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "samples.npz"
-    if not path.is_file():
-        raise DataError(f"no samples at {path}; give a samples.npz written by `ddpm sample`")
-    try:
-        with np.load(path) as npz:
-            array = npz["arr_0"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"cannot read samples from {path} ({e})") from None
-    if array.dtype != np.uint8 or array.ndim != 4:
-        raise DataError(
-            f"{path}: expected uint8 arr_0 of shape (N, H, W, C), got {array.dtype} {array.shape}"
-        )
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def evaluate_domain(

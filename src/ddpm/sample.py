@@ -1,108 +1,49 @@
-"""Sampling from a trained model: load a checkpoint, run the reverse chain, write the results."""
+"""Sampling from a trained model: ``generate`` draws samples in seeded batches; ``sample_to_dir`` loads a
+checkpoint, samples with a ``SampleOptions`` and writes the images and how they were made."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .build import build_diffusion, build_model
-from .checkpoint import Checkpoint, atomic_write_text
-from .config import Config
-from .data import SEED_SAMPLING, derived_seed, to_uint8
+from .build import load_model
+from .checkpoint import Checkpoint
 from .diffusion import GaussianDiffusion
-from .errors import CheckpointError, ConfigError
-from .images import plot_points, save_grid, save_npz, save_pngs
-from .samplers import (
-    SAMPLERS,
-    ddim_sample_loop,
-    dpm_solver_pp_2m_sample_loop,
-    solver_timesteps,
-    timestep_subset,
-)
+from .errors import ConfigError
+from .files import write_json
+from .images import plot_points, save_grid, save_npz, save_pngs, to_uint8
+from .rng import sampling_generator
+from .runtime import resolve_device, wrap_network
+from .samplers import get_sampler, sampling_chain
+
+__all__ = ["SampleOptions", "generate", "load_model", "sample_to_dir", "sampling_chain"]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU")
-    return device
+@dataclass
+class SampleOptions:
+    """How to sample: what ``ddpm sample`` and ``ddpm eval fid RUN`` take, in one place."""
 
-
-def load_model(
-    checkpoint: str | Path | Checkpoint,
-    use_ema: bool = True,
-    device: str | torch.device = "cpu",
-    var_type: str | None = None,
-) -> tuple[nn.Module, GaussianDiffusion, Config]:
-    """Rebuild the model and diffusion from a checkpoint; EMA weights by default.
-
-    ``var_type`` swaps one fixed reverse variance for the other (fixedsmall <-> fixedlarge), e.g. to
-    sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-    cfg = Config.from_dict(ckpt.config)
-    if var_type is not None and var_type != cfg.diffusion.var_type:
-        fixed = ("fixedsmall", "fixedlarge")
-        if var_type not in fixed or cfg.diffusion.var_type not in fixed:
-            raise ConfigError(f"only fixedsmall and fixedlarge can replace each other, not {var_type!r}")
-        cfg.diffusion.var_type = var_type
-    model = build_model(cfg, cfg.data.channels)
-    missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return model.to(device).eval(), build_diffusion(cfg), cfg
-
-
-def autocast_model(model: nn.Module, device_type: str):
-    """``model`` run under bf16 autocast, returning fp32 outputs."""
-
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return model(x, t).float()
-
-    return run
-
-
-def speed_options(model: nn.Module, channels_last: bool = False, compile: bool = False):
-    """``model`` as a callable with the opt-in speed options: channels_last stores its weights and the
-    inputs in NHWC layout; compile wraps it in torch.compile (compiled on first call). Neither changes
-    the maths; both change float rounding slightly, so they are off unless asked for."""
-    network = model
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-        def network(x, t):
-            if x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return model(x, t)
-
-    return torch.compile(network) if compile else network
-
-
-# The spacing each sampler uses unless told: the paper's samplers stride evenly; DPM-Solver needs its
-# steps spread evenly in log-SNR (with diffusers' linspace timesteps it under-disperses a toy Gaussian
-# by 20-50% at 25-10 steps; logsnr is within 3%).
-DEFAULT_SPACING = {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
-
-
-def sampling_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None):
-    """The (respaced) chain a sampler walks: ``steps`` timesteps picked by ``spacing`` (all T if None)."""
-    T = diffusion.num_timesteps
-    if steps is None or steps == T:
-        return diffusion
-    spacing = spacing or DEFAULT_SPACING[sampler]
-    pick = solver_timesteps if sampler == "dpm++2m" else timestep_subset
-    return diffusion.respaced(pick(T, steps, spacing, diffusion.alphas_cumprod))
+    num: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    steps: int | None = None  # timesteps on the respaced chain; None = all T
+    sampler: str = "ancestral"  # a name in ddpm.samplers.SAMPLERS
+    eta: float = 0.0  # DDIM's noise level
+    spacing: str | None = None  # None = the sampler's default (ddpm.samplers.DEFAULT_SPACING)
+    clip_denoised: bool | None = None  # None = clip images to [-1, 1], never 2-D points
+    use_ema: bool = True
+    var_type: str | None = None  # swap fixedsmall <-> fixedlarge; None = the checkpoint's
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
 
 
 @torch.inference_mode()
@@ -132,13 +73,9 @@ def generate(
     chain's arithmetic stays in fp32. The default fp32 is the reference."""
     if num <= 0 or batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    loop = get_sampler(sampler).loop
     chain = sampling_chain(diffusion, sampler, steps, spacing)
-    if precision == "bf16":
-        model = autocast_model(model, torch.device(device).type)
+    network = wrap_network(model, device, precision)
     out = []
     batches = range((num + batch_size - 1) // batch_size)
     if progress:
@@ -147,47 +84,27 @@ def generate(
         batches = tqdm(batches, desc="batches", unit="batch")
     for b in batches:
         n = min(batch_size, num - b * batch_size)
-        g = torch.Generator().manual_seed(derived_seed(seed, SEED_SAMPLING, b))
-        if sampler == "ddim":
-            x = ddim_sample_loop(chain, model, (n, *shape), eta, g, device, clip_denoised)
-        elif sampler == "dpm++2m":
-            x = dpm_solver_pp_2m_sample_loop(chain, model, (n, *shape), g, device, clip_denoised)
-        else:
-            x = chain.p_sample_loop(
-                model, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, progress=progress
-            )
+        g = sampling_generator(seed, b)
+        x = loop(
+            chain, network, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, eta=eta
+        )
         out.append(x.float().cpu())
     return torch.cat(out)
 
 
 def sample_to_dir(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    num: int = 64,
-    batch_size: int = 64,
-    seed: int = 0,
-    steps: int | None = None,
-    use_ema: bool = True,
-    device: str = "auto",
-    clip_denoised: bool | None = None,
-    progress: bool = True,
-    precision: str = "fp32",
-    var_type: str | None = None,
-    sampler: str = "ancestral",
-    eta: float = 0.0,
-    spacing: str | None = None,
-    channels_last: bool = False,
-    compile: bool = False,
+    checkpoint: str | Path, out_dir: str | Path, options: SampleOptions | None = None, **overrides
 ) -> dict:
-    """Sample and write grid.png, images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json.
-    For 2-D point models: points.npy and points.png. x0 is clipped to [-1, 1] for images by default;
-    never by default for points, which are not bounded."""
-    dev = resolve_device(device)
+    """Sample with ``options`` (fields may also be given as keywords) and write grid.png,
+    images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json. For 2-D point models:
+    points.npy and points.png."""
+    opts = dataclasses.replace(options or SampleOptions(), **overrides)
+    device = resolve_device(opts.device)
     ckpt = Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
-    network = speed_options(model, channels_last, compile)
+    model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
+    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
     is_image = cfg.model.kind == "unet"
-    clip_denoised = is_image if clip_denoised is None else clip_denoised
+    clip_denoised = is_image if opts.clip_denoised is None else opts.clip_denoised
     shape = (
         (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
     )
@@ -195,18 +112,18 @@ def sample_to_dir(
     samples = generate(
         network,
         diffusion,
-        num,
+        opts.num,
         shape,
-        batch_size,
-        seed,
-        steps,
+        opts.batch_size,
+        opts.seed,
+        opts.steps,
         clip_denoised,
-        dev,
-        progress,
-        precision,
-        sampler,
-        eta,
-        spacing,
+        device,
+        opts.progress,
+        "fp32",  # the network above is already wrapped for opts.precision
+        opts.sampler,
+        opts.eta,
+        opts.spacing,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,28 +133,26 @@ def sample_to_dir(
         save_pngs(images, out / "images")
         save_npz(images, out / "samples.npz")
     else:
-        import numpy as np
-
         np.save(out / "points.npy", samples.numpy())
         plot_points(samples, out / "points.png")
     info = {
         "checkpoint": str(ckpt.path),
         "dataset": cfg.data.dataset,
         "step": ckpt.train_state.get("step"),
-        "weights": "ema" if use_ema else "model",
-        "num_samples": num,
-        "batch_size": batch_size,
-        "seed": seed,
-        "sampler": sampler,
-        **({"eta": eta} if sampler == "ddim" else {}),
-        "spacing": spacing or DEFAULT_SPACING[sampler],
+        "weights": "ema" if opts.use_ema else "model",
+        "num_samples": opts.num,
+        "batch_size": opts.batch_size,
+        "seed": opts.seed,
+        "sampler": opts.sampler,
+        **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
+        "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
         "var_type": cfg.diffusion.var_type,
-        "steps": steps or diffusion.num_timesteps,
+        "steps": opts.steps or diffusion.num_timesteps,
         "clip_denoised": clip_denoised,
-        "precision": precision,
-        **({"channels_last": True} if channels_last else {}),
-        **({"compile": True} if compile else {}),
+        "precision": opts.precision,
+        **({"channels_last": True} if opts.channels_last else {}),
+        **({"compile": True} if opts.compile else {}),
         "seconds": round(time.time() - start, 2),
     }
-    atomic_write_text(out / "samples.json", json.dumps(info, indent=2) + "\n")
+    write_json(out / "samples.json", info)
     return info

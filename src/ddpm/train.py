@@ -16,22 +16,16 @@ import torch
 from torch import nn
 
 from .build import build_diffusion, build_model
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_optimizer_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, Checkpoint, load_optimizer_state, save_checkpoint
 from .config import Config, validate
-from .data import (
-    SEED_DROPOUT,
-    SEED_STEP,
-    BatchOrder,
-    Dataset,
-    derived_seed,
-    load_dataset,
-    to_model_range,
-    to_uint8,
-)
+from .data import BatchOrder, Dataset, load_dataset
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
-from .images import plot_points, save_grid
-from .sample import autocast_model, generate, resolve_device, speed_options
+from .files import write_json
+from .images import plot_points, save_grid, to_model_range, to_uint8
+from .rng import seed_dropout, step_generator
+from .runtime import resolve_device, wrap_network
+from .sample import generate
 
 
 class EMA:
@@ -61,10 +55,6 @@ class EMA:
 def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
     """Linear warm-up from 0 over ``warmup_steps`` updates, then constant (the original code)."""
     return base_lr * min(step / warmup_steps, 1.0) if warmup_steps > 0 else base_lr
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(seed, SEED_STEP, step))
 
 
 # What may change when a run is resumed: where and how long it runs, and what it logs. Anything else
@@ -124,9 +114,10 @@ class Trainer:
             cfg.data.channels = self.dataset.channels
         torch.manual_seed(cfg.train.seed)  # the initial weights
         self.model = build_model(cfg, self.dataset.channels).to(self.device)
-        self.network = speed_options(self.model, cfg.train.channels_last, cfg.train.compile)
-        self.diffusion: GaussianDiffusion = build_diffusion(cfg)
+        # The network as the maths calls it: with the precision and speed options of the config.
         t = cfg.train
+        self.network = wrap_network(self.model, self.device, t.precision, t.channels_last, t.compile)
+        self.diffusion: GaussianDiffusion = build_diffusion(cfg)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
             lr=t.lr,
@@ -142,7 +133,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_json(self.run_dir / "config.json", cfg.to_dict())
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
@@ -174,13 +165,13 @@ class Trainer:
         x0 = self.batch(self.step, g)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
-        torch.manual_seed(derived_seed(t_cfg.seed, SEED_DROPOUT, self.step))  # dropout masks
+        seed_dropout(t_cfg.seed, self.step)
 
         lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses = self.diffusion.training_losses(self._network, x0, t, noise)
+        losses = self.diffusion.training_losses(self.network, x0, t, noise)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,12 +180,6 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
-
-    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model under the chosen precision; the diffusion maths around it stays in fp32."""
-        if self.cfg.train.precision == "bf16":
-            return autocast_model(self.network, self.device.type)(x, t)
-        return self.network(x, t)
 
     # ---- the loop ----
 

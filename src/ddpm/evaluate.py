@@ -1,0 +1,84 @@
+"""`ddpm eval fid`: FID, KID and an Inception (or classifier) score of samples against a data split,
+sampling them from a checkpoint first when given one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT_NAME, Checkpoint
+from .errors import DataError
+from .files import write_json
+from .images import load_samples
+from .metrics import DOMAIN_DATASETS, evaluate_domain
+from .runtime import resolve_device
+from .sample import SampleOptions, sample_to_dir
+
+# Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
+FID_SAMPLES = {"cifar10": 50_000}
+DEFAULT_FID_SAMPLES = 10_000
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".safetensors" or (path / CHECKPOINT_NAME).is_file()
+
+
+def evaluate_fid(
+    source: str | Path,
+    dataset: str | None = None,
+    split: str = "test",
+    extractor: str = "auto",
+    num: int | None = None,
+    sampling: SampleOptions | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    inception_weights: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Score ``source``: a samples.npz written by `ddpm sample`, its folder, or a run directory /
+    checkpoint, from which ``num`` samples (default: the published count for the dataset) are first
+    drawn with ``sampling`` into RUN/fid-samples-N/. The reference is ``split`` of ``dataset`` (default:
+    the samples' own, from samples.json). ``extractor`` "auto" takes the domain classifier for
+    Fashion-MNIST / MNIST and Inception otherwise. Writes the result as JSON (``out``, default next to
+    the samples) and returns its path and the result; a ``warning`` key says when the count is below
+    the published one."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
+    sampling = sampling or SampleOptions()
+    if is_checkpoint(source):
+        dataset = dataset or Checkpoint(source).config["data"]["dataset"]
+        num = num if num is not None else FID_SAMPLES.get(dataset, DEFAULT_FID_SAMPLES)
+        folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
+        sample_to_dir(source, folder, sampling, num=num, progress=progress)
+        source = folder
+    folder = source if source.is_dir() else source.parent
+    made = {}
+    if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
+        made = json.loads((folder / "samples.json").read_text())
+    dataset = dataset or made.get("dataset", "fashion-mnist")
+    samples = load_samples(source)
+    if extractor == "auto":
+        extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"
+    if extractor == "domain":
+        result = evaluate_domain(samples, dataset, split, data_dir, cache_dir, progress)
+    else:
+        from .inception import evaluate_inception
+
+        device = resolve_device(sampling.device)
+        result = evaluate_inception(
+            samples, dataset, split, data_dir, inception_weights, cache_dir, device, progress
+        )
+    result = {"metric": "fid", "samples": str(folder), **result}
+    recommended = FID_SAMPLES.get(dataset)
+    if recommended and len(samples) < recommended:
+        result["warning"] = (
+            f"{len(samples)} samples; published {dataset} FIDs use {recommended} (FID is biased upward "
+            "at smaller counts, so the numbers are not comparable)"
+        )
+    if made:
+        result["sampling"] = made
+    path = Path(out) if out else folder / f"fid-{result['extractor']}-{split}.json"
+    write_json(path, result)
+    return path, result

@@ -1,0 +1,51 @@
+"""Every random stream of the package, each derived from the user's seed and what it is for.
+
+Training draws step s's randomness (batch order aside) from a generator seeded by (seed, s); sampling
+draws batch b's from (seed, b). A resumed run therefore continues exactly, and a seed with a batch size
+always gives the same samples. Noise is drawn on the generator's device, so a seed gives the same
+noise on any device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Purposes for derived_seed, so that no two random streams share a seed.
+SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING = 1, 2, 3, 4
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (e.g. seed, purpose, step), with no collisions between purposes
+    or between nearby seeds, unlike seed + step arithmetic."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(seed: int, purpose: int, index: int) -> torch.Generator:
+    """A CPU generator for one (seed, purpose, index) stream."""
+    return torch.Generator().manual_seed(derived_seed(seed, purpose, index))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Training step ``step``'s flips, timesteps and noise."""
+    return generator(seed, SEED_STEP, step)
+
+
+def sampling_generator(seed: int, index: int) -> torch.Generator:
+    """Sampling batch ``index``'s noise (also the NLL's x_t draws and the figures' chains)."""
+    return generator(seed, SEED_SAMPLING, index)
+
+
+def seed_dropout(seed: int, step: int) -> None:
+    """Seed torch's global generator, which dropout draws its masks from, for training step ``step``."""
+    torch.manual_seed(derived_seed(seed, SEED_DROPOUT, step))
+
+
+def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return randn(x.shape, generator, x.device).to(x.dtype)
