@@ -7,6 +7,24 @@ import pytest
 import torch
 
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.schedules import make_betas
+
+
+def linear(T=1000, **kwargs) -> GaussianDiffusion:
+    """The paper's linear schedule (1e-4 -> 0.02) over T steps."""
+    return GaussianDiffusion(make_betas("linear", T), **kwargs)
+
+
+def gaussian_optimal_eps(d: GaussianDiffusion, mu: float, sigma: float):
+    """The exact E[eps | x_t] for data x0 ~ N(mu, sigma^2): the optimal noise predictor."""
+    ab = torch.tensor(d.alphas_cumprod).float()
+
+    def model(x, t):
+        a = ab[t].reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * sigma**2 + 1 - a)
+
+    return model
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -17,11 +35,9 @@ def write_idx(path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def idx_dir(tmp_path):
+def make_idx_dir(d):
     """A tiny Fashion-MNIST-like directory: 40 train and 10 test images of 8x8 with a bright square."""
     rng = np.random.default_rng(0)
-    d = tmp_path / "idx"
     d.mkdir()
     for name, n in (("train", 40), ("t10k", 10)):
         images = rng.integers(0, 60, size=(n, 8, 8))
@@ -29,6 +45,11 @@ def idx_dir(tmp_path):
         write_idx(d / f"{name}-images-idx3-ubyte.gz", images)
         write_idx(d / f"{name}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=(n,)))
     return d
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    return make_idx_dir(tmp_path / "idx")
 
 
 def tiny_config(data_dir, **train) -> Config:

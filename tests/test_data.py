@@ -6,8 +6,8 @@ from PIL import Image
 
 from ddpm.config import DataConfig
 from ddpm.data import BatchOrder, load_dataset, make_toy, read_idx
-from ddpm.images import to_model_range, to_uint8
 from ddpm.errors import DataError
+from ddpm.images import to_model_range, to_uint8
 
 
 def test_idx_round_trip_and_scaling(idx_dir):

@@ -14,10 +14,9 @@ import json
 import platform
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_idx
+from conftest import make_idx_dir, tiny_config
 
 import ddpm
 from ddpm.diffusion import GaussianDiffusion
@@ -46,15 +45,7 @@ def state_digest(state: dict) -> dict:
 @pytest.fixture(scope="module")
 def golden_data(tmp_path_factory):
     """The tiny Fashion-MNIST-like IDX directory of conftest's ``idx_dir``, shared by this module."""
-    rng = np.random.default_rng(0)
-    d = tmp_path_factory.mktemp("golden") / "idx"
-    d.mkdir()
-    for name, n in (("train", 40), ("t10k", 10)):
-        images = rng.integers(0, 60, size=(n, 8, 8))
-        images[:, 2:6, 2:6] += 150
-        write_idx(d / f"{name}-images-idx3-ubyte.gz", images)
-        write_idx(d / f"{name}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=(n,)))
-    return d
+    return make_idx_dir(tmp_path_factory.mktemp("golden") / "idx")
 
 
 @pytest.fixture(scope="module")

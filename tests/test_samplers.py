@@ -1,12 +1,21 @@
 import numpy as np
 import pytest
 import torch
-from test_diffusion import gaussian_optimal_eps
+from conftest import gaussian_optimal_eps, linear
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
-from ddpm.samplers import ddim_sample_loop, timestep_subset
+from ddpm.samplers import ddim_sample_loop, p_sample, timestep_subset
 from ddpm.schedules import make_betas
+
+
+def sample_toy(var_type, steps, mu=0.3, sigma=0.2):
+    d = linear(var_type=var_type)
+    chain = d if steps is None else d.respaced(steps)
+    model = gaussian_optimal_eps(d, mu, sigma)
+    return chain.p_sample_loop(
+        model, (20_000, 1), generator=torch.Generator().manual_seed(6), clip_denoised=False
+    )
 
 
 def test_spacings():
@@ -89,60 +98,6 @@ def test_deterministic_ddim_recovers_the_toy_gaussian():
     assert spreads[1] == pytest.approx(0.2, rel=0.02)
 
 
-def test_sample_cli_with_ddim(idx_dir, tmp_path):
-    import json
-
-    import numpy as np
-    from conftest import tiny_config
-
-    from ddpm.cli import main
-    from ddpm.train import Trainer
-
-    run = tmp_path / "run"
-    Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
-    outs = []
-    for name, seed in (("a", "0"), ("b", "0")):
-        argv = [
-            "sample",
-            str(run),
-            "--num",
-            "3",
-            "--steps",
-            "5",
-            "--sampler",
-            "ddim",
-            "--spacing",
-            "trailing",
-            "--seed",
-            seed,
-            "--out",
-            str(tmp_path / name),
-            "--no-progress",
-        ]
-        assert main(argv) == 0
-        outs.append(np.load(tmp_path / name / "samples.npz")["arr_0"])
-    assert np.array_equal(outs[0], outs[1])
-    info = json.loads((tmp_path / "a" / "samples.json").read_text())
-    assert info["sampler"] == "ddim" and info["eta"] == 0.0 and info["spacing"] == "trailing"
-    assert main(["sample", str(run), "--sampler", "ddim", "--eta", "-1", "--out", str(tmp_path / "c")]) == 2
-    argv = [
-        "sample",
-        str(run),
-        "--num",
-        "2",
-        "--steps",
-        "4",
-        "--sampler",
-        "dpm++2m",
-        "--out",
-        str(tmp_path / "d"),
-    ]
-    assert main(argv + ["--no-progress"]) == 0
-    info = json.loads((tmp_path / "d" / "samples.json").read_text())
-    assert info["sampler"] == "dpm++2m" and info["spacing"] == "logsnr"  # its default, recorded
-    assert np.load(tmp_path / "d" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
-
-
 @pytest.mark.parametrize(
     "sampler, steps, eta, tol",
     [
@@ -192,6 +147,87 @@ def test_dpm_solver_matches_diffusers_multistep_scheduler():
         torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
 
 
+def test_logsnr_spacing_is_even_in_log_snr_and_distinct():
+    d = GaussianDiffusion(make_betas("linear", 1000))
+    log_snr = np.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
+    for steps in (10, 25, 200, 1000):
+        kept = timestep_subset(1000, steps, "logsnr", d.alphas_cumprod)
+        assert len(kept) == steps and kept[0] == 0 and kept[-1] == 999
+    kept = timestep_subset(1000, 10, "logsnr", d.alphas_cumprod)
+    gaps = -np.diff(log_snr[kept])
+    assert gaps.max() / gaps.min() < 1.6  # even up to the rounding to whole timesteps
+    with pytest.raises(ConfigError, match="schedule"):
+        timestep_subset(1000, 10, "logsnr")
+
+
+@pytest.mark.parametrize("var_type,their_var", [("fixedsmall", "fixed_small"), ("fixedlarge", "fixed_large")])
+@pytest.mark.parametrize("t_value", [999, 500, 10, 1, 0])
+def test_reverse_step_matches_diffusers(var_type, their_var, t_value):
+    """One step of Algorithm 2 equals diffusers' DDPMScheduler.step given the same eps and noise."""
+    from diffusers import DDPMScheduler
+
+    d = linear(var_type=var_type)
+    sched = DDPMScheduler(num_train_timesteps=1000, variance_type=their_var, clip_sample=True)
+    g = torch.Generator().manual_seed(2)
+    x_t = torch.randn(4, 3, 8, 8, generator=g)
+    eps = torch.randn(4, 3, 8, 8, generator=g)
+    ours = p_sample(
+        d, lambda x, t: eps, x_t, torch.full((4,), t_value), generator=torch.Generator().manual_seed(3)
+    ).sample
+    theirs = sched.step(eps, t_value, x_t, generator=torch.Generator().manual_seed(3)).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_sampling_recovers_toy_gaussian(var_type):
+    x = sample_toy(var_type, None)
+    assert x.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert x.std().item() == pytest.approx(0.2, rel=0.03)
+
+
+def test_respaced_sampling_brackets_the_true_spread():
+    """On 100 strided steps the mean stays exact; beta-tilde undershoots and beta overshoots the
+    spread (the reverse variance lies between them), converging as steps grow."""
+    small, large = sample_toy("fixedsmall", 100), sample_toy("fixedlarge", 100)
+    for x in (small, large):
+        assert x.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert 0.15 < small.std().item() < 0.2 < large.std().item() < 0.25
+
+
+def test_progressive_sampling_exposes_every_step():
+    d = linear(T=20)
+    steps = list(
+        d.p_sample_loop_progressive(
+            lambda x, t: torch.zeros_like(x), (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)
+        )
+    )
+    assert [s.t for s in steps] == list(range(19, -1, -1))
+    # The last step adds no noise: the sample is the (clipped) x0 prediction's posterior mean at t=0.
+    assert torch.equal(steps[-1].sample, steps[-1].pred_x0)
+
+
+def test_shared_noise_gives_every_example_the_same_chain():
+    d = linear(T=10)
+    x = torch.randn(1, 1, 2, 2).expand(3, 1, 2, 2)
+    out = d.p_sample_loop(
+        lambda x_, t: torch.zeros_like(x_),
+        (3, 1, 2, 2),
+        x_start=x,
+        shared_noise=True,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
+    )
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    independent = d.p_sample_loop(
+        lambda x_, t: torch.zeros_like(x_),
+        (3, 1, 2, 2),
+        x_start=x,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
+    )
+    assert not torch.equal(independent[0], independent[1])
+
+
 def test_ddim_inversion_round_trips():
     """image -> latent (DDIM inversion) -> image (DDIM, eta = 0): the error shrinks with the number of
     steps; at 100 log-SNR-spaced steps the RMS error is below 0.01 (data std 0.2; 0.0096 measured), and
@@ -215,51 +251,3 @@ def test_ddim_inversion_round_trips():
     assert (back - x0).pow(2).mean().sqrt().item() < 0.02  # 0.026 when the data was taken to be at t = 9
     assert latent.mean().item() == pytest.approx(0.0, abs=0.05)
     assert latent.std().item() == pytest.approx(1, rel=0.05)
-
-
-def test_logsnr_spacing_is_even_in_log_snr_and_distinct():
-    d = GaussianDiffusion(make_betas("linear", 1000))
-    log_snr = np.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
-    for steps in (10, 25, 200, 1000):
-        kept = timestep_subset(1000, steps, "logsnr", d.alphas_cumprod)
-        assert len(kept) == steps and kept[0] == 0 and kept[-1] == 999
-    kept = timestep_subset(1000, 10, "logsnr", d.alphas_cumprod)
-    gaps = -np.diff(log_snr[kept])
-    assert gaps.max() / gaps.min() < 1.6  # even up to the rounding to whole timesteps
-    with pytest.raises(ConfigError, match="schedule"):
-        timestep_subset(1000, 10, "logsnr")
-
-
-def test_invert_cli_writes_latents_that_regenerate_the_reconstruction(idx_dir, tmp_path, capsys):
-    import json
-
-    from conftest import tiny_config
-
-    from ddpm.cli import main
-    from ddpm.build import load_model
-    from ddpm.images import to_uint8
-    from ddpm.samplers import sampling_chain
-    from ddpm.train import Trainer
-
-    run = tmp_path / "run"
-    Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
-    assert main(["invert", str(run), "--num", "3", "--steps", "6", "--data-dir", str(idx_dir)]) == 0
-    info = json.loads((run / "inversion" / "invert.json").read_text())
-    assert info["num_images"] == 3 and info["steps"] == 6 and info["spacing"] == "linspace"
-    latents = torch.from_numpy(np.load(run / "inversion" / "latents.npy"))
-    assert latents.shape == (3, 1, 8, 8) and latents.dtype == torch.float32
-    # the latents regenerate exactly the reconstruction that the RMSE was measured on
-    model, diffusion, _ = load_model(run)
-    chain = sampling_chain(diffusion, "ddim", 6, "linspace")
-    back = to_uint8(ddim_sample_loop(chain, model, (3, 1, 8, 8), x_start=latents))
-    from ddpm.config import DataConfig
-    from ddpm.data import load_dataset
-
-    originals = load_dataset(DataConfig(root=str(idx_dir), image_size=8, split="test")).data[:3]
-    rmse = (back.float() - originals.float()).pow(2).mean().sqrt().item()
-    assert rmse == pytest.approx(info["rmse_0_255"], abs=0.01)
-
-    wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, arr_0=np.zeros((2, 5, 5, 1), np.uint8))
-    assert main(["invert", str(run), "--images", str(wrong)]) == 2
-    assert "the model takes (1, 8, 8)" in capsys.readouterr().err
