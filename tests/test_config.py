@@ -4,6 +4,7 @@ import pytest
 
 from ddpm.cli import main
 from ddpm.config import preset
+from ddpm.errors import ConfigError
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
@@ -37,3 +38,62 @@ def test_config_files_match_presets(name):
 
     path = Path(__file__).parent.parent / "configs" / f"{name}.json"
     assert load_file(path).to_dict() == preset(name).to_dict()
+
+
+def test_resolve_config_order_preset_file_values_overrides(tmp_path):
+    from ddpm.config import resolve_config
+
+    (tmp_path / "c.json").write_text('{"train": {"lr": 0.5, "batch_size": 8}}')
+    cfg = resolve_config(
+        None,
+        "cifar10",
+        tmp_path / "c.json",
+        {"train.lr": 0.25, "train.seed": None, "data.image_size": 16},
+        ["train.lr=0.125"],
+    )
+    assert cfg.name == "cifar10" and cfg.train.batch_size == 8  # the file over the preset
+    assert cfg.train.lr == 0.125 and cfg.data.image_size == 16 and cfg.train.seed == 0  # None skipped
+    assert resolve_config().name == "fashion-mnist"  # the default preset
+    base = preset("toy2d")
+    assert resolve_config(base, values={"train.steps": 9}) is base and base.train.steps == 9
+    with pytest.raises(ConfigError, match="--resume uses the run's own config"):
+        resolve_config(base, "cifar10")
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("train.precision", "fp16", "train.precision must be fp32 or bf16"),
+        ("train.ema_decay", 1.0, "ema_decay must be in"),
+        ("train.sample_steps", 5000, "sample_steps must be in 1..1000"),
+        ("model.kind", "transformer", "model.kind must be unet or mlp"),
+        ("model.ch", 36, "divisible by model.num_groups"),
+        ("data.image_size", 30, "multiple of 8"),
+        ("train.time_limit_minutes", 0, "time_limit_minutes must be positive"),
+    ],
+)
+def test_validate_names_the_bad_value(key, value, message):
+    from ddpm.config import set_value, validate
+
+    cfg = preset("cifar10")
+    validate(cfg)
+    set_value(cfg, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_values_are_coerced_to_the_field_types():
+    from ddpm.config import set_value
+
+    cfg = preset("cifar10")
+    for key, text, expected in [
+        ("train.lr", "3e-4", 3e-4),
+        ("train.steps", "1e3", 1000),
+        ("train.compile", "yes", True),
+        ("model.ch_mult", "(1,2)", (1, 2)),
+        ("train.sample_steps", "none", None),
+    ]:
+        set_value(cfg, key, text)
+        assert getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) == expected
+    with pytest.raises(ConfigError, match="train.steps expects int"):
+        set_value(cfg, "train.steps", 2.5)

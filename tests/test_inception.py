@@ -112,42 +112,6 @@ def test_eval_fid_inception_caches_reference_stats(inception_weights, cifar_dir,
     assert result["fid"] == pytest.approx(expected, rel=1e-4) and result["fid"] > 1e-3
 
 
-def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_path, monkeypatch):
-    from ddpm import evaluate
-    from ddpm.build import build_model
-    from ddpm.checkpoint import save_checkpoint
-    from ddpm.config import preset
-
-    cfg = preset("cifar10")
-    cfg.model.ch, cfg.model.ch_mult, cfg.model.num_res_blocks, cfg.model.attn_resolutions = 8, (1,), 1, ()
-    cfg.model.num_groups = 4
-    weights = build_model(cfg, 3).state_dict()
-    (tmp_path / "run").mkdir()
-    save_checkpoint(tmp_path / "run" / "checkpoint.safetensors", cfg.to_dict(), weights)
-    seen = {}
-
-    def fake_sample(checkpoint, out, options, num, progress):
-        seen["num"] = num
-        raise DataError("stop here")
-
-    monkeypatch.setattr(evaluate, "sample_to_dir", fake_sample)
-    assert main(["eval", "fid", str(tmp_path / "run")]) == 2
-    assert seen["num"] == 50_000
-    assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2
-    assert seen["num"] == 7
-    assert main(["eval", "fid", str(tmp_path / "run"), "--num", "0"]) == 2
-    assert seen["num"] == 0  # passed on (and refused by sampling), not replaced by the default
-
-
-def test_eval_fid_on_a_missing_source_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))  # must not be picked up
-    assert main(["eval", "fid", str(tmp_path / "typo")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not exist" in err[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
-
-
 @pytest.mark.parametrize("content", [torch.zeros(3), [1, 2], None])
 def test_weights_files_that_are_not_state_dicts_are_one_line_errors(tmp_path, content):
     path = tmp_path / "w.pth"

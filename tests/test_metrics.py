@@ -1,10 +1,7 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from ddpm.cli import main
 from ddpm.errors import DataError
 from ddpm.metrics import (
     classifier_score,
@@ -77,27 +74,3 @@ def test_domain_fid_end_to_end(idx_dir, tmp_path):
         evaluate_domain(noise.float(), "fashion-mnist", "test", str(idx_dir), cache, progress=False)
     with pytest.raises(DataError, match="domain classifier"):
         domain_classifier("cifar10", None, 32, cache, progress=False)
-
-
-def test_eval_fid_cli_writes_labelled_json(idx_dir, tmp_path, capsys):
-    from ddpm.data import load_idx_dataset
-
-    images = load_idx_dataset("fashion-mnist", str(idx_dir), "test").permute(0, 2, 3, 1).numpy()
-    np.savez(tmp_path / "samples.npz", arr_0=images)
-    (tmp_path / "samples.json").write_text(json.dumps({"seed": 3, "steps": 100}))
-    argv = [
-        "eval",
-        "fid",
-        str(tmp_path / "samples.npz"),
-        "--data-dir",
-        str(idx_dir),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--no-progress",
-    ]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    result = json.loads(open(out["out"]).read())
-    assert result["num_samples"] == 10 and result["sampling"] == {"seed": 3, "steps": 100}
-    assert result["extractor"].startswith("domain-") and result["reference"]["dataset"] == "fashion-mnist"
-    assert main(["eval", "fid", str(tmp_path / "missing.npz")]) == 2

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -77,3 +78,43 @@ def test_bf16_sampling_stays_close_to_fp32(idx_dir, tmp_path):
     assert bf16.dtype == torch.float32
     assert (fp32 - bf16).abs().mean() < 0.02
     assert not torch.equal(fp32, bf16)  # autocast really ran
+
+
+def test_sample_options_and_keywords_are_the_same_call(idx_dir, tmp_path):
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from ddpm.errors import ConfigError
+    from ddpm.sample import SampleOptions, sample_to_dir
+
+    run = tmp_path / "run"
+    ddpm.Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
+    options = SampleOptions(num=5, batch_size=2, seed=3, steps=6, sampler="ddim", eta=0.5, progress=False)
+    a = sample_to_dir(run, tmp_path / "a", options)
+    b = sample_to_dir(run, tmp_path / "b", num=5, batch_size=2, seed=3, steps=6, sampler="ddim", eta=0.5)
+    assert np.array_equal(
+        np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
+    )
+    recorded = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert recorded == a and {k: a[k] for k in ("sampler", "eta", "spacing", "steps", "seed")} == {
+        "sampler": "ddim",
+        "eta": 0.5,
+        "spacing": "linspace",
+        "steps": 6,
+        "seed": 3,
+    }
+    assert b["clip_denoised"] is True and "eta" in b
+    # the sample is what generate gives from the loaded model with the same settings
+    model, diffusion, _ = ddpm.load_model(run)
+    direct = ddpm.generate(model, diffusion, 5, (1, 8, 8), 2, 3, 6, sampler="ddim", eta=0.5)
+    assert np.array_equal(
+        ddpm.to_uint8(direct).permute(0, 2, 3, 1).numpy(), np.load(tmp_path / "a" / "samples.npz")["arr_0"]
+    )
+    with pytest.raises(ConfigError, match="eta is DDIM's noise level"):
+        sample_to_dir(run, tmp_path / "c", dataclasses.replace(options, sampler="ancestral"))
+    with pytest.raises(ConfigError, match="must be positive"):
+        sample_to_dir(run, tmp_path / "c", num=0)
+    with pytest.raises(TypeError):
+        sample_to_dir(run, tmp_path / "c", samples=3)  # a misspelt option is not silently ignored

@@ -251,3 +251,58 @@ def test_ddim_inversion_round_trips():
     assert (back - x0).pow(2).mean().sqrt().item() < 0.02  # 0.026 when the data was taken to be at t = 9
     assert latent.mean().item() == pytest.approx(0.0, abs=0.05)
     assert latent.std().item() == pytest.approx(1, rel=0.05)
+
+
+def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
+    import inspect
+
+    from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, sampling_chain, solver_timesteps
+
+    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m"}
+    assert DEFAULT_SPACING == {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
+    expected = ["generator", "device", "clip_denoised", "x_start", "eta"]
+    d = linear(T=100)
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    x_T = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
+    for name, sampler in SAMPLERS.items():
+        params = inspect.signature(sampler.loop).parameters
+        assert list(params)[:3] == ["chain", "model", "shape"]
+        assert [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY][:5] == expected
+        chain = sampling_chain(d, name, 10)
+        assert chain.num_timesteps == 10
+        kept = sampler.timesteps(100, 10, sampler.default_spacing, d.alphas_cumprod)
+        assert list(chain.timestep_map) == kept
+        x = sampler.loop(chain, model, (4, 1), x_start=x_T, clip_denoised=False)
+        assert x.shape == (4, 1) and torch.isfinite(x).all()
+        if name != "ddim":
+            with pytest.raises(ConfigError, match="eta is DDIM's noise level"):
+                sampler.loop(chain, model, (4, 1), x_start=x_T, eta=0.5)
+    assert SAMPLERS["dpm++2m"].timesteps is solver_timesteps
+    assert sampling_chain(d, "ddim", None) is d and sampling_chain(d, "ddim", 100) is d
+    with pytest.raises(ConfigError, match="unknown sampler 'euler'; choose one of ancestral, ddim, dpm"):
+        get_sampler("euler")
+
+
+def test_the_cli_offers_what_the_registry_has():
+    from ddpm.cli import build_parser
+    from ddpm.samplers import SAMPLERS, SPACINGS
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    actions = {a.dest: a for a in sample._actions}
+    assert tuple(actions["sampler"].choices) == tuple(SAMPLERS)
+    assert tuple(actions["spacing"].choices) == SPACINGS
+
+
+def test_predict_is_the_network_on_the_original_timesteps():
+    d = linear(T=100).respaced(5)
+    seen = []
+
+    def model(x, t):
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+
+    x = torch.ones(2, 1)
+    t = torch.tensor([4, 1])
+    out = d.predict(model, x, t, clip_denoised=False)
+    assert seen == [[int(d.timestep_map[4]), int(d.timestep_map[1])]]
+    torch.testing.assert_close(out.pred_x0, d.coef("sqrt_recip_alphas_cumprod", t, 2) * x)

@@ -63,7 +63,11 @@ def load_model(
         cfg.diffusion.var_type = var_type
     validate(cfg)
     model = build_model(cfg, cfg.data.channels)
-    missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
+    except RuntimeError as e:  # shape mismatches; torch lists them on tab-indented lines
+        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"checkpoint weights do not fit its config ({problem})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"

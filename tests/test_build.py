@@ -1,0 +1,61 @@
+import pytest
+import torch
+from conftest import tiny_config
+
+from ddpm.build import build_diffusion, build_model, load_model
+from ddpm.checkpoint import save_checkpoint
+from ddpm.config import preset
+from ddpm.errors import CheckpointError, ConfigError
+from ddpm.mlp import MLPDenoiser
+from ddpm.unet import UNet, count_parameters
+
+
+def test_models_follow_the_config(tmp_path):
+    assert count_parameters(build_model(preset("cifar10"), 3)) == 35_746_307
+    cfg = tiny_config(tmp_path)
+    assert isinstance(build_model(cfg, 1), UNet)
+    cfg.diffusion.var_type, cfg.diffusion.loss_type = "learned_range", "hybrid"
+    assert build_model(cfg, 1).conv_out.out_channels == 2  # a learned variance doubles the output
+    toy = preset("toy2d")
+    assert isinstance(build_model(toy, 2), MLPDenoiser)
+    cfg.diffusion.var_type = "huge"
+    with pytest.raises(ConfigError, match="unknown variance type 'huge'"):
+        build_model(cfg, 1)
+
+
+def test_diffusion_follows_the_config(tmp_path):
+    cfg = tiny_config(tmp_path)
+    d = build_diffusion(cfg)
+    assert d.num_timesteps == 50 and d.var_type == "fixedlarge"
+    assert d.betas[0] == pytest.approx(1e-4) and d.betas[-1] == pytest.approx(0.02)
+
+
+def test_load_model_round_trips_and_swaps_fixed_variances(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.data.channels = 1
+    torch.manual_seed(0)
+    model, ema = build_model(cfg, 1), build_model(cfg, 1)
+    save_checkpoint(tmp_path / "checkpoint.safetensors", cfg.to_dict(), model.state_dict(), ema.state_dict())
+    loaded, diffusion, loaded_cfg = load_model(tmp_path)
+    assert not loaded.training
+    for key, value in ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    raw, _, _ = load_model(tmp_path, use_ema=False)
+    assert torch.equal(raw.conv_in.weight, model.conv_in.weight)
+    _, swapped, swapped_cfg = load_model(tmp_path, var_type="fixedsmall")
+    assert swapped.var_type == "fixedsmall" and swapped_cfg.diffusion.var_type == "fixedsmall"
+    with pytest.raises(ConfigError, match="only fixedsmall and fixedlarge"):
+        load_model(tmp_path, var_type="learned")
+
+
+def test_load_model_refuses_weights_that_do_not_fit(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.data.channels = 1
+    save_checkpoint(tmp_path / "checkpoint.safetensors", cfg.to_dict(), {"conv_in.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="has no EMA weights"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match=r"do not fit its config \(size mismatch for conv_in.weight"):
+        load_model(tmp_path, use_ema=False)
+    save_checkpoint(tmp_path / "checkpoint.safetensors", cfg.to_dict(), {"extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="do not fit its config .missing"):
+        load_model(tmp_path, use_ema=False)

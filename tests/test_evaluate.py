@@ -1,0 +1,93 @@
+"""`ddpm eval fid` (ddpm.evaluate): which samples, how many, which extractor, and what is written."""
+
+import json
+
+import numpy as np
+from conftest import tiny_config
+
+from ddpm.cli import main
+from ddpm.errors import DataError
+from ddpm.evaluate import evaluate_fid
+from ddpm.sample import SampleOptions
+from ddpm.train import Trainer
+
+
+def test_evaluate_fid_samples_a_checkpoint_first(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
+    options = SampleOptions(steps=5, seed=4, sampler="ddim", batch_size=3)
+    path, result = evaluate_fid(
+        run, num=7, sampling=options, data_dir=str(idx_dir), cache_dir=str(tmp_path / "c"), progress=False
+    )
+    folder = run / "fid-samples-7"
+    assert path == folder / "fid-domain-fashion-mnist-cnn-v1-test.json"
+    assert json.loads(path.read_text()) == result
+    assert result["num_samples"] == 7 and result["samples"] == str(folder)
+    assert result["reference"] == {"dataset": "fashion-mnist", "split": "test", "num_images": 10}
+    made = result["sampling"]
+    assert (made["sampler"], made["steps"], made["seed"], made["num_samples"]) == ("ddim", 5, 4, 7)
+    assert np.load(folder / "samples.npz")["arr_0"].shape == (7, 8, 8, 1)
+    assert "warning" not in result  # the published count is only known for cifar10
+    # the same samples scored again from their folder give the same numbers
+    _, again = evaluate_fid(folder, data_dir=str(idx_dir), cache_dir=str(tmp_path / "c"), progress=False)
+    assert again["fid"] == result["fid"] and again["kid"] == result["kid"]
+
+
+def test_eval_fid_cli_writes_labelled_json(idx_dir, tmp_path, capsys):
+    from ddpm.data import load_idx_dataset
+
+    images = load_idx_dataset("fashion-mnist", str(idx_dir), "test").permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    (tmp_path / "samples.json").write_text(json.dumps({"seed": 3, "steps": 100}))
+    argv = [
+        "eval",
+        "fid",
+        str(tmp_path / "samples.npz"),
+        "--data-dir",
+        str(idx_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    result = json.loads(open(out["out"]).read())
+    assert result["num_samples"] == 10 and result["sampling"] == {"seed": 3, "steps": 100}
+    assert result["extractor"].startswith("domain-") and result["reference"]["dataset"] == "fashion-mnist"
+    assert main(["eval", "fid", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_path, monkeypatch):
+    from ddpm import evaluate
+    from ddpm.build import build_model
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import preset
+
+    cfg = preset("cifar10")
+    cfg.model.ch, cfg.model.ch_mult, cfg.model.num_res_blocks, cfg.model.attn_resolutions = 8, (1,), 1, ()
+    cfg.model.num_groups = 4
+    weights = build_model(cfg, 3).state_dict()
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.safetensors", cfg.to_dict(), weights)
+    seen = {}
+
+    def fake_sample(checkpoint, out, options, num, progress):
+        seen["num"] = num
+        raise DataError("stop here")
+
+    monkeypatch.setattr(evaluate, "sample_to_dir", fake_sample)
+    assert main(["eval", "fid", str(tmp_path / "run")]) == 2
+    assert seen["num"] == 50_000
+    assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2
+    assert seen["num"] == 7
+    assert main(["eval", "fid", str(tmp_path / "run"), "--num", "0"]) == 2
+    assert seen["num"] == 0  # passed on (and refused by sampling), not replaced by the default
+
+
+def test_eval_fid_on_a_missing_source_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))  # must not be picked up
+    assert main(["eval", "fid", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from ddpm.errors import ConfigError
+from ddpm.runtime import PRECISIONS, resolve_device, wrap_network
+from ddpm.unet import UNet
+
+
+def small_unet():
+    torch.manual_seed(0)
+    return UNet(in_channels=1, ch=8, ch_mult=(1, 2), attn_resolutions=(4,), resolution=8, num_groups=4).eval()
+
+
+def test_devices(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+        monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun "cuda" is the rank's GPU, still none here
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+        assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_local_rank_picks_the_process_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda:3")
+    assert resolve_device("cuda") == torch.device("cuda:3")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # an explicit index wins
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_fp32_is_the_model_itself_and_bf16_is_autocast_with_fp32_outputs():
+    model = small_unet()
+    assert wrap_network(model) is model
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
+    with torch.no_grad():
+        plain = model(x, t)
+        fast = wrap_network(model, "cpu", "bf16")(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = model(x, t).float()
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast, reference)
+    assert 0 < (fast - plain).abs().max() < 0.1  # bf16 rounding: close, not equal
+
+
+def test_channels_last_changes_layout_not_results():
+    model = small_unet()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    with torch.no_grad():
+        plain = model(x, t)
+        fast = wrap_network(model, channels_last=True)(x, t)
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_precisions_are_checked():
+    assert PRECISIONS == ("fp32", "bf16")
+    with pytest.raises(ConfigError, match="precision must be fp32 or bf16, got 'fp16'"):
+        wrap_network(small_unet(), precision="fp16")
