@@ -318,7 +318,7 @@ def test_weights_with_other_channels_than_the_config_are_refused(tmp_path):
     import_fails(
         tmp_path / "pipe",
         tmp_path / "run",
-        r"do not fit the DDPM U-Net: .*size mismatch for conv_.*torch.Size\(\[1\]\)",
+        r"do not fit the DDPM U-Net \(size mismatch for conv_in.weight: .*torch.Size\(\[8, 1, 3, 3\]\)",
     )
 
 
@@ -333,7 +333,7 @@ def test_weights_with_missing_or_extra_tensors_are_refused(tmp_path):
     import_fails(
         tmp_path / "pipe",
         tmp_path / "run",
-        r"do not fit the DDPM U-Net: missing \['conv_out.bias'\], unexpected \['extra_head.weight'\]",
+        r"do not fit the DDPM U-Net \(missing \['conv_out.bias'\], unexpected \['extra_head.weight'\]\)",
     )
 
 
@@ -413,3 +413,36 @@ def test_import_rejects_multi_head_attention(tmp_path, capsys):
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "attention_head_dim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda u, s: u.pop("block_out_channels"), "has no block_out_channels"),
+        (lambda u, s: u.pop("down_block_types"), "has no down_block_types"),
+        (lambda u, s: s.update(num_train_timesteps="many"), "bad number"),
+        (lambda u, s: s.update(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    ],
+)
+def test_incomplete_or_unfaithful_configs_are_one_line_errors(tmp_path, capsys, change, message):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "scheduler").mkdir()
+    unet = {
+        "norm_eps": 1e-6,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "downsample_padding": 0,
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "attention_head_dim": None,
+        "in_channels": 3,
+        "out_channels": 3,
+    }
+    sched = {"num_train_timesteps": 1000}
+    change(unet, sched)
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -63,13 +63,17 @@ def load_model(
         cfg.diffusion.var_type = var_type
     validate(cfg)
     model = build_model(cfg, cfg.data.channels)
-    try:
-        missing, unexpected = model.load_state_dict(ckpt.weights(use_ema), strict=False)
-    except RuntimeError as e:  # shape mismatches; torch lists them on tab-indented lines
-        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(f"checkpoint weights do not fit its config ({problem})") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    load_weights(model, ckpt.weights(use_ema), "checkpoint weights do not fit its config")
     return model.to(device).eval(), build_diffusion(cfg), cfg
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+    """Load ``state`` into ``model``, every tensor and nothing else, or raise a one-line CheckpointError
+    that starts with ``problem`` and names the first mismatches."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches; torch lists them on tab-indented lines
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{problem} ({'; '.join(lines[:2]) or e})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{problem} (missing {missing[:3]}, unexpected {unexpected[:3]})")

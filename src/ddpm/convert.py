@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .build import build_model
+from .build import build_model, load_weights
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError
@@ -76,6 +76,12 @@ def unet_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def _required(unet_cfg: dict, key: str):
+    if key not in unet_cfg:
+        raise CheckpointError(f"diffusers UNet config has no {key}; is it a UNet2DModel config?")
+    return unet_cfg[key]
+
+
 def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     """(our model config, image size, channels) for a diffusers UNet2DModel config of the paper's form."""
 
@@ -95,7 +101,7 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     require("resnet_time_scale_shift", "default", "default")
     require("mid_block_scale_factor", 1, 1)
     require("center_input_sample", False, False)
-    channels = list(unet_cfg["block_out_channels"])
+    channels = list(_required(unet_cfg, "block_out_channels"))
     ch = channels[0]
     head_dim = unet_cfg.get("attention_head_dim", 8)
     if head_dim is not None and any(head_dim != c for c in channels):
@@ -106,7 +112,7 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
         raise CheckpointError(f"block_out_channels {channels} are not multiples of the first")
     size = unet_cfg.get("sample_size", 32)
     size = size[0] if isinstance(size, list | tuple) else size
-    down_types = unet_cfg["down_block_types"]
+    down_types = _required(unet_cfg, "down_block_types")
     attn = tuple(size // 2**i for i, kind in enumerate(down_types) if "Attn" in kind)
     if unet_cfg.get("in_channels") != unet_cfg.get("out_channels"):
         raise CheckpointError(
@@ -126,6 +132,10 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
 def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
     if sched.get("trained_betas") is not None:
         raise CheckpointError("schedulers with trained_betas cannot be imported; use a named beta_schedule")
+    if sched.get("rescale_betas_zero_snr"):
+        raise CheckpointError(
+            "schedulers with rescale_betas_zero_snr cannot be imported (not the paper's betas)"
+        )
     schedules = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
     variances = {
         "fixed_small": "fixedsmall",
@@ -145,6 +155,8 @@ def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"unsupported diffusers scheduler setting {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"diffusers scheduler config has a bad number ({e})") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -167,6 +179,7 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
     sched = _read_json(sched_path) if sched_path.is_file() else {}
 
     model_cfg, size, channels = model_config_from_diffusers(unet_cfg)
+    diffusion_cfg = diffusion_config_from_diffusers(sched)
     weights_file = unet_dir / "diffusion_pytorch_model.safetensors"
     try:
         if weights_file.is_file():
@@ -182,13 +195,14 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch.load raise several types for a damaged file
-        raise CheckpointError(f"cannot read the weights in {unet_dir}: {e}") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0]  # one line, no colour codes
+        raise CheckpointError(f"cannot read the weights in {unet_dir}: {first}") from None
 
     dataset = "cifar10" if (size, channels) == (32, 3) else "folder"
     cfg = Config(
         name=f"imported:{folder.name}",
         model=model_cfg,
-        diffusion=diffusion_config_from_diffusers(sched),
+        diffusion=diffusion_cfg,
         data=DataConfig(dataset=dataset, image_size=size, channels=channels),
         train=TrainConfig(),
     )
@@ -202,17 +216,7 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
         raise CheckpointError(f"{run_dir} already holds a checkpoint; choose another --out")
     cfg, state = load_diffusers_folder(folder)
     model = build_model(cfg, cfg.data.channels)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(
-            f"weights in {folder} do not fit the DDPM U-Net: {str(e).splitlines()[-1]}"
-        ) from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"weights in {folder} do not fit the DDPM U-Net: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+    load_weights(model, state, f"weights in {folder} do not fit the DDPM U-Net")
     weights = model.state_dict()
     save_checkpoint(
         run_dir / CHECKPOINT_NAME,
