@@ -260,14 +260,14 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
 
     assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m"}
     assert DEFAULT_SPACING == {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
-    expected = ["generator", "device", "clip_denoised", "x_start", "eta"]
+    expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress"]
     d = linear(T=100)
     model = gaussian_optimal_eps(d, 0.3, 0.2)
     x_T = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
     for name, sampler in SAMPLERS.items():
         params = inspect.signature(sampler.loop).parameters
         assert list(params)[:3] == ["chain", "model", "shape"]
-        assert [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY][:5] == expected
+        assert [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY][:6] == expected
         chain = sampling_chain(d, name, 10)
         assert chain.num_timesteps == 10
         kept = sampler.timesteps(100, 10, sampler.default_spacing, d.alphas_cumprod)

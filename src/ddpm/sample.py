@@ -86,7 +86,14 @@ def generate(
         n = min(batch_size, num - b * batch_size)
         g = sampling_generator(seed, b)
         x = loop(
-            chain, network, (n, *shape), generator=g, device=device, clip_denoised=clip_denoised, eta=eta
+            chain,
+            network,
+            (n, *shape),
+            generator=g,
+            device=device,
+            clip_denoised=clip_denoised,
+            eta=eta,
+            progress=progress,
         )
         out.append(x.float().cpu())
     return torch.cat(out)

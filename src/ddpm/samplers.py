@@ -5,7 +5,8 @@ Every sampler walks a chain: the diffusion itself (all T steps) or a subset of i
 a named spacing (:func:`sampling_chain`), which is a respaced diffusion whose every step goes to the
 next kept timestep. Every loop has one signature:
 
-    loop(chain, model, shape, *, generator=None, device="cpu", clip_denoised=True, x_start=None, eta=0.0)
+    loop(chain, model, shape, *, generator=None, device="cpu", clip_denoised=True, x_start=None, eta=0.0,
+         progress=False)
 
 and returns the final sample; ``model`` is any callable ``(x_t, t) -> output``.
 """
@@ -93,6 +94,16 @@ def _start(shape, generator, device, x_start: torch.Tensor | None) -> torch.Tens
     return randn(shape, generator, device) if x_start is None else x_start.to(device)
 
 
+def _reverse(first: int, progress: bool):
+    """The chain's indices from ``first`` down to 0, with a progress bar when asked."""
+    steps = range(first, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+    return steps
+
+
 def _timestep(i: int, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), i, device=device, dtype=torch.long)
 
@@ -135,12 +146,7 @@ def ancestral_progressive(
     """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
     x = _start(shape, generator, device, x_start)
     first = chain.num_timesteps - 1 if t_start is None else t_start
-    steps = range(first, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-    for i in steps:
+    for i in _reverse(first, progress):
         step = p_sample(
             chain, model, x, _timestep(i, shape[0], device), clip_denoised, generator, shared_noise
         )
@@ -159,12 +165,15 @@ def ancestral_sample_loop(
     clip_denoised: bool = True,
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
+    progress: bool = False,
     **options,
 ) -> torch.Tensor:
     """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped). ``options`` are those of
-    :func:`ancestral_progressive` (``t_start``, ``progress``, ``shared_noise``)."""
+    :func:`ancestral_progressive` (``t_start``, ``shared_noise``)."""
     _no_eta("ancestral", eta)
-    steps = ancestral_progressive(chain, model, shape, generator, device, clip_denoised, x_start, **options)
+    steps = ancestral_progressive(
+        chain, model, shape, generator, device, clip_denoised, x_start, progress=progress, **options
+    )
     (last,) = collections.deque(steps, maxlen=1)  # intermediate samples are dropped as they come
     return last.sample
 
@@ -180,6 +189,7 @@ def ddim_sample_loop(
     clip_denoised: bool = True,
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """DDIM on ``chain``: eta = 0 is deterministic given x_T; eta = 1 is the ancestral sampler with the
     fixed-small variance. eps is recomputed from the (clipped) x0, as in Improved DDPM's
@@ -187,7 +197,7 @@ def ddim_sample_loop(
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}")
     x = _start(shape, generator, device, x_start)
-    for i in range(chain.num_timesteps - 1, -1, -1):
+    for i in _reverse(chain.num_timesteps - 1, progress):
         t = _timestep(i, shape[0], device)
         out = chain.predict(model, x, t, clip_denoised)
         eps = chain.pred_eps_from_x0(x, t, out.pred_x0)
@@ -236,6 +246,7 @@ def dpm_solver_pp_2m_sample_loop(
     clip_denoised: bool = True,
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): the probability-flow ODE in its data-prediction form, solved
     with a second-order multistep method in lambda = log(alpha_t / sigma_t). It evaluates the network at
@@ -248,7 +259,7 @@ def dpm_solver_pp_2m_sample_loop(
     lam = np.log(alpha) - np.log(sigma)
     x = _start(shape, generator, device, x_start)
     x0_prev = None
-    for i in range(chain.num_timesteps - 1, -1, -1):
+    for i in _reverse(chain.num_timesteps - 1, progress):
         x0 = chain.predict(model, x, _timestep(i, shape[0], device), clip_denoised).pred_x0
         if i == 0:  # to sigma = 0, where the first-order update is x0 itself
             return x0
