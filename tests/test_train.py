@@ -117,3 +117,58 @@ def test_channels_last_trains_the_same_and_samples_the_same(idx_dir, tmp_path):
         fast = wrap_network(nchw, channels_last=True)(x, t)
     assert nchw.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_killed_before_its_final_grid_gets_it_on_resume(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=3), run, progress=False).train()
+    grid = run / "samples" / "step_0000003.png"
+    grid.unlink()
+    (run / ".checkpoint.safetensors.dead.tmp").write_bytes(b"half a checkpoint")
+    result = Trainer(tiny_config(idx_dir, steps=3), run, resume=True, progress=False).train()
+    assert result == {"step": 3, "stopped": "done"}
+    assert grid.is_file() and not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nonfinite_loss_never_reaches_the_weights(idx_dir, tmp_path, mode):
+    trainer = Trainer(tiny_config(idx_dir, steps=6, on_nonfinite=mode), tmp_path / "run", progress=False)
+    network = trainer.network
+    trainer.network = lambda x, t: network(x, t) * (float("nan") if trainer.step == 3 else 1.0)
+    for _ in range(3):
+        trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.shadow.items()}
+    if mode == "stop":
+        with pytest.raises(FloatingPointError, match="at step 4; the weights were not updated"):
+            trainer.train_step()
+        assert trainer.step == 3
+    else:
+        assert trainer.train_step()["skipped"] == 1
+        assert trainer.step == 4 and trainer.skipped_steps == 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]) and torch.equal(trainer.ema.shadow[name], ema_before[name])
+    if mode == "skip":  # and training goes on, with finite weights, a record of the skip, and a checkpoint
+        result = trainer.train()
+        assert result["step"] == 6 and result["skipped_steps"] == 1
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r.get("skipped")] == []  # step 4 ran outside train()
+        ckpt = Checkpoint(tmp_path / "run")
+        assert ckpt.train_state["skipped_steps"] == 1
+        assert all(torch.isfinite(v).all() for v in ckpt.model.values())
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(idx_dir, tmp_path):
+    """Two micro-batches of 2 make the same step as one batch of 4, within float rounding."""
+    runs = {}
+    for accum in (1, 2):
+        cfg = tiny_config(idx_dir, steps=4, grad_accum=accum)
+        cfg.model.dropout = 0.0  # dropout masks are drawn per micro-batch
+        runs[accum] = Trainer(cfg, tmp_path / str(accum), progress=False)
+        losses = [runs[accum].train_step()["loss"] for _ in range(4)]
+        runs[accum].losses = torch.tensor(losses)
+    torch.testing.assert_close(runs[2].losses, runs[1].losses, rtol=1e-5, atol=1e-6)
+    for name, value in runs[1].model.state_dict().items():
+        torch.testing.assert_close(runs[2].model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="must split evenly"):
+        Trainer(tiny_config(idx_dir, grad_accum=3), tmp_path / "3", progress=False)

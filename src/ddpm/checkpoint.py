@@ -40,6 +40,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # load_state_dict checks neither shapes nor completeness; a bad tensor would fail steps later.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensor_keys = {
+        frozenset(k for k, v in optimizer.state[p].items() if torch.is_tensor(v))
+        for p in params
+        if p in optimizer.state
+    }
+    if len(tensor_keys) > 1:
+        raise ValueError("its optimiser state is incomplete (some parameters lack some tensors)")
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
+                shapes = f"{tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                raise ValueError(f"optimiser tensor {i}.{key} has shape {shapes}")
 
 
 def save_checkpoint(
@@ -100,6 +114,15 @@ class Checkpoint:
             self.optimizer_meta = json.loads(metadata.get("optimizer", "null"))
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
+        if not isinstance(self.config, dict) or not isinstance(self.train_state, dict):
+            raise CheckpointError(
+                f"checkpoint {path} has damaged metadata (config and train_state must be objects)"
+            )
+        if not isinstance(self.optimizer_meta, dict | None):
+            raise CheckpointError(f"checkpoint {path} has damaged metadata (optimizer must be an object)")
+        step = self.train_state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"checkpoint {path} has damaged metadata (step {step!r} is not a count)")
         self.model, self.ema, self.optimizer = {}, {}, {}
         groups = {"model": self.model, "ema": self.ema, "optim": self.optimizer}
         for name, tensor in tensors.items():
@@ -109,6 +132,11 @@ class Checkpoint:
             groups[group][key] = tensor
         if not self.model:
             raise CheckpointError(f"checkpoint {path} holds no model weights")
+
+    @property
+    def step(self) -> int:
+        """The training steps taken (0 for imported weights)."""
+        return self.train_state.get("step", 0)
 
     def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
         if use_ema and not self.ema and self.train_state.get("model_is_ema"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -159,8 +160,19 @@ def cmd_train(args) -> int:
     else:
         cfg = resolve_config(None, args.preset, args.config, values, args.set)
         run_dir = Path(args.out or f"runs/{cfg.name}")
-    result = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress).train()
-    return _print(run_dir=str(run_dir), **result)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    result = trainer.train()
+    if not trainer.procs.is_main:
+        return 0
+    _print(run_dir=str(run_dir), **result)
+    if result["stopped"] in ("SIGINT", "SIGTERM"):
+        print(
+            f"ddpm: stopped by {result['stopped']} at step {result['step']} with a checkpoint; "
+            f"continue with: ddpm train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 128 + signal.Signals[result["stopped"]].value
+    return 0
 
 
 def cmd_sample(args) -> int:

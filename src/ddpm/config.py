@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import types
 import typing
@@ -59,7 +60,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 800_000
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch, split over the processes under torchrun
+    grad_accum: int = 1  # micro-batches per step and process (gradients accumulated, one update)
     lr: float = 2e-4
     warmup_steps: int = 5000
     grad_clip: float = 1.0
@@ -69,6 +71,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     seed: int = 0
+    on_nonfinite: str = "stop"  # a NaN / inf loss or gradient: "stop", or "skip" the update
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = False  # NHWC memory layout for the network (a speed option)
     compile: bool = False  # torch.compile the network (a speed option; slow first steps)
@@ -311,6 +314,10 @@ def resolve_config(
     return cfg
 
 
+def _section_name(cfg: Config, section) -> str:
+    return next(name for name in ("model", "diffusion", "data", "train") if getattr(cfg, name) is section)
+
+
 def validate(cfg: Config) -> None:
     """Check values that would otherwise fail deep inside training with an unclear message."""
     d, m, t, data = cfg.diffusion, cfg.model, cfg.train, cfg.data
@@ -320,7 +327,14 @@ def validate(cfg: Config) -> None:
         value = getattr(d, name)
         if not 0 < value < 1:
             raise ConfigError(f"diffusion.{name} must be in (0, 1), got {value}")
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_every", "num_sample_images"):
+    for section in (d, m, t, data):  # NaN passes every comparison below, so refuse it first
+        for name, value in vars(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{_section_name(cfg, section)}.{name} must be a finite number, got {value}"
+                )
+    names = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "sample_every")
+    for name in (*names, "num_sample_images"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.grad_clip <= 0 or t.warmup_steps < 0:
@@ -332,6 +346,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     check_precision(t.precision, "train.precision")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:
         raise ConfigError(f"train.sample_steps must be in 1..{d.num_timesteps}")
     if m.kind not in ("unet", "mlp"):

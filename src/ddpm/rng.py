@@ -36,9 +36,12 @@ def sampling_generator(seed: int, index: int) -> torch.Generator:
     return generator(seed, SEED_SAMPLING, index)
 
 
-def seed_dropout(seed: int, step: int) -> None:
-    """Seed torch's global generator, which dropout draws its masks from, for training step ``step``."""
-    torch.manual_seed(derived_seed(seed, SEED_DROPOUT, step))
+def seed_dropout(seed: int, step: int, rank: int = 0) -> None:
+    """Seed torch's global generator, which dropout draws its masks from, for training step ``step`` on
+    process ``rank`` (each process of a multi-process run has masks of its own; rank 0's are those of a
+    single-process run)."""
+    keys = (seed, SEED_DROPOUT, step) if rank == 0 else (seed, SEED_DROPOUT, step, rank)
+    torch.manual_seed(derived_seed(*keys))
 
 
 def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:

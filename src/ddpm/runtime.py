@@ -1,4 +1,5 @@
-"""Where and how the network runs: the device, and the network wrapped for the speed options.
+"""Where and how the network runs: the device, the processes (torchrun), and the network wrapped for
+the speed options.
 
 Training, sampling, the likelihood, inversion and the figures all get their network from
 ``wrap_network``, so a speed option means the same thing everywhere.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -78,3 +80,78 @@ def wrap_network(
                 return inner(x, t).float()
 
     return network
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun).
+
+    Every collective here is a no-op for a single process, so single-process results never depend on
+    this module."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files (checkpoints, logs, images)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def any(self, *flags: bool) -> list[bool]:
+        """For each flag, whether it is set on any process (so that all processes act alike)."""
+        if not self.distributed:
+            return [bool(f) for f in flags]
+        import torch.distributed as dist
+
+        values = torch.tensor([float(f) for f in flags], device=_collective_device())
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the processes."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        total = value.detach().clone().to(_collective_device())
+        dist.all_reduce(total)
+        return (total / self.world_size).to(value.device)
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every process's ``tensor`` (shapes may differ), on the CPU of the main process; None elsewhere."""
+        if not self.distributed:
+            return [tensor.cpu()]
+        import torch.distributed as dist
+
+        parts = [None] * self.world_size if self.is_main else None
+        dist.gather_object(tensor.cpu(), parts, dst=0)
+        return parts
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def init_processes(device: torch.device) -> Processes:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL for CUDA
+    devices, gloo otherwise. Without torchrun, a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Processes()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size())

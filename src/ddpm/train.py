@@ -1,14 +1,19 @@
-"""Training (Algorithm 1): Adam with linear warm-up, global-norm clipping, EMA, checkpoints and resume.
+"""Training (Algorithm 1): Adam with linear warm-up, global-norm clipping, EMA, checkpoints and resume,
+in one process or in several under torchrun (DistributedDataParallel).
 
 Every random choice of step s (batch order, flips, timesteps, noise, dropout) comes from generators
 seeded by (seed, s). A run resumed from a checkpoint therefore continues exactly as if it had never
-stopped: on CPU the final weights are bit-identical.
+stopped: on CPU the final weights are bit-identical. Under torchrun every process draws the whole
+global batch's randoms from that generator and takes its own slice, so the process count changes
+float rounding only, and a single process computes exactly what it always did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -24,8 +29,12 @@ from .errors import CheckpointError, ConfigError
 from .files import write_json
 from .images import plot_points, save_grid, to_model_range, to_uint8
 from .rng import seed_dropout, step_generator
-from .runtime import resolve_device, wrap_network
+from .rundir import RunDirectory
+from .runtime import init_processes, resolve_device, wrap_network
 from .sample import generate
+
+# With train.on_nonfinite = "skip", this many skipped steps in a row stop the run all the same.
+MAX_CONSECUTIVE_SKIPS = 100
 
 
 class EMA:
@@ -72,6 +81,8 @@ RESUMABLE_CHANGES = {
     "train.sample_every",
     "train.num_sample_images",
     "train.sample_steps",
+    "train.grad_accum",
+    "train.on_nonfinite",
 }
 
 
@@ -91,12 +102,25 @@ def check_resume_changes(saved: dict, cfg: Config) -> None:
 
 
 class Trainer:
-    """Owns one run directory: config.json, checkpoint.safetensors, metrics.jsonl, samples/."""
+    """Owns one run directory: config.json, checkpoint.safetensors, metrics.jsonl, samples/.
+
+    Under torchrun every process holds the model, the optimiser and the EMA (kept equal by
+    DistributedDataParallel); only rank 0 touches the run directory."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True):
         validate(cfg)
-        self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.run = RunDirectory(run_dir)
+        self.run_dir = self.run.path
+        self.device = resolve_device(cfg.train.device)
+        self.procs = init_processes(self.device)
+        self.progress = progress and self.procs.is_main
+        t = cfg.train
+        share = t.batch_size // self.procs.world_size
+        if t.batch_size % self.procs.world_size or share % t.grad_accum:
+            raise ConfigError(
+                f"train.batch_size {t.batch_size} must split evenly over {self.procs.world_size} process(es) "
+                f"and train.grad_accum={t.grad_accum} micro-batches each"
+            )
         ckpt = None
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
@@ -108,15 +132,22 @@ class Trainer:
                 f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
             )
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
         self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
         if cfg.data.channels is None:
             cfg.data.channels = self.dataset.channels
         torch.manual_seed(cfg.train.seed)  # the initial weights
         self.model = build_model(cfg, self.dataset.channels).to(self.device)
+        if t.channels_last:  # before DistributedDataParallel registers the parameters' layout
+            self.model.to(memory_format=torch.channels_last)
+        self.ddp = None
+        if self.procs.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         # The network as the maths calls it: with the precision and speed options of the config.
-        t = cfg.train
-        self.network = wrap_network(self.model, self.device, t.precision, t.channels_last, t.compile)
+        trained = self.ddp or self.model
+        self.network = wrap_network(trained, self.device, t.precision, t.channels_last, t.compile)
         self.diffusion: GaussianDiffusion = build_diffusion(cfg)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
@@ -128,78 +159,144 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay)
         self.step = 0
         self.train_seconds = 0.0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.order = BatchOrder(len(self.dataset), t.batch_size, t.seed)
         self.data = self.dataset.data.to(self.device)
         if ckpt is not None:
             self._restore(ckpt)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "config.json", cfg.to_dict())
+        self.stop_signal: int | None = None
+        if self.procs.is_main:
+            # Owned from here on (checked last, so that bad input leaves no directory behind).
+            self.run.lock()
+            if not resume and (self.run_dir / CHECKPOINT_NAME).exists():  # written while we got ready
+                self.run.unlock()
+                raise ConfigError(f"{self.run_dir} already holds a run; use --resume to continue it")
+            self.run.remove_temporary_files()
+            self.run.keep_metrics_up_to(self.step)
+            write_json(self.run_dir / "config.json", cfg.to_dict())
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
             self.model.load_state_dict(ckpt.model)
             if ckpt.ema.keys() != self.ema.shadow.keys():
                 raise KeyError("its EMA weights do not match the model's parameters")
+            for name, value in ckpt.ema.items():
+                if value.shape != self.ema.shadow[name].shape:
+                    raise ValueError(
+                        f"EMA tensor {name} has shape {tuple(value.shape)}, the model's "
+                        f"{tuple(self.ema.shadow[name].shape)}"
+                    )
             self.ema.shadow = {k: v.to(self.device) for k, v in ckpt.ema.items()}
             load_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.optimizer_meta)
+            stepped = len(self.optimizer.state)
+            if ckpt.step > 0 and stepped != len(list(self.model.parameters())):
+                raise ValueError(f"its optimiser state covers {stepped} of the model's parameters")
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not match this config: {e}") from None
-        self.step = int(ckpt.train_state["step"])
+        self.step = ckpt.step
         self.train_seconds = float(ckpt.train_state.get("train_seconds", 0.0))
+        self.skipped_steps = int(ckpt.train_state.get("skipped_steps", 0))
 
     # ---- one training step (Algorithm 1) ----
 
-    def batch(self, step: int, g: torch.Generator) -> torch.Tensor:
-        x = self.data[self.order.indices(step).to(self.device)]
-        if not self.dataset.is_image:
-            return x
-        x = to_model_range(x)
-        if self.cfg.data.random_flip:
-            flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(self.device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+    def batch(self, step: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's share of step ``step``'s batch: (x0, t, noise). The randoms of the whole global
+        batch are drawn (flips, then t, then noise) and sliced, so they do not depend on the process
+        count."""
+        indices = self.order.indices(step)
+        B = len(indices)
+        flip = None
+        if self.dataset.is_image and self.cfg.data.random_flip:
+            flip = torch.rand(B, generator=g) < 0.5
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)
+        noise = torch.randn((B, *self.data.shape[1:]), generator=g)
+        share = B // self.procs.world_size
+        mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
+        x = self.data[indices[mine].to(self.device)]
+        if self.dataset.is_image:
+            x = to_model_range(x)
+            if flip is not None:
+                x = torch.where(flip[mine].to(self.device)[:, None, None, None], x.flip(3), x)
+        return x, t[mine].to(self.device), noise[mine].to(self.device)
 
     def train_step(self) -> dict[str, float]:
         t_cfg = self.cfg.train
         g = step_generator(t_cfg.seed, self.step)
-        x0 = self.batch(self.step, g)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
-        seed_dropout(t_cfg.seed, self.step)
+        x0, t, noise = self.batch(self.step, g)
+        seed_dropout(t_cfg.seed, self.step, self.procs.rank)
 
         lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
-        losses = self.diffusion.training_losses(self.network, x0, t, noise)
-        loss = losses["loss"].mean()
+        (self.ddp or self.model).train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accum = t_cfg.grad_accum
+        loss = torch.zeros((), device=self.device)
+        micro_batches = zip(x0.chunk(accum), t.chunk(accum), noise.chunk(accum), strict=True)
+        for i, (x_i, t_i, noise_i) in enumerate(micro_batches):
+            # Gradients are exchanged once per step, with the last micro-batch's backward pass.
+            last = i == accum - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                micro = self.diffusion.training_losses(self.network, x_i, t_i, noise_i)["loss"].mean()
+                if accum == 1:
+                    micro.backward()
+                    loss = micro.detach()
+                else:
+                    (micro / accum).backward()
+                    loss = loss + micro.detach() / accum
+        loss = self.procs.mean(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_clip)
-        self.optimizer.step()
-        self.ema.update(self.model)
+        stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
+            self.optimizer.step()
+            self.ema.update(self.model)
+        else:  # never let a NaN or an infinity into the weights, the EMA or a checkpoint
+            if t_cfg.on_nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS - 1:
+                raise FloatingPointError(
+                    f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at step "
+                    f"{self.step + 1}; the weights were not updated and the last checkpoint is intact"
+                )
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            stats["skipped"] = 1.0
+        if "skipped" not in stats:
+            self.consecutive_skips = 0
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        return stats
 
     # ---- the loop ----
 
     def train(self) -> dict:
+        """Train up to train.steps, or until the time limit or a SIGINT / SIGTERM, checkpointing on the
+        way and at the end. Returns the step reached and why it stopped."""
+        if self.procs.is_main:
+            self.run.lock()
+        try:
+            return self._train()
+        finally:
+            self.run.unlock()
+
+    def _train(self) -> dict:
         t_cfg = self.cfg.train
         if self.step >= t_cfg.steps:
+            # A run killed between its last checkpoint and its final grid gets the grid now.
+            if self.procs.is_main and not self.sample_path(self.step).is_file():
+                self.write_samples()
             return {"step": self.step, "stopped": "done"}
         # The limit is for this call: a run stopped by it and resumed gets the full limit again.
         limit = None if t_cfg.time_limit_minutes is None else t_cfg.time_limit_minutes * 60
         session_seconds = 0.0
         bar = _progress(self.progress, self.step, t_cfg.steps)
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        metrics_file = open(self.run.metrics_path, "a") if self.procs.is_main else None
         stopped = "done"
         window_start, window_images = time.perf_counter(), 0
+        handlers = _catch_stop_signals(self)
         try:
             while self.step < t_cfg.steps:
                 start = time.perf_counter()
                 stats = self.train_step()
-                if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(f"loss became {stats['loss']} at step {self.step}")
                 elapsed = time.perf_counter() - start
                 self.train_seconds += elapsed
                 session_seconds += elapsed
@@ -209,26 +306,44 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     stats["images_per_s"] = round(window_images / max(elapsed, 1e-9), 2)
                     window_start, window_images = time.perf_counter(), 0
-                    record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    if metrics_file is not None:
+                        record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
-                out_of_time = limit is not None and session_seconds >= limit
-                last = out_of_time or self.step == t_cfg.steps
-                if self.step % t_cfg.checkpoint_every == 0 or last:
-                    self.save()
-                if self.step % t_cfg.sample_every == 0 or last:
-                    self.write_samples()
+                # Every process must stop at the same step: the time limit and signals are agreed on.
+                signalled, out_of_time = self.procs.any(
+                    self.stop_signal is not None, limit is not None and session_seconds >= limit
+                )
+                last = signalled or out_of_time or self.step == t_cfg.steps
+                if self.procs.is_main:
+                    if self.step % t_cfg.checkpoint_every == 0 or last:
+                        self.save()
+                    if self.step % t_cfg.sample_every == 0 or (last and not signalled):
+                        self.write_samples()
+                if signalled:
+                    stopped = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+                    break
                 if out_of_time:
                     stopped = "time limit"
                     break
         finally:
-            metrics_file.close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            if metrics_file is not None:
+                metrics_file.close()
             bar.close()
-        return {"step": self.step, "stopped": stopped, "train_seconds": round(self.train_seconds, 1)}
+        result = {"step": self.step, "stopped": stopped, "train_seconds": round(self.train_seconds, 1)}
+        if self.skipped_steps:
+            result["skipped_steps"] = self.skipped_steps
+        return result
 
     def save(self) -> None:
         state = {"step": self.step, "seed": self.cfg.train.seed, "train_seconds": self.train_seconds}
+        if self.skipped_steps:
+            state["skipped_steps"] = self.skipped_steps
+        if self.procs.distributed:
+            state["world_size"] = self.procs.world_size
         save_checkpoint(
             self.run_dir / CHECKPOINT_NAME,
             self.cfg.to_dict(),
@@ -237,6 +352,9 @@ class Trainer:
             self.optimizer,
             state,
         )
+
+    def sample_path(self, step: int) -> Path:
+        return self.run_dir / "samples" / f"step_{step:07d}.png"
 
     def write_samples(self) -> Path:
         """A grid (or scatter plot) of samples from the EMA model, with a fixed seed."""
@@ -255,14 +373,31 @@ class Trainer:
             clip_denoised=self.dataset.is_image,  # 2-D points are not bounded to [-1, 1]
             precision=t_cfg.precision,
         )
-        (self.run_dir / "samples").mkdir(exist_ok=True)
+        path = self.sample_path(self.step)
+        path.parent.mkdir(exist_ok=True)
         if self.dataset.is_image:
-            path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
             save_grid(to_uint8(samples), path)
         else:
-            path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
             plot_points(samples, path, reference=self.dataset.data[:2000].cpu())
         return path
+
+
+def _catch_stop_signals(trainer: Trainer) -> dict:
+    """Turn the first SIGINT / SIGTERM into a request to stop after the current step (with a
+    checkpoint); a second one acts as usual. Returns the handlers to put back."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, request_stop)
+    return previous
 
 
 def _progress(enabled: bool, initial: int, total: int):
