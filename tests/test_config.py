@@ -56,7 +56,7 @@ def test_resolve_config_order_preset_file_values_overrides(tmp_path):
     assert resolve_config().name == "fashion-mnist"  # the default preset
     base = preset("toy2d")
     assert resolve_config(base, values={"train.steps": 9}) is base and base.train.steps == 9
-    with pytest.raises(ConfigError, match="--resume uses the run's own config"):
+    with pytest.raises(ConfigError, match="a resumed run keeps its own config"):
         resolve_config(base, "cifar10")
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from ddpm.config import PRECISIONS
 from ddpm.errors import ConfigError
-from ddpm.runtime import PRECISIONS, resolve_device, wrap_network
+from ddpm.runtime import resolve_device, wrap_network
 from ddpm.unet import UNet
 
 

@@ -8,9 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
+from .config import PRECISIONS
 from .errors import DDPMError
-from .runtime import PRECISIONS
+from .sample import SampleOptions
 from .samplers import SAMPLERS, SPACINGS
+
+SAMPLE_DEFAULTS = SampleOptions()
 
 # Flags that are shortcuts for config keys.
 SHORTCUTS = {
@@ -49,6 +52,11 @@ FLAGS = {
     ),
     "--seed": dict(type=int, default=0),
     "--batch-size": dict(type=int, default=64),
+    "--split": dict(default="test", choices=("train", "test"), help="the data split (default test)"),
+    "--cache-dir": dict(
+        help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)"
+    ),
+    "--no-clip": dict(action="store_true", help="do not clip the predicted x0 to [-1, 1]"),
 }
 
 
@@ -83,7 +91,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     # No defaults here: an unset flag leaves the config's value.
-    _add(p, "--device", "--precision", device=dict(default=None), precision=dict(default=None))
+    keep = " (default: the config's)"
+    device = dict(default=None, help="auto, cpu, cuda or cuda:N" + keep)
+    precision = dict(default=None, help="fp32, or bf16 autocast" + keep)
+    _add(p, "--device", "--precision", device=device, precision=precision)
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop training after this long")
 
 
@@ -94,26 +105,28 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         "--sampler",
         choices=tuple(SAMPLERS),
         default="ancestral",
-        help="; ".join(f"{name}: {sampler.summary}" for name, sampler in SAMPLERS.items()),
+        help="; ".join(f"{name}: {sampler.summary}" for name, sampler in SAMPLERS.items())
+        + " (default ancestral)",
     )
     p.add_argument(
         "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
     )
-    p.add_argument(
-        "--no-clip",
-        action="store_true",
-        help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
-    )
+    no_clip = dict(help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)")
+    _add(p, "--no-clip", no_clip=no_clip)
     _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", "--device", "--precision", "--var-type")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
 
-def _sample_options(args, num: int | None = None):
-    from .sample import SampleOptions
+def _config_values(args) -> dict:
+    """The shortcut flags as config keys (None for those not given)."""
+    return {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
 
+
+def _sample_options(args):
+    """The sampling flags; `ddpm sample`'s --num is the number of samples (eval fid decides its own)."""
     return SampleOptions(
-        num=num if num is not None else 64,
+        num=args.num if args.command == "sample" else SAMPLE_DEFAULTS.num,
         batch_size=args.batch_size,
         seed=args.seed,
         steps=args.steps,
@@ -152,7 +165,7 @@ def cmd_train(args) -> int:
     from .config import Config, resolve_config
     from .train import Trainer
 
-    values = {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
+    values = _config_values(args)
     if args.resume:
         run_dir = Path(args.resume)
         base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
@@ -179,7 +192,7 @@ def cmd_sample(args) -> int:
     from .sample import sample_to_dir
 
     out = _output_dir(args, "samples-out")
-    return _print(out_dir=str(out), **sample_to_dir(args.checkpoint, out, _sample_options(args, args.num)))
+    return _print(out_dir=str(out), **sample_to_dir(args.checkpoint, out, _sample_options(args)))
 
 
 def cmd_invert(args) -> int:
@@ -295,8 +308,7 @@ def cmd_presets(args) -> int:
 def cmd_config(args) -> int:
     from .config import resolve_config
 
-    values = {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
-    cfg = resolve_config(None, args.preset, args.config, values, args.set)
+    cfg = resolve_config(None, args.preset, args.config, _config_values(args), args.set)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
@@ -314,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
     _add_checkpoint(p, "samples-out")
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument(
+        "--num",
+        type=int,
+        default=SAMPLE_DEFAULTS.num,
+        help=f"number of samples (default {SAMPLE_DEFAULTS.num})",
+    )
     _add_sampling_flags(p)
     _add(p, "--no-progress")
     p.set_defaults(func=cmd_sample)
@@ -347,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         help="reference dataset (default: the samples' own, from samples.json; else fashion-mnist)",
     )
-    e.add_argument(
-        "--split", default="test", choices=["train", "test"], help="reference split (default test)"
-    )
+    _add(e, "--split", split=dict(help="the reference split (default test)"))
     e.add_argument(
         "--extractor",
         choices=["auto", "inception", "domain"],
@@ -362,10 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: download)",
     )
-    e.add_argument(
-        "--cache-dir",
-        help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)",
-    )
+    _add(e, "--cache-dir")
     e.add_argument(
         "--num",
         type=int,
@@ -373,14 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_flags(e)
     e.add_argument("--out", help="result JSON (default: next to the samples)")
-    _add(e, "--data-dir", "--no-progress", data_dir=dict(help="where the reference dataset is"))
+    reference = dict(help="where the reference dataset is (default: the usual place)")
+    _add(e, "--data-dir", "--no-progress", data_dir=reference)
     e.set_defaults(func=cmd_eval_fid)
 
     e = eval_sub.add_parser("nll", help="the NLL bound in bits/dim, per-t terms and rate/distortion")
     _add_checkpoint(e, "nll-SPLIT")
-    e.add_argument("--split", default="test", choices=["train", "test"])
+    _add(e, "--split")
     e.add_argument("--num", type=int, help="evaluate the first N images (default: the whole split)")
-    e.add_argument("--no-clip", action="store_true", help="do not clip x0 in the model mean (default: clip)")
+    _add(e, "--no-clip", no_clip=dict(help="do not clip x0 in the model mean (default: clip)"))
     e.add_argument(
         "--estimate-steps",
         type=int,
@@ -398,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--cache-dir")
+    _add(p, "--cache-dir")
     _add(p, "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
     p.set_defaults(func=cmd_train_classifier)
 

@@ -17,7 +17,13 @@ else:
     import tomli as tomllib
 
 from .errors import ConfigError
-from .runtime import check_precision
+
+PRECISIONS = ("fp32", "bf16")  # the network's: fp32, or bf16 autocast (see ddpm.runtime.wrap_network)
+
+
+def check_precision(precision: str, what: str = "precision") -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{what} must be {' or '.join(PRECISIONS)}, got {precision!r}")
 
 
 @dataclass
@@ -300,7 +306,7 @@ def resolve_config(
     replaces the first two: a resumed run cannot take another preset or file."""
     if base is not None:
         if preset_name or config_file:
-            raise ConfigError("--resume uses the run's own config; give overrides with flags or --set only")
+            raise ConfigError("a resumed run keeps its own config: no preset or config file, only overrides")
         cfg = base
     elif config_file:
         cfg = load_file(config_file, base=preset(preset_name) if preset_name else None)

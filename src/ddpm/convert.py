@@ -14,7 +14,7 @@ import torch
 
 from .build import build_model, load_weights
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
-from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, validate
 from .errors import CheckpointError
 from .files import write_json
 
@@ -215,6 +215,7 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
     if (run_dir / CHECKPOINT_NAME).exists():
         raise CheckpointError(f"{run_dir} already holds a checkpoint; choose another --out")
     cfg, state = load_diffusers_folder(folder)
+    validate(cfg)  # e.g. a sample_size the U-Net's levels do not divide
     model = build_model(cfg, cfg.data.channels)
     load_weights(model, state, f"weights in {folder} do not fit the DDPM U-Net")
     weights = model.state_dict()

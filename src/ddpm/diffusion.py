@@ -310,11 +310,11 @@ class GaussianDiffusion:
     # the names the README documented (``diffusion.respaced(50).p_sample_loop_progressive(...)``).
 
     def p_sample_loop_progressive(
-        self, model: Model, shape: tuple[int, ...], **kwargs
+        self, model: Model, shape: tuple[int, ...], *args, **kwargs
     ) -> Iterator[SampleStep]:
         from .samplers import ancestral_progressive
 
-        return ancestral_progressive(self, model, shape, **kwargs)
+        return ancestral_progressive(self, model, shape, *args, **kwargs)
 
     def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
         from .samplers import ancestral_sample_loop

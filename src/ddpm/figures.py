@@ -24,7 +24,8 @@ FIGURES = ("forward", "progressive", "shared", "interpolate", "gif")
 
 
 def _generator(seed: int, figure: int) -> torch.Generator:
-    return sampling_generator(seed, 1_000 + figure)  # streams of their own, apart from sample batches
+    # Index 1000 + figure: the stream a sample batch of that index would use (as the figures always did).
+    return sampling_generator(seed, 1_000 + figure)
 
 
 def _times(T: int, count: int) -> list[int]:

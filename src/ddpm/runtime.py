@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import check_precision
 from .errors import ConfigError
-
-PRECISIONS = ("fp32", "bf16")
 
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,13 +39,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def check_precision(precision: str, what: str = "precision") -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{what} must be {' or '.join(PRECISIONS)}, got {precision!r}")
-
-
 def wrap_network(
-    model: nn.Module,
+    model: nn.Module | Network,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     channels_last: bool = False,
@@ -63,6 +57,8 @@ def wrap_network(
     check_precision(precision)
     network: Network = model
     if channels_last:
+        if not isinstance(model, nn.Module):
+            raise TypeError("channels_last stores a module's weights in NHWC; got a plain callable")
         model.to(memory_format=torch.channels_last)
 
         def network(x, t):

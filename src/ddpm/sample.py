@@ -20,7 +20,7 @@ from .files import write_json
 from .images import plot_points, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import resolve_device, wrap_network
-from .samplers import get_sampler, sampling_chain
+from .samplers import check_eta, get_sampler, sampling_chain
 
 __all__ = ["SampleOptions", "generate", "load_model", "sample_to_dir", "sampling_chain"]
 
@@ -106,6 +106,8 @@ def sample_to_dir(
     images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json. For 2-D point models:
     points.npy and points.png."""
     opts = dataclasses.replace(options or SampleOptions(), **overrides)
+    get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
+    check_eta(opts.sampler, opts.eta)
     device = resolve_device(opts.device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)

@@ -14,6 +14,7 @@ and returns the final sample; ``model`` is any callable ``(x_t, t) -> output``.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -108,9 +109,12 @@ def _timestep(i: int, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), i, device=device, dtype=torch.long)
 
 
-def _no_eta(name: str, eta: float) -> None:
-    if eta != 0:
-        raise ConfigError(f"eta is DDIM's noise level; the {name} sampler has none (got eta={eta})")
+def check_eta(sampler: str, eta: float) -> None:
+    """eta is DDIM's noise level, a finite number >= 0; the other samplers take none."""
+    if sampler != "ddim" and eta != 0:
+        raise ConfigError(f"eta is DDIM's noise level; the {sampler} sampler has none (got eta={eta})")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
 
 
 def p_sample(
@@ -170,7 +174,7 @@ def ancestral_sample_loop(
 ) -> torch.Tensor:
     """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped). ``options`` are those of
     :func:`ancestral_progressive` (``t_start``, ``shared_noise``)."""
-    _no_eta("ancestral", eta)
+    check_eta("ancestral", eta)
     steps = ancestral_progressive(
         chain, model, shape, generator, device, clip_denoised, x_start, progress=progress, **options
     )
@@ -194,8 +198,7 @@ def ddim_sample_loop(
     """DDIM on ``chain``: eta = 0 is deterministic given x_T; eta = 1 is the ancestral sampler with the
     fixed-small variance. eps is recomputed from the (clipped) x0, as in Improved DDPM's
     implementation, so both views agree."""
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
+    check_eta("ddim", eta)
     x = _start(shape, generator, device, x_start)
     for i in _reverse(chain.num_timesteps - 1, progress):
         t = _timestep(i, shape[0], device)
@@ -253,7 +256,7 @@ def dpm_solver_pp_2m_sample_loop(
     each step of ``chain``, from its last to its first, and then steps to clean data (sigma = 0). The
     first and that final step are first order (DDIM), as in diffusers' DPMSolverMultistepScheduler with
     lower_order_final."""
-    _no_eta("dpm++2m", eta)
+    check_eta("dpm++2m", eta)
     ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
     alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
     lam = np.log(alpha) - np.log(sigma)
@@ -294,9 +297,7 @@ class Sampler:
 # diffusers' linspace timesteps it under-disperses a toy Gaussian by 20-50% at 25-10 steps; logsnr is
 # within 3%).
 SAMPLERS: dict[str, Sampler] = {
-    "ancestral": Sampler(
-        ancestral_sample_loop, "linspace", timestep_subset, "the paper's Algorithm 2 (default)"
-    ),
+    "ancestral": Sampler(ancestral_sample_loop, "linspace", timestep_subset, "the paper's Algorithm 2"),
     "ddim": Sampler(ddim_sample_loop, "linspace", timestep_subset, "DDIM, Song et al. 2021"),
     "dpm++2m": Sampler(
         dpm_solver_pp_2m_sample_loop,
