@@ -59,3 +59,15 @@ def test_load_model_refuses_weights_that_do_not_fit(tmp_path):
     save_checkpoint(tmp_path / "checkpoint.safetensors", cfg.to_dict(), {"extra": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="do not fit its config .missing"):
         load_model(tmp_path, use_ema=False)
+
+
+def test_nan_weights_are_refused_not_sampled_black(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.data.channels = 1
+    state = build_model(cfg, 1).state_dict()
+    state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], float("nan"))
+    save_checkpoint(
+        tmp_path / "checkpoint.safetensors", cfg.to_dict(), state, {k: v.clone() for k, v in state.items()}
+    )
+    with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(conv_out.bias\)"):
+        load_model(tmp_path)

@@ -342,3 +342,20 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {}, {"w": torch.zeros(2)})
     assert torch.equal(Checkpoint(path).model["w"], torch.ones(2))
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(
+    "meta,message",
+    [
+        ({"config": "[1, 2]"}, "config and train_state must be objects"),
+        ({"train_state": '"done"'}, "config and train_state must be objects"),
+        ({"optimizer": "3"}, "optimizer must be an object"),
+        ({"train_state": '{"step": "12"}'}, "step '12' is not a count"),
+        ({"train_state": '{"step": -1}'}, "step -1 is not a count"),
+        ({"train_state": '{"step": 2.5}'}, "step 2.5 is not a count"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused(tmp_path, meta, message):
+    write_raw(tmp_path / "c.safetensors", meta=metadata(**meta))
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(tmp_path / "c.safetensors")

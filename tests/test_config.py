@@ -97,3 +97,12 @@ def test_values_are_coerced_to_the_field_types():
         assert getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) == expected
     with pytest.raises(ConfigError, match="train.steps expects int"):
         set_value(cfg, "train.steps", 2.5)
+
+
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--set", "train.ema_decay=nan"], ["--lr", "inf"]])
+def test_non_finite_numbers_are_one_line_errors(flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *flag]) == 2
+    err = capsys.readouterr().err
+    assert "must be a finite number" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

@@ -446,3 +446,52 @@ def test_incomplete_or_unfaithful_configs_are_one_line_errors(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda u: u.update(down_block_types=["DownBlock2D", "FancyDownBlock2D"]),
+            "'FancyDownBlock2D' block",
+        ),
+        (lambda u: u.update(up_block_types=["UpBlock2D", "UpBlock2D"]), "do not mirror"),
+        (lambda u: u.update(sample_size=[32, 16]), "sample_size=[32, 16]; the DDPM network is square"),
+    ],
+)
+def test_unets_that_are_not_the_papers_are_refused(tmp_path, capsys, change, message):
+    unet = {
+        "norm_eps": 1e-6,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "downsample_padding": 0,
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": None,
+        "norm_num_groups": 4,
+        "in_channels": 3,
+        "out_channels": 3,
+    }
+    change(unet)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet))
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_config_that_is_not_an_object_is_refused(tmp_path, capsys):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("[1, 2]")
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "holds a JSON list, not an object" in capsys.readouterr().err
+
+
+def test_an_image_size_the_levels_do_not_divide_is_refused(tmp_path, capsys):
+    folder = write_pipeline(tmp_path / "pipe", tiny_unet())
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_size": 31}))
+    assert main(["import", str(folder), "--out", str(tmp_path / "run")]) == 2
+    assert "image_size 31 must be a positive multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -134,3 +134,12 @@ def test_cifar10_binary_release(tmp_path):
     (folder / "data_batch_3.bin").write_bytes(b"\x00" * 100)
     with pytest.raises(DataError, match="truncated"):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32))
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 514], [32896, 65535, 1000], [51400, 12850, 25700]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    data = load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=3)).data
+    expected = torch.tensor([[0, 1, 2], [128, 255, 4], [200, 50, 100]], dtype=torch.uint8)
+    assert torch.equal(data[0, 0], expected)  # convert("L") would have made all but 0 into 255

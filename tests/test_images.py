@@ -47,3 +47,9 @@ def test_bad_samples_are_reported(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(DataError, match="cannot read samples"):
         load_samples(tmp_path / "bad.npz")
+
+
+def test_an_empty_npz_is_refused(tmp_path):
+    np.savez(tmp_path / "e.npz", arr_0=np.zeros((0, 28, 28, 1), np.uint8))
+    with pytest.raises(DataError, match="holds no samples"):
+        load_samples(tmp_path / "e.npz")

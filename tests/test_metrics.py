@@ -74,3 +74,12 @@ def test_domain_fid_end_to_end(idx_dir, tmp_path):
         evaluate_domain(noise.float(), "fashion-mnist", "test", str(idx_dir), cache, progress=False)
     with pytest.raises(DataError, match="domain classifier"):
         domain_classifier("cifar10", None, 32, cache, progress=False)
+
+
+def test_rgb_samples_are_refused_before_a_classifier_is_trained(tmp_path, monkeypatch):
+    from ddpm import metrics
+
+    monkeypatch.setattr(metrics, "domain_classifier", lambda *a, **k: pytest.fail("trained a classifier"))
+    rgb = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(DataError, match="samples have 3 channels; fashion-mnist is grayscale"):
+        evaluate_domain(rgb, "fashion-mnist", cache_dir=tmp_path)

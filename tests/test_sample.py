@@ -118,3 +118,89 @@ def test_sample_options_and_keywords_are_the_same_call(idx_dir, tmp_path):
         sample_to_dir(run, tmp_path / "c", num=0)
     with pytest.raises(TypeError):
         sample_to_dir(run, tmp_path / "c", samples=3)  # a misspelt option is not silently ignored
+
+
+def test_an_unusable_out_fails_before_sampling(idx_dir, tmp_path, capsys, monkeypatch):
+    from ddpm import sample
+    from ddpm.cli import main
+
+    run = tmp_path / "run"
+    ddpm.Trainer(tiny_config(idx_dir, steps=1), run, progress=False).train()
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    (tmp_path / "taken").write_text("a file")
+    assert main(["sample", str(run), "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm: error:") and err.count("\n") == 1
+
+
+def test_a_reused_out_holds_only_the_new_samples(idx_dir, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.sample import sample_to_dir
+
+    run = tmp_path / "run"
+    ddpm.Trainer(tiny_config(idx_dir, steps=1), run, progress=False).train()
+    out = tmp_path / "out"
+    sample_to_dir(run, out, num=6, steps=2, progress=False)
+    (out / "points.npy").write_bytes(b"from an earlier 2-D model")
+    info = sample_to_dir(run, out, num=3, steps=2, progress=False)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 3
+    assert json.loads((out / "samples.json").read_text()) == info and info["removed_stale"] == ["points.npy"]
+    assert not (out / "points.npy").exists() and not list(out.glob(".partial-*"))
+    Image.open(out / "grid.png").verify()
+
+
+def test_a_killed_sample_leaves_the_previous_results_whole(idx_dir, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.sample import sample_to_dir
+
+    run = tmp_path / "run"
+    ddpm.Trainer(tiny_config(idx_dir, steps=1), run, progress=False).train()
+    out = tmp_path / "out"
+    before = sample_to_dir(run, out, num=4, steps=2, progress=False)
+    argv = [sys.executable, "-m", "ddpm", "sample", str(run), "--num", "3000", "--batch-size", "1000"]
+    process = subprocess.Popen([*argv, "--steps", "2", "--out", str(out), "--no-progress"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:  # kill it while it writes PNGs
+        staged = list(out.glob(".partial-*/images/*.png"))
+        if len(staged) > 20:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(staged) > 20, "the kill came too late to land among the PNG writes"
+    assert json.loads((out / "samples.json").read_text()) == before
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 4
+    for png in (out / "images").iterdir():
+        Image.open(png).verify()  # no truncated image among the results
+    sample_to_dir(run, out, num=2, steps=2, progress=False)
+    assert not list(out.glob(".partial-*"))  # the next run cleans up
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--sampler", "ddim", "--eta", "nan"], "eta must be a finite number >= 0, got nan"),
+        (["--sampler", "ddim", "--eta", "-1"], "eta must be a finite number >= 0"),
+        (["--eta", "0.5"], "the ancestral sampler has none"),
+    ],
+)
+def test_bad_eta_is_refused_before_loading(argv, message, tmp_path, capsys):
+    from ddpm.cli import main
+
+    # the checkpoint does not even exist: the options are checked first
+    assert main(["sample", str(tmp_path / "no-run"), *argv, "--out", str(tmp_path / "s")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from ddpm.checkpoint import Checkpoint
-from ddpm.errors import ConfigError
+from ddpm.errors import CheckpointError, ConfigError
 from ddpm.train import EMA, Trainer, learning_rate
 
 
@@ -172,3 +172,36 @@ def test_gradient_accumulation_gives_the_full_batch_update(idx_dir, tmp_path):
         torch.testing.assert_close(runs[2].model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="must split evenly"):
         Trainer(tiny_config(idx_dir, grad_accum=3), tmp_path / "3", progress=False)
+
+
+def rewrite_checkpoint(path, change) -> None:
+    """Apply ``change(tensors, metadata)`` to a checkpoint file's raw contents."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda t, m: t.update({"ema.conv_in.weight": torch.zeros(3)}),
+            "EMA tensor conv_in.weight has shape",
+        ),
+        (lambda t, m: t.update({"optim.0.exp_avg": torch.zeros(2)}), "optimiser tensor 0.exp_avg has shape"),
+        (lambda t, m: t.pop("optim.3.exp_avg_sq"), "optimiser state is incomplete"),
+        (lambda t, m: [t.pop(k) for k in list(t) if k.startswith("optim.5.")], "covers"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_on_resume(idx_dir, tmp_path, damage, message):
+    """Damage that would otherwise fail steps later, deep in Adam or the EMA update, with a traceback."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
+    rewrite_checkpoint(run / "checkpoint.safetensors", damage)
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(tiny_config(idx_dir, steps=4), run, resume=True, progress=False)

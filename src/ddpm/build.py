@@ -63,7 +63,13 @@ def load_model(
         cfg.diffusion.var_type = var_type
     validate(cfg)
     model = build_model(cfg, cfg.data.channels)
-    load_weights(model, ckpt.weights(use_ema), "checkpoint weights do not fit its config")
+    weights = ckpt.weights(use_ema)
+    load_weights(model, weights, "checkpoint weights do not fit its config")
+    broken = [
+        name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if broken:  # they would sample black images without a word
+        raise CheckpointError(f"checkpoint {ckpt.path} has NaN or infinite weights ({', '.join(broken[:3])})")
     return model.to(device).eval(), build_diffusion(cfg), cfg
 
 

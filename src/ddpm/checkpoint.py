@@ -80,7 +80,10 @@ def save_checkpoint(
         "train_state": json.dumps(train_state or {}),
         "optimizer": json.dumps(optim_meta),
     }
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    try:
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except SafetensorError as e:  # a full disk, say; the previous checkpoint is left as it was
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}; the previous one is intact") from None
 
 
 class Checkpoint:

@@ -111,8 +111,20 @@ def model_config_from_diffusers(unet_cfg: dict) -> tuple[ModelConfig, int, int]:
     if any(c % ch for c in channels):
         raise CheckpointError(f"block_out_channels {channels} are not multiples of the first")
     size = unet_cfg.get("sample_size", 32)
-    size = size[0] if isinstance(size, list | tuple) else size
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise CheckpointError(f"diffusers UNet has sample_size={size}; the DDPM network is square")
+        size = size[0]
     down_types = _required(unet_cfg, "down_block_types")
+    up_types = unet_cfg.get("up_block_types", [t.replace("Down", "Up") for t in down_types][::-1])
+    known = {"DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"}
+    for kind in [*down_types, *up_types]:
+        if kind not in known:
+            raise CheckpointError(
+                f"diffusers UNet has a {kind!r} block; the DDPM network has only {sorted(known)}"
+            )
+    if [("Attn" in k) for k in down_types][::-1] != [("Attn" in k) for k in up_types]:
+        raise CheckpointError("diffusers UNet's up blocks do not mirror its down blocks (attention)")
     attn = tuple(size // 2**i for i, kind in enumerate(down_types) if "Attn" in kind)
     if unet_cfg.get("in_channels") != unet_cfg.get("out_channels"):
         raise CheckpointError(
@@ -161,9 +173,12 @@ def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

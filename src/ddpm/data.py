@@ -153,6 +153,18 @@ def _center_crop_resize(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+def _to_8bit_gray(img):
+    """A grayscale PIL image as 8-bit "L". 16-bit images (PNG/TIFF, modes I;16* and I) are scaled from
+    0..65535 (convert("L") would clip them at 255); float images ("F") are taken to lie in [0, 1]."""
+    from PIL import Image
+
+    if img.mode in ("1", "L", "LA"):
+        return img.convert("L")
+    array = np.asarray(img, dtype=np.float64)
+    scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.round(array * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image_folder(root: str | None, size: int, channels: int | None) -> torch.Tensor:
     """Every image below ``root`` (recursively), resized on the short side and centre-cropped.
 
@@ -173,8 +185,8 @@ def load_image_folder(root: str | None, size: int, channels: int | None) -> torc
         try:
             with Image.open(file) as img:
                 img.load()
-                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-                img = img.convert("L" if is_gray else "RGB")
+                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+                img = _to_8bit_gray(img) if is_gray else img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"cannot read image {file}: {e}") from None
         grayscale &= is_gray

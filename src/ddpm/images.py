@@ -82,6 +82,8 @@ def load_samples(path: str | Path) -> torch.Tensor:
             array = npz["arr_0"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot read samples from {path} ({e})") from None
+    if array.ndim == 4 and array.shape[0] == 0:
+        raise DataError(f"{path} holds no samples")
     if array.dtype != np.uint8 or array.ndim != 4:
         raise DataError(
             f"{path}: expected uint8 arr_0 of shape (N, H, W, C), got {array.dtype} {array.shape}"

@@ -237,6 +237,8 @@ def evaluate_domain(
     if samples_uint8.dtype != torch.uint8:
         raise DataError("samples must be quantised to uint8 before evaluation")
     size = samples_uint8.shape[-1]
+    if dataset in DOMAIN_DATASETS and samples_uint8.shape[1] != 1:  # before a classifier is trained for them
+        raise DataError(f"samples have {samples_uint8.shape[1]} channels; {dataset} is grayscale (1)")
     model, info = domain_classifier(dataset, root, size, cache_dir, progress)
     if samples_uint8.shape[1] != info["channels"]:
         raise DataError(f"samples have {samples_uint8.shape[1]} channels; {dataset} has {info['channels']}")

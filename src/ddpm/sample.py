@@ -16,7 +16,7 @@ from .build import load_model
 from .checkpoint import Checkpoint
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
-from .files import write_json
+from .files import OutputFolder, write_json
 from .images import plot_points, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import resolve_device, wrap_network
@@ -108,12 +108,32 @@ def sample_to_dir(
     opts = dataclasses.replace(options or SampleOptions(), **overrides)
     get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
     check_eta(opts.sampler, opts.eta)
+    if opts.num <= 0 or opts.batch_size <= 0:
+        raise ConfigError("the number of samples and the batch size must be positive")
     device = resolve_device(opts.device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
+    clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
+    out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
+    try:
+        info = _sample_into(out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device)
+        names = sorted(p.name for p in out.staging.iterdir())
+        stale = out.stale(names)
+        if stale:  # e.g. images/ of an earlier image model beside this model's points
+            info["removed_stale"] = stale
+        write_json(out.staging / "samples.json", info)
+        out.publish(names)
+    except BaseException:
+        out.discard()
+        raise
+    return info
+
+
+def _sample_into(
+    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device
+) -> dict:
     is_image = cfg.model.kind == "unet"
-    clip_denoised = is_image if opts.clip_denoised is None else opts.clip_denoised
     shape = (
         (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
     )
@@ -134,8 +154,7 @@ def sample_to_dir(
         opts.eta,
         opts.spacing,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder
     if is_image:
         images = to_uint8(samples)
         save_grid(images, out / "grid.png")
@@ -163,5 +182,4 @@ def sample_to_dir(
         **({"compile": True} if opts.compile else {}),
         "seconds": round(time.time() - start, 2),
     }
-    write_json(out / "samples.json", info)
     return info
