@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PRECISIONS
 from .errors import DDPMError
+from .runtime import finish_processes
 from .sample import SampleOptions
 from .samplers import SAMPLERS, SPACINGS
 
@@ -192,7 +193,8 @@ def cmd_sample(args) -> int:
     from .sample import sample_to_dir
 
     out = _output_dir(args, "samples-out")
-    return _print(out_dir=str(out), **sample_to_dir(args.checkpoint, out, _sample_options(args)))
+    info = sample_to_dir(args.checkpoint, out, _sample_options(args))
+    return 0 if info is None else _print(out_dir=str(out), **info)  # None: not the main process
 
 
 def cmd_invert(args) -> int:
@@ -237,6 +239,8 @@ def cmd_eval_fid(args) -> int:
         out=args.out,
         progress=not args.no_progress,
     )
+    if path is None:  # not the main process under torchrun
+        return 0
     if "warning" in result:
         print(f"ddpm: warning: {result['warning']}", file=sys.stderr)
     return _print(out=str(path), **{k: v for k, v in result.items() if k != "sampling"})
@@ -328,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(p, "samples-out")
     p.add_argument(
         "--num",
+        "--num-samples",  # torchrun's own parser takes a bare --num for its --numa-binding
+        dest="num",
         type=int,
         default=SAMPLE_DEFAULTS.num,
-        help=f"number of samples (default {SAMPLE_DEFAULTS.num})",
+        help=f"number of samples (default {SAMPLE_DEFAULTS.num}; --num-samples under torchrun)",
     )
     _add_sampling_flags(p)
     _add(p, "--no-progress")
@@ -380,8 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(e, "--cache-dir")
     e.add_argument(
         "--num",
+        "--num-samples",
+        dest="num",
         type=int,
-        help="with a checkpoint: samples to draw (default 50,000 for cifar10, else 10,000)",
+        help="with a checkpoint: samples to draw (default 50,000 for cifar10, else 10,000; "
+        "--num-samples under torchrun)",
     )
     _add_sampling_flags(e)
     e.add_argument("--out", help="result JSON (default: next to the samples)")
@@ -439,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        finish_processes()  # under torchrun: after every process is done
+        return code
     except DDPMError as e:
         print(f"ddpm: error: {e}", file=sys.stderr)
         return 2

@@ -35,14 +35,15 @@ def evaluate_fid(
     inception_weights: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
-) -> tuple[Path, dict]:
+) -> tuple[Path | None, dict]:
     """Score ``source``: a samples.npz written by `ddpm sample`, its folder, or a run directory /
     checkpoint, from which ``num`` samples (default: the published count for the dataset) are first
     drawn with ``sampling`` into RUN/fid-samples-N/. The reference is ``split`` of ``dataset`` (default:
     the samples' own, from samples.json). ``extractor`` "auto" takes the domain classifier for
     Fashion-MNIST / MNIST and Inception otherwise. Writes the result as JSON (``out``, default next to
     the samples) and returns its path and the result; a ``warning`` key says when the count is below
-    the published one."""
+    the published one. Under torchrun the processes share the sampling and the main one scores; the
+    others return (None, {})."""
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
@@ -51,7 +52,8 @@ def evaluate_fid(
         dataset = dataset or Checkpoint(source).config["data"]["dataset"]
         num = num if num is not None else FID_SAMPLES.get(dataset, DEFAULT_FID_SAMPLES)
         folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
-        sample_to_dir(source, folder, sampling, num=num, progress=progress)
+        if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
+            return None, {}  # under torchrun: this process helped sample; the main one scores
         source = folder
     folder = source if source.is_dir() else source.parent
     made = {}

@@ -138,6 +138,16 @@ def _collective_device() -> torch.device:
     )
 
 
+def finish_processes() -> None:
+    """Leave the process group together: without it, a process that exits while another still talks
+    to it can die with SIGABRT in gloo's teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_processes(device: torch.device) -> Processes:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL for CUDA
     devices, gloo otherwise. Without torchrun, a single process."""

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .files import OutputFolder, write_json
 from .images import plot_points, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
-from .runtime import resolve_device, wrap_network
+from .runtime import Processes, init_processes, resolve_device, wrap_network
 from .samplers import check_eta, get_sampler, sampling_chain
 
 __all__ = ["SampleOptions", "generate", "load_model", "sample_to_dir", "sampling_chain"]
@@ -62,12 +62,17 @@ def generate(
     sampler: str = "ancestral",
     eta: float = 0.0,
     spacing: str | None = None,
-) -> torch.Tensor:
+    procs: Processes | None = None,
+) -> torch.Tensor | None:
     """``num`` samples of per-example ``shape`` with ``sampler`` (default: Algorithm 2), on ``steps``
     timesteps picked by ``spacing`` when given (see ``sampling_chain``). Batch b has its own generator
     derived from (seed, b), so a seed and batch size always give the same samples, and different seeds
     never share a batch.
     Returns float samples in the data range.
+
+    With ``procs`` (several processes under torchrun) process r draws the batches b with
+    b % world_size == r, and the main process gathers them in order: the same samples as one process
+    draws. The other processes return None.
 
     ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
     chain's arithmetic stays in fp32. The default fp32 is the reference."""
@@ -76,8 +81,11 @@ def generate(
     loop = get_sampler(sampler).loop
     chain = sampling_chain(diffusion, sampler, steps, spacing)
     network = wrap_network(model, device, precision)
+    procs = procs or Processes()
+    progress = progress and procs.is_main
     out = []
-    batches = range((num + batch_size - 1) // batch_size)
+    count = (num + batch_size - 1) // batch_size
+    batches = range(procs.rank, count, procs.world_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -96,28 +104,43 @@ def generate(
             progress=progress,
         )
         out.append(x.float().cpu())
-    return torch.cat(out)
+    if not procs.distributed:
+        return torch.cat(out)
+    parts = procs.gather(torch.cat(out) if out else torch.empty(0, *shape))
+    if parts is None:
+        return None
+    # Rank r holds batches r, r + W, ...: put them back in the order of b.
+    by_batch = {}
+    for rank, part in enumerate(parts):
+        sizes = [min(batch_size, num - b * batch_size) for b in range(rank, count, procs.world_size)]
+        by_batch.update(zip(range(rank, count, procs.world_size), part.split(sizes), strict=True))
+    return torch.cat([by_batch[b] for b in range(count)])
 
 
 def sample_to_dir(
     checkpoint: str | Path, out_dir: str | Path, options: SampleOptions | None = None, **overrides
-) -> dict:
+) -> dict | None:
     """Sample with ``options`` (fields may also be given as keywords) and write grid.png,
     images/NNNNNN.png and samples.npz (uint8 N,H,W,C), plus samples.json. For 2-D point models:
-    points.npy and points.png."""
+    points.npy and points.png. Under torchrun the processes share the batches and the main one
+    writes; the others return None."""
     opts = dataclasses.replace(options or SampleOptions(), **overrides)
     get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
     check_eta(opts.sampler, opts.eta)
     if opts.num <= 0 or opts.batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
     device = resolve_device(opts.device)
+    procs = init_processes(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
     clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
+    if not procs.is_main:  # under torchrun: draw this process's batches for the main one to write
+        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs)
+        return None
     out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
     try:
-        info = _sample_into(out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device)
+        info = _sample_into(out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device, procs)
         names = sorted(p.name for p in out.staging.iterdir())
         stale = out.stale(names)
         if stale:  # e.g. images/ of an earlier image model beside this model's points
@@ -130,30 +153,38 @@ def sample_to_dir(
     return info
 
 
-def _sample_into(
-    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device
-) -> dict:
-    is_image = cfg.model.kind == "unet"
-    shape = (
-        (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if is_image else (cfg.data.channels,)
-    )
-    start = time.time()
-    samples = generate(
+def _shape(cfg) -> tuple[int, ...]:
+    if cfg.model.kind == "unet":
+        return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    return (cfg.data.channels,)
+
+
+def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs):
+    return generate(
         network,
         diffusion,
         opts.num,
-        shape,
+        _shape(cfg),
         opts.batch_size,
         opts.seed,
         opts.steps,
         clip_denoised,
         device,
         opts.progress,
-        "fp32",  # the network above is already wrapped for opts.precision
+        "fp32",  # the network is already wrapped for opts.precision
         opts.sampler,
         opts.eta,
         opts.spacing,
+        procs,
     )
+
+
+def _sample_into(
+    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs
+) -> dict:
+    is_image = cfg.model.kind == "unet"
+    start = time.time()
+    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs)
     out = folder
     if is_image:
         images = to_uint8(samples)
@@ -180,6 +211,7 @@ def _sample_into(
         "precision": opts.precision,
         **({"channels_last": True} if opts.channels_last else {}),
         **({"compile": True} if opts.compile else {}),
+        **({"processes": procs.world_size} if procs.distributed else {}),
         "seconds": round(time.time() - start, 2),
     }
     return info
