@@ -300,3 +300,27 @@ def test_dropout_masks_per_rank_keep_resume_exact(idx_dir, tmp_path):
     for group in ("model", "ema", "optimizer"):
         for name, value in getattr(a, group).items():
             assert torch.equal(getattr(b, group)[name], value), f"{group}.{name}"
+
+
+def test_two_processes_stream_shards(idx_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.shards import make_shards
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / f"{i}.png")
+    make_shards(images, tmp_path / "shards", shard_size=4)
+    cfg = tiny_config(idx_dir, steps=4, log_every=1)
+    cfg.data.dataset, cfg.data.root, cfg.data.loader_workers = "shards", str(tmp_path / "shards"), 1
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    run = tmp_path / "run"
+    two = ["--standalone", "--nproc_per_node=2"]
+    code, _, err = finish(
+        ddpm("train", "--config", tmp_path / "c.json", "--out", run, "--no-progress", torchrun=two)
+    )
+    assert code == 0, err[-2000:]
+    assert logged_steps(run) == [1, 2, 3, 4] and Checkpoint(run).config["data"]["channels"] == 1

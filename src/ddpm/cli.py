@@ -83,7 +83,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config value, e.g. --set model.dropout=0.1 (repeatable)",
     )
-    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, folder, swiss-roll, s-curve or moons")
+    p.add_argument(
+        "--dataset", help="fashion-mnist, mnist, cifar10, folder, shards, swiss-roll, s-curve or moons"
+    )
     p.add_argument("--data-dir", help="data directory (image folder, or where the dataset files are)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
@@ -215,6 +217,14 @@ def cmd_invert(args) -> int:
         data_dir=args.data_dir,
     )
     return _print(out_dir=str(out), **info)
+
+
+def cmd_make_shards(args) -> int:
+    from .shards import make_shards
+
+    index = make_shards(args.folder, args.out, args.shard_size)
+    summary = {k: index[k] for k in ("count", "channels")}
+    return _print(out=str(args.out), shards=len(index["shards"]), **summary)
 
 
 def cmd_import(args) -> int:
@@ -353,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "--spacing", "--batch-size", "--no-ema", "--device", "--precision", "--data-dir", spacing=spacing)
     p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
+    p.add_argument("folder", help="the image folder (every image below it)")
+    p.add_argument("--out", required=True, help="directory for shard-NNNNNN.tar and shards.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.set_defaults(func=cmd_make_shards)
 
     p = sub.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
     p.add_argument("folder", help="e.g. a local copy of google/ddpm-cifar10-32")

@@ -54,13 +54,14 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | cifar10 | folder | swiss-roll | s-curve | moons
+    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | cifar10 | folder | shards | 2-D toys
     root: str | None = None  # data directory; None = the dataset's usual place
     image_size: int = 28
     channels: int | None = None  # None = the data's own (1 for grayscale, 3 for colour)
     random_flip: bool = True
     num_points: int = 10000  # 2-D toys only
     split: str = "train"
+    loader_workers: int = 0  # processes decoding streamed shards (dataset "shards"); 0 = in the trainer
 
 
 @dataclass
@@ -352,6 +353,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     check_precision(t.precision, "train.precision")
+    if data.loader_workers < 0:
+        raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:

@@ -24,7 +24,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE = Path.home() / ".cache" / "ddpm"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 TOYS = ("swiss-roll", "s-curve", "moons")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", *TOYS)
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", "shards", *TOYS)
 
 
 @dataclass
@@ -165,36 +165,50 @@ def _to_8bit_gray(img):
     return Image.fromarray(np.clip(np.round(array * scale), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_image_folder(root: str | None, size: int, channels: int | None) -> torch.Tensor:
-    """Every image below ``root`` (recursively), resized on the short side and centre-cropped.
-
-    Grayscale stays 1 channel when every image is grayscale, unless ``channels`` asks for 3.
-    """
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(root: str | None, dataset: str = "folder") -> list[Path]:
+    """Every image file below ``root`` (recursively), sorted."""
     if root is None:
-        raise DataError("dataset 'folder' needs a data directory (--data-dir)")
+        raise DataError(f"dataset '{dataset}' needs a data directory (--data-dir)")
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}")
-    images, grayscale = [], True
-    for file in files:
-        try:
-            with Image.open(file) as img:
-                img.load()
-                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-                img = _to_8bit_gray(img) if is_gray else img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"cannot read image {file}: {e}") from None
-        grayscale &= is_gray
-        images.append(_center_crop_resize(img, size))
-    mode = "L" if (channels == 1 or (channels is None and grayscale)) else "RGB"
-    arrays = [np.asarray(img.convert(mode), dtype=np.uint8) for img in images]
-    data = torch.from_numpy(np.stack(arrays))
-    return data[:, None] if mode == "L" else data.permute(0, 3, 1, 2).contiguous()
+    return files
+
+
+def decode_image(source, name: str):
+    """(PIL image in "L" or "RGB", whether it was grayscale) from a path or a binary file object."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as img:
+            img.load()
+            is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            return (_to_8bit_gray(img) if is_gray else img.convert("RGB")), is_gray
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {name}: {e}") from None
+
+
+def image_array(img, size: int, channels: int) -> np.ndarray:
+    """A decoded image resized on the short side, centre-cropped to ``size`` and given ``channels``
+    (1 or 3), as uint8 [C, H, W]."""
+    array = np.asarray(
+        _center_crop_resize(img, size).convert("L" if channels == 1 else "RGB"), dtype=np.uint8
+    )
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def load_image_folder(root: str | None, size: int, channels: int | None) -> torch.Tensor:
+    """Every image below ``root`` (recursively), resized on the short side and centre-cropped.
+
+    Grayscale stays 1 channel when every image is grayscale, unless ``channels`` asks for 3.
+    """
+    decoded = [decode_image(file, str(file)) for file in image_files(root)]
+    grayscale = all(is_gray for _, is_gray in decoded)
+    channels = channels or (1 if grayscale else 3)
+    return torch.from_numpy(np.stack([image_array(img, size, channels) for img, _ in decoded]))
 
 
 # ---- 2-D toys ----
@@ -254,6 +268,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         images = load_cifar10(cfg.root, cfg.split)
     elif name == "folder":
         images = load_image_folder(cfg.root, cfg.image_size, cfg.channels)
+    elif name == "shards":  # all of them, for evaluation and figures; training streams them instead
+        from .shards import load_all_shards
+
+        images = load_all_shards(cfg.root, cfg.image_size, cfg.channels)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(images) == 0:

@@ -83,6 +83,7 @@ RESUMABLE_CHANGES = {
     "train.sample_steps",
     "train.grad_accum",
     "train.on_nonfinite",
+    "data.loader_workers",
 }
 
 
@@ -132,11 +133,23 @@ class Trainer:
                 f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
             )
         self.cfg = cfg
-        self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
+        self.streamed = cfg.data.dataset == "shards"  # too large for memory: read as training goes
+        if self.streamed:
+            from .shards import ShardIndex
+
+            self.dataset = None
+            self.shard_index = ShardIndex.load(cfg.data.root)
+            channels = cfg.data.channels or self.shard_index.channels
+            self.example_shape = (channels, cfg.data.image_size, cfg.data.image_size)
+            self.is_image = True
+        else:
+            self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
+            self.example_shape = tuple(self.dataset.data.shape[1:])
+            self.is_image = self.dataset.is_image
         if cfg.data.channels is None:
-            cfg.data.channels = self.dataset.channels
+            cfg.data.channels = self.example_shape[0]
         torch.manual_seed(cfg.train.seed)  # the initial weights
-        self.model = build_model(cfg, self.dataset.channels).to(self.device)
+        self.model = build_model(cfg, self.example_shape[0]).to(self.device)
         if t.channels_last:  # before DistributedDataParallel registers the parameters' layout
             self.model.to(memory_format=torch.channels_last)
         self.ddp = None
@@ -161,8 +174,10 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.order = BatchOrder(len(self.dataset), t.batch_size, t.seed)
-        self.data = self.dataset.data.to(self.device)
+        if not self.streamed:
+            self.order = BatchOrder(len(self.dataset), t.batch_size, t.seed)
+            self.data = self.dataset.data.to(self.device)
+        self.stream = None  # the shard stream, opened at the step training starts from
         if ckpt is not None:
             self._restore(ckpt)
         self.stop_signal: int | None = None
@@ -204,21 +219,44 @@ class Trainer:
         """This process's share of step ``step``'s batch: (x0, t, noise). The randoms of the whole global
         batch are drawn (flips, then t, then noise) and sliced, so they do not depend on the process
         count."""
-        indices = self.order.indices(step)
-        B = len(indices)
+        B = self.cfg.train.batch_size
+        indices = None if self.streamed else self.order.indices(step)
         flip = None
-        if self.dataset.is_image and self.cfg.data.random_flip:
+        if self.is_image and self.cfg.data.random_flip:
             flip = torch.rand(B, generator=g) < 0.5
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)
-        noise = torch.randn((B, *self.data.shape[1:]), generator=g)
+        noise = torch.randn((B, *self.example_shape), generator=g)
         share = B // self.procs.world_size
         mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
-        x = self.data[indices[mine].to(self.device)]
-        if self.dataset.is_image:
+        if self.streamed:
+            x = self.next_streamed_batch(step, share).to(self.device)
+        else:
+            x = self.data[indices[mine].to(self.device)]
+        if self.is_image:
             x = to_model_range(x)
             if flip is not None:
                 x = torch.where(flip[mine].to(self.device)[:, None, None, None], x.flip(3), x)
         return x, t[mine].to(self.device), noise[mine].to(self.device)
+
+    def next_streamed_batch(self, step: int, share: int) -> torch.Tensor:
+        """This process's next ``share`` images from the shards; the stream opens where step ``step``
+        starts (a resumed run skips what it had read)."""
+        if self.stream is None:
+            from .shards import stream_batches
+
+            d = self.cfg.data
+            _, self.stream = stream_batches(
+                d.root,
+                d.image_size,
+                self.example_shape[0],
+                self.cfg.train.seed,
+                share,
+                self.procs.rank,
+                self.procs.world_size,
+                d.loader_workers,
+                start_batch=step,  # one batch of `share` images per process and step
+            )
+        return next(self.stream)
 
     def train_step(self) -> dict[str, float]:
         t_cfg = self.cfg.train
@@ -360,7 +398,7 @@ class Trainer:
         """A grid (or scatter plot) of samples from the EMA model, with a fixed seed."""
         t_cfg = self.cfg.train
         ema_model = self.ema.model_copy(self.model)
-        shape = tuple(self.dataset.data.shape[1:])
+        shape = self.example_shape
         samples = generate(
             ema_model,
             self.diffusion,
@@ -370,12 +408,12 @@ class Trainer:
             seed=t_cfg.seed,
             steps=t_cfg.sample_steps,
             device=self.device,
-            clip_denoised=self.dataset.is_image,  # 2-D points are not bounded to [-1, 1]
+            clip_denoised=self.is_image,  # 2-D points are not bounded to [-1, 1]
             precision=t_cfg.precision,
         )
         path = self.sample_path(self.step)
         path.parent.mkdir(exist_ok=True)
-        if self.dataset.is_image:
+        if self.is_image:
             save_grid(to_uint8(samples), path)
         else:
             plot_points(samples, path, reference=self.dataset.data[:2000].cpu())
