@@ -133,19 +133,7 @@ class Trainer:
                 f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
             )
         self.cfg = cfg
-        self.streamed = cfg.data.dataset == "shards"  # too large for memory: read as training goes
-        if self.streamed:
-            from .shards import ShardIndex
-
-            self.dataset = None
-            self.shard_index = ShardIndex.load(cfg.data.root)
-            channels = cfg.data.channels or self.shard_index.channels
-            self.example_shape = (channels, cfg.data.image_size, cfg.data.image_size)
-            self.is_image = True
-        else:
-            self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
-            self.example_shape = tuple(self.dataset.data.shape[1:])
-            self.is_image = self.dataset.is_image
+        self._open_data(cfg)
         if cfg.data.channels is None:
             cfg.data.channels = self.example_shape[0]
         torch.manual_seed(cfg.train.seed)  # the initial weights
@@ -174,10 +162,6 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        if not self.streamed:
-            self.order = BatchOrder(len(self.dataset), t.batch_size, t.seed)
-            self.data = self.dataset.data.to(self.device)
-        self.stream = None  # the shard stream, opened at the step training starts from
         if ckpt is not None:
             self._restore(ckpt)
         self.stop_signal: int | None = None
@@ -190,6 +174,24 @@ class Trainer:
             self.run.remove_temporary_files()
             self.run.keep_metrics_up_to(self.step)
             write_json(self.run_dir / "config.json", cfg.to_dict())
+
+    def _open_data(self, cfg: Config) -> None:
+        """The training data: in memory with its batch order, or shards streamed as training goes."""
+        self.streamed = cfg.data.dataset == "shards"
+        self.stream = None  # the shard stream, opened at the step training starts from
+        if self.streamed:
+            from .shards import ShardIndex
+
+            self.dataset = None
+            channels = cfg.data.channels or ShardIndex.load(cfg.data.root).channels
+            self.example_shape = (channels, cfg.data.image_size, cfg.data.image_size)
+            self.is_image = True
+        else:
+            self.dataset: Dataset = load_dataset(cfg.data, seed=cfg.train.seed)
+            self.example_shape = tuple(self.dataset.data.shape[1:])
+            self.is_image = self.dataset.is_image
+            self.order = BatchOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
+            self.data = self.dataset.data.to(self.device)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
@@ -268,7 +270,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         (self.ddp or self.model).train()
-        self.optimizer.zero_grad(set_to_none=True)
         accum = t_cfg.grad_accum
         loss = torch.zeros((), device=self.device)
         micro_batches = zip(x0.chunk(accum), t.chunk(accum), noise.chunk(accum), strict=True)
@@ -278,6 +279,10 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 micro = self.diffusion.training_losses(self.network, x_i, t_i, noise_i)["loss"].mean()
+                if i == 0:
+                    # Freed after the forward pass, not before: the backward pass then gets the old
+                    # gradients' memory back (freed before the forward, a step ran ~5% slower here).
+                    self.optimizer.zero_grad(set_to_none=True)
                 if accum == 1:
                     micro.backward()
                     loss = micro.detach()
