@@ -11,7 +11,7 @@ from .errors import DataError
 from .files import write_json
 from .images import load_samples
 from .metrics import DOMAIN_DATASETS, evaluate_domain
-from .runtime import resolve_device
+from .runtime import init_processes, resolve_device
 from .sample import SampleOptions, sample_to_dir
 
 # Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
@@ -55,6 +55,8 @@ def evaluate_fid(
         if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
             return None, {}  # under torchrun: this process helped sample; the main one scores
         source = folder
+    if not init_processes(resolve_device(sampling.device)).is_main:
+        return None, {}  # under torchrun only the main process scores (and writes)
     folder = source if source.is_dir() else source.parent
     made = {}
     if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
