@@ -33,3 +33,62 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
         atomic_write(path, fails)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def publish(folder, **files) -> None:
+    from ddpm.files import OutputFolder
+
+    out = OutputFolder(folder, last="samples.json")
+    for name, text in files.items():
+        (out.staging / name.replace("_", ".")).write_text(text)
+    out.publish()
+
+
+def test_an_output_folder_is_replaced_whole_and_only_if_it_is_ours(tmp_path):
+    from ddpm.errors import ConfigError
+    from ddpm.files import OutputFolder
+
+    publish(tmp_path / "out", grid_png="old grid", points_npy="old points", samples_json="old")
+    publish(tmp_path / "out", grid_png="new grid", samples_json="new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "grid.png", "samples.json"]
+    assert (tmp_path / "out" / "grid.png").read_text() == "new grid"  # and the stale points are gone
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "images").mkdir()  # someone's images, not ddpm's samples
+    with pytest.raises(ConfigError, match="holds images but no samples.json: not ddpm's output"):
+        OutputFolder(tmp_path / "mine", last="samples.json")
+    assert (tmp_path / "mine" / "images").is_dir()
+
+
+def test_a_publish_cut_short_is_completed_by_the_next_owner(tmp_path):
+    from ddpm.files import OutputFolder
+
+    publish(tmp_path / "out", grid_png="old grid", samples_npz="old npz", samples_json="old")
+    # killed while moving: the description is gone, the grid moved, the npz not yet
+    staging = tmp_path / "out" / ".partial-dead"
+    (staging / ".old").mkdir(parents=True)
+    (staging / "samples.npz").write_text("new npz")
+    (staging / "samples.json").write_text("new")
+    (staging / ".names").write_text('["grid.png", "samples.npz"]')
+    os.replace(tmp_path / "out" / "samples.json", staging / ".old" / "samples.json")
+    (tmp_path / "out" / "grid.png").write_text("new grid")
+    unfinished = tmp_path / "out" / ".partial-computing"  # killed before its results were complete
+    unfinished.mkdir()
+    (unfinished / "grid.png").write_text("half")
+    out = OutputFolder(tmp_path / "out", last="samples.json")
+    assert (tmp_path / "out" / "samples.npz").read_text() == "new npz"
+    assert (tmp_path / "out" / "samples.json").read_text() == "new"
+    assert (tmp_path / "out" / "grid.png").read_text() == "new grid"
+    assert [p.name for p in (tmp_path / "out").glob(".partial-*")] == [out.staging.name]
+    out.discard()
+
+
+def test_one_writer_per_output_folder(tmp_path):
+    from ddpm.errors import ConfigError
+    from ddpm.files import OutputFolder
+
+    first = OutputFolder(tmp_path / "out", last="samples.json")
+    with pytest.raises(ConfigError, match=r"in use by another ddpm process writing there \(pid \d+\)"):
+        OutputFolder(tmp_path / "out", last="samples.json")
+    assert first.staging.is_dir()  # the second one did not clean up the first one's work
+    first.discard()
+    OutputFolder(tmp_path / "out", last="samples.json").discard()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import ConfigError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -44,47 +47,114 @@ def write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+class DirectoryLock:
+    """One owner at a time for a directory: an flock on DIR/.lock holding the owner's pid. The OS drops
+    it when its process dies, even by SIGKILL, so a killed owner never blocks the next one."""
+
+    def __init__(self, path: str | Path, what: str = "ddpm process"):
+        self.path, self.what, self._file = Path(path), what, None
+
+    def acquire(self) -> None:
+        """Own the directory (creating it), or raise a ConfigError naming the process that owns it."""
+        if self._file is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                owned = f"{self.path} is in use by another {self.what} (pid {owner})"
+                raise ConfigError(f"{owned}; wait for it or stop it first") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except BaseException:
+            f.close()  # closing drops the lock
+            raise
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class OutputFolder:
-    """A folder of results written all at once: they are made in a staging folder inside it
-    (.partial-*) and moved into place at the end, the description (``last``) after everything else. A
-    run killed midway leaves the previous results whole and a staging folder the next run removes; one
-    that cannot write there fails before any work, not after."""
+    """A folder of results written all at once, by one process at a time (a DirectoryLock).
+
+    The results are made in a staging folder inside it (.partial-*), the description ``last`` written
+    there last, and then moved into place (the description last again). A run killed while computing
+    leaves the previous results whole and an unfinished staging folder, which the next run removes; one
+    killed while moving them into place leaves a finished staging folder, whose moves the next run
+    completes. A folder that cannot be written fails before any work, not after. Earlier results of
+    these names are replaced only in a folder that holds a description (that ddpm wrote): others are
+    refused rather than overwritten."""
 
     def __init__(self, path: str | Path, last: str):
-        self.path = Path(path)
-        self.last = last
-        self.path.mkdir(parents=True, exist_ok=True)  # a file in the way: FileExistsError, one line
-        for leftover in self.path.glob(".partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.path))  # read-only: OSError
+        self.path, self.last = Path(path), last
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file, not a directory")
+        self.lock = DirectoryLock(self.path, "ddpm process writing there")
+        self.lock.acquire()
+        try:
+            for leftover in sorted(self.path.glob(".partial-*")):
+                if (leftover / last).is_file():
+                    self._move_into_place(leftover)  # killed while publishing: finish the job
+                else:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            foreign = [p.name for p in self.path.iterdir() if p.name in PUBLISHED]
+            if foreign and not (self.path / last).is_file():
+                raise ConfigError(
+                    f"{self.path} holds {', '.join(sorted(foreign))} but no {last}: not ddpm's output, so "
+                    "it is not replaced; choose another --out"
+                )
+            self.staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.path))  # read-only: OSError
+        except BaseException:
+            self.lock.release()
+            raise
 
     def stale(self, names: list[str]) -> list[str]:
         """Earlier results that ``names`` do not replace: publishing removes them."""
         return sorted(p.name for p in self.path.iterdir() if p.name in PUBLISHED and p.name not in names)
 
-    def publish(self, names: list[str]) -> None:
-        """Move the staged ``names`` (and then ``last``) into place, replacing earlier ones, and remove
-        the stale ones."""
-        (self.path / self.last).unlink(missing_ok=True)  # no description of a half-replaced folder
-        for name in self.stale(names):
-            _remove(self.path / name)
-        for name in [*names, self.last]:
-            target = self.path / name
-            if target.is_dir() and not target.is_symlink():
-                _remove(target)
-            os.replace(self.staging / name, target)
-        shutil.rmtree(self.staging, ignore_errors=True)
+    def publish(self) -> None:
+        """Move the staged results (which must include ``last``) into place, replacing earlier ones and
+        removing the stale ones."""
+        if not (self.staging / self.last).is_file():
+            raise ValueError(f"the staged results have no {self.last}")
+        self._move_into_place(self.staging)
+        self.lock.release()
+
+    def _move_into_place(self, staging: Path) -> None:
+        old = staging / ".old"  # what is replaced goes here first: every step is a rename
+        old.mkdir(exist_ok=True)
+        description = self.path / self.last
+        if description.exists():
+            os.replace(description, old / self.last)  # no description of a half-replaced folder
+        manifest = staging / ".names"  # what this publish moves, kept for a run that must finish it
+        if manifest.is_file():
+            names = json.loads(manifest.read_text())
+        else:
+            names = sorted(p.name for p in staging.iterdir() if p.name not in (".old", self.last))
+            atomic_write_text(manifest, json.dumps(names))
+        for name in [*self.stale(names), *names]:
+            if (staging / name).exists():  # (else moved before a kill)
+                if (self.path / name).exists():
+                    os.replace(self.path / name, old / name)
+                os.replace(staging / name, self.path / name)
+            elif name not in names and (self.path / name).exists():  # stale
+                os.replace(self.path / name, old / name)
+        os.replace(staging / self.last, description)
+        shutil.rmtree(staging, ignore_errors=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        self.lock.release()
 
 
 # Every name an OutputFolder of samples may hold; earlier ones the new results lack are stale.
 PUBLISHED = {"grid.png", "images", "samples.npz", "points.npy", "points.png"}
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)

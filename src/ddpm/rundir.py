@@ -7,48 +7,25 @@ run never blocks its own resume.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from pathlib import Path
 
-from .errors import ConfigError
-from .files import atomic_write_text
+from .files import DirectoryLock, atomic_write_text
 
-LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
 
 
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock_file = None
+        self._lock = DirectoryLock(self.path)
 
     def lock(self) -> None:
         """Own the directory (creating it), or raise a ConfigError naming the process that owns it."""
-        if self._lock_file is not None:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.path / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "unknown"
-            f.close()
-            raise ConfigError(
-                f"{self.path} is in use by another ddpm process (pid {owner}); wait for it or stop it first"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._lock_file = f
+        self._lock.acquire()
 
     def unlock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing the file drops the flock
-            self._lock_file = None
+        self._lock.release()
 
     def remove_temporary_files(self) -> list[Path]:
         """Delete what killed atomic writes left behind (.NAME.*.tmp); only safe while locked."""

@@ -141,12 +141,11 @@ def sample_to_dir(
     out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
     try:
         info = _sample_into(out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device, procs)
-        names = sorted(p.name for p in out.staging.iterdir())
-        stale = out.stale(names)
+        stale = out.stale(sorted(p.name for p in out.staging.iterdir()))
         if stale:  # e.g. images/ of an earlier image model beside this model's points
             info["removed_stale"] = stale
         write_json(out.staging / "samples.json", info)
-        out.publish(names)
+        out.publish()
     except BaseException:
         out.discard()
         raise
