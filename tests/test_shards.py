@@ -92,7 +92,7 @@ def test_bad_shards_are_one_clear_error(folder, tmp_path):
         ShardIndex.load(str(tmp_path))
     make_shards(folder, tmp_path / "shards", shard_size=10)
     root = str(tmp_path / "shards")
-    with pytest.raises(DataError, match="3 shards cannot feed 2 process"):
+    with pytest.raises(DataError, match="3 shards cannot feed 4 readers"):
         stream_batches(root, 8, None, seed=0, batch=2, world_size=2, workers=2)
     index = json.loads((tmp_path / "shards" / "shards.json").read_text())
     index["shards"][0]["count"] = 11
@@ -126,3 +126,50 @@ def test_training_streams_shards_and_resumes_exactly(folder, tmp_path):
     assert a.config["data"]["channels"] == 3
     for name, value in a.model.items():
         assert torch.equal(b.model[name], value), name
+
+
+def test_bad_shards_stop_training_before_the_run_directory_is_made(folder, tmp_path):
+    from conftest import tiny_config
+
+    from ddpm.train import Trainer
+
+    make_shards(folder, tmp_path / "shards", shard_size=10)
+    cfg = tiny_config(tmp_path, steps=2)
+    cfg.data.dataset, cfg.data.root, cfg.data.loader_workers = "shards", str(tmp_path / "shards"), 4
+    with pytest.raises(DataError, match="3 shards cannot feed 4 readers"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    cfg.data.loader_workers = 2
+    (tmp_path / "shards" / "shard-000002.tar").unlink()
+    with pytest.raises(
+        DataError, match=r"1 shard\(s\) listed in shards.json are missing, e.g. shard-000002.tar"
+    ):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    index = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    (tmp_path / "shards" / "shards.json").write_text(json.dumps({**index, "channels": 7}))
+    with pytest.raises(DataError, match="7 channels; 1 or 3"):
+        ShardIndex.load(str(tmp_path / "shards"))
+
+
+def test_a_worker_error_is_one_line(folder, tmp_path):
+    from conftest import tiny_config
+
+    from ddpm.train import Trainer
+
+    make_shards(folder, tmp_path / "shards", shard_size=10)
+    cfg = tiny_config(tmp_path, steps=2)
+    cfg.data.dataset, cfg.data.root, cfg.data.loader_workers = "shards", str(tmp_path / "shards"), 2
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    for shard in (tmp_path / "shards").glob("shard-*.tar"):
+        shard.write_bytes(b"damaged" * 100)
+    with pytest.raises(DataError) as caught:
+        trainer.train_step()
+    assert "\n" not in str(caught.value) and "is damaged" in str(caught.value)
+
+
+def test_making_shards_again_leaves_no_stale_ones(folder, tmp_path):
+    make_shards(folder, tmp_path / "shards", shard_size=3)  # 8 shards
+    (tmp_path / "shards" / ".shard-000001.tar.x.tmp").write_bytes(b"killed")
+    make_shards(folder, tmp_path / "shards", shard_size=10)  # 3 shards
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shards.json"]

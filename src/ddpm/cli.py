@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -463,21 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process meets the same error: rank 0 alone says it.
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         code = args.func(args)
         finish_processes()  # under torchrun: after every process is done
         return code
     except DDPMError as e:
-        print(f"ddpm: error: {e}", file=sys.stderr)
+        say(f"ddpm: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out names an existing file, a full disk, no permission
-        print(f"ddpm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        say(f"ddpm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"ddpm: error: {e}; lower the learning rate or use --precision fp32", file=sys.stderr)
+        advice = "lower the learning rate, train in fp32 if it was bf16, or set train.on_nonfinite=skip"
+        say(f"ddpm: error: {e}; {advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ddpm: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        kept = "; the last checkpoint is kept (continue with --resume)" if args.command == "train" else ""
+        say(f"ddpm: interrupted{kept}", file=sys.stderr)
         return 130
 
 

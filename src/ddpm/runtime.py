@@ -7,6 +7,7 @@ Training, sampling, the likelihood, inversion and the figures all get their netw
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,5 +160,7 @@ def init_processes(device: torch.device) -> Processes:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A generous timeout: rank 0 may write a checkpoint or score samples while the others wait.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return Processes(dist.get_rank(), dist.get_world_size())

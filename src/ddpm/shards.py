@@ -45,6 +45,8 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
     files = image_files(str(folder), "shards")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".shard-*.tmp"):  # of a killed earlier run
+        leftover.unlink()
     shards, grayscale = [], True
     for first in range(0, len(files), shard_size):
         name = f"shard-{first // shard_size:06d}.tar"
@@ -67,6 +69,10 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
         "shards": shards,
     }
     write_json(out / INDEX_NAME, index)
+    written = {s["name"] for s in shards}
+    for old in out.glob("shard-*.tar"):  # of an earlier, larger run: no index lists them any more
+        if old.name not in written:
+            old.unlink()
     return index
 
 
@@ -110,7 +116,24 @@ class ShardIndex:
                 raise DataError(f"{root}/{INDEX_NAME} is not a shard index ({e})") from None
         if index.get("format") != FORMAT or not shards or any(c <= 0 for _, c in shards):
             raise DataError(f"{root}/{INDEX_NAME} is not a ddpm shard index with images")
+        if channels not in (1, 3):
+            raise DataError(f"{root}/{INDEX_NAME} says the images have {channels} channels; 1 or 3")
         return cls(str(root), shards, channels)
+
+    def check(self, readers: int) -> None:
+        """Fail now, not at some later step, if the shards cannot feed ``readers`` (processes x loader
+        workers) or a local shard is missing."""
+        if readers > len(self.shards):
+            raise DataError(
+                f"{len(self.shards)} shards cannot feed {readers} readers (processes x loader workers): "
+                "every reader needs a shard each epoch; make more, smaller shards"
+            )
+        if not _is_url(self.root):
+            missing = [name for name, _ in self.shards if not (Path(self.root) / name).is_file()]
+            if missing:
+                raise DataError(
+                    f"{len(missing)} shard(s) listed in {INDEX_NAME} are missing, e.g. {missing[0]}"
+                )
 
     def read(self, shard: int) -> list[tuple[str, bytes]]:
         """The encoded images of one shard, (member name, bytes) in tar order, streamed in one pass."""
@@ -208,11 +231,7 @@ def stream_batches(
     """Batches of ``batch`` uint8 images for process ``rank`` of ``world_size``, from batch
     ``start_batch`` on (the resumed step), decoded in ``workers`` loader processes."""
     index = ShardIndex.load(root)
-    if world_size * max(workers, 1) > len(index.shards):
-        raise DataError(
-            f"{len(index.shards)} shards cannot feed {world_size} process(es) x {max(workers, 1)} loader "
-            "worker(s): every reader needs a shard each epoch; make more, smaller shards"
-        )
+    index.check(world_size * max(workers, 1))
     deal = dict(rank=rank, world_size=world_size, workers=max(workers, 1), skip_batches=start_batch)
     dataset = ShardStream(index, image_size, channels or index.channels, seed, batch, **deal)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)

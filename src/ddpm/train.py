@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_NAME, Checkpoint, load_optimizer_state, save_
 from .config import Config, validate
 from .data import BatchOrder, Dataset, load_dataset
 from .diffusion import GaussianDiffusion
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .files import write_json
 from .images import plot_points, save_grid, to_model_range, to_uint8
 from .rng import seed_dropout, step_generator
@@ -165,15 +165,21 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         self.stop_signal: int | None = None
+        problem = None
         if self.procs.is_main:
             # Owned from here on (checked last, so that bad input leaves no directory behind).
-            self.run.lock()
-            if not resume and (self.run_dir / CHECKPOINT_NAME).exists():  # written while we got ready
+            try:
+                self.run.lock()
+                if not resume and (self.run_dir / CHECKPOINT_NAME).exists():  # written while we got ready
+                    raise ConfigError(f"{self.run_dir} already holds a run; use --resume to continue it")
+                self.run.remove_temporary_files()
+                self.run.keep_metrics_up_to(self.step)
+                write_json(self.run_dir / "config.json", cfg.to_dict())
+            except (ConfigError, OSError) as e:
                 self.run.unlock()
-                raise ConfigError(f"{self.run_dir} already holds a run; use --resume to continue it")
-            self.run.remove_temporary_files()
-            self.run.keep_metrics_up_to(self.step)
-            write_json(self.run_dir / "config.json", cfg.to_dict())
+                problem = e
+        if self.procs.any(problem is not None)[0]:  # under torchrun, the others stop with rank 0
+            raise problem or ConfigError(f"rank 0 could not take {self.run_dir} (its error says why)")
 
     def _open_data(self, cfg: Config) -> None:
         """The training data: in memory with its batch order, or shards streamed as training goes."""
@@ -183,7 +189,9 @@ class Trainer:
             from .shards import ShardIndex
 
             self.dataset = None
-            channels = cfg.data.channels or ShardIndex.load(cfg.data.root).channels
+            index = ShardIndex.load(cfg.data.root)
+            index.check(self.procs.world_size * max(cfg.data.loader_workers, 1))
+            channels = cfg.data.channels or index.channels
             self.example_shape = (channels, cfg.data.image_size, cfg.data.image_size)
             self.is_image = True
         else:
@@ -214,6 +222,7 @@ class Trainer:
         self.step = ckpt.step
         self.train_seconds = float(ckpt.train_state.get("train_seconds", 0.0))
         self.skipped_steps = int(ckpt.train_state.get("skipped_steps", 0))
+        self.consecutive_skips = int(ckpt.train_state.get("consecutive_skips", 0))
 
     # ---- one training step (Algorithm 1) ----
 
@@ -258,7 +267,10 @@ class Trainer:
                 d.loader_workers,
                 start_batch=step,  # one batch of `share` images per process and step
             )
-        return next(self.stream)
+        try:
+            return next(self.stream)
+        except DataError as e:  # from a loader worker: its message ends with the original one line
+            raise DataError(str(e).strip().splitlines()[-1].removeprefix("ddpm.errors.DataError: ")) from None
 
     def train_step(self) -> dict[str, float]:
         t_cfg = self.cfg.train
@@ -299,7 +311,7 @@ class Trainer:
             if t_cfg.on_nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS - 1:
                 raise FloatingPointError(
                     f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at step "
-                    f"{self.step + 1}; the weights were not updated and the last checkpoint is intact"
+                    f"{self.step + 1}; that update was not applied (no NaN reached the weights)"
                 )
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -325,7 +337,7 @@ class Trainer:
         t_cfg = self.cfg.train
         if self.step >= t_cfg.steps:
             # A run killed between its last checkpoint and its final grid gets the grid now.
-            if self.procs.is_main and not self.sample_path(self.step).is_file():
+            if self.procs.any(self.procs.is_main and not self.sample_path(self.step).is_file())[0]:
                 self.write_samples()
             return {"step": self.step, "stopped": "done"}
         # The limit is for this call: a run stopped by it and resumed gets the full limit again.
@@ -345,7 +357,7 @@ class Trainer:
                 session_seconds += elapsed
                 window_images += t_cfg.batch_size
                 bar.update(1)
-                if self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps:
+                if self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats:
                     elapsed = time.perf_counter() - window_start
                     stats["images_per_s"] = round(window_images / max(elapsed, 1e-9), 2)
                     window_start, window_images = time.perf_counter(), 0
@@ -355,17 +367,19 @@ class Trainer:
                         metrics_file.flush()
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
                 # Every process must stop at the same step: the time limit and signals are agreed on.
-                signalled, out_of_time = self.procs.any(
-                    self.stop_signal is not None, limit is not None and session_seconds >= limit
+                sigint, sigterm, out_of_time = self.procs.any(
+                    self.stop_signal == signal.SIGINT,
+                    self.stop_signal == signal.SIGTERM,
+                    limit is not None and session_seconds >= limit,
                 )
+                signalled = sigint or sigterm
                 last = signalled or out_of_time or self.step == t_cfg.steps
-                if self.procs.is_main:
-                    if self.step % t_cfg.checkpoint_every == 0 or last:
-                        self.save()
-                    if self.step % t_cfg.sample_every == 0 or (last and not signalled):
-                        self.write_samples()
+                if self.procs.is_main and (self.step % t_cfg.checkpoint_every == 0 or last):
+                    self.save()
+                if self.step % t_cfg.sample_every == 0 or (last and not signalled):
+                    self.write_samples()  # every process draws its share of the grid's batches
                 if signalled:
-                    stopped = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+                    stopped = "SIGINT" if sigint else "SIGTERM"
                     break
                 if out_of_time:
                     stopped = "time limit"
@@ -385,6 +399,7 @@ class Trainer:
         state = {"step": self.step, "seed": self.cfg.train.seed, "train_seconds": self.train_seconds}
         if self.skipped_steps:
             state["skipped_steps"] = self.skipped_steps
+            state["consecutive_skips"] = self.consecutive_skips
         if self.procs.distributed:
             state["world_size"] = self.procs.world_size
         save_checkpoint(
@@ -399,8 +414,9 @@ class Trainer:
     def sample_path(self, step: int) -> Path:
         return self.run_dir / "samples" / f"step_{step:07d}.png"
 
-    def write_samples(self) -> Path:
-        """A grid (or scatter plot) of samples from the EMA model, with a fixed seed."""
+    def write_samples(self) -> Path | None:
+        """A grid (or scatter plot) of samples from the EMA model, with a fixed seed. Under torchrun
+        every process draws its share and rank 0 writes (the others return None)."""
         t_cfg = self.cfg.train
         ema_model = self.ema.model_copy(self.model)
         shape = self.example_shape
@@ -415,7 +431,10 @@ class Trainer:
             device=self.device,
             clip_denoised=self.is_image,  # 2-D points are not bounded to [-1, 1]
             precision=t_cfg.precision,
+            procs=self.procs,
         )
+        if samples is None:
+            return None
         path = self.sample_path(self.step)
         path.parent.mkdir(exist_ok=True)
         if self.is_image:
