@@ -144,3 +144,27 @@ def test_diffusers_config_export_round_trips_and_computes_the_same_function():
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t), theirs(x, t).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_class_conditioning_adds_an_embedding_and_keeps_the_unconditional_net():
+    from ddpm.config import preset
+
+    base = build_model(preset("cifar10"), 3)
+    torch.manual_seed(0)
+    plain = UNet(in_channels=1, ch=8, ch_mult=(1, 2), attn_resolutions=(4,), resolution=8, num_groups=4)
+    torch.manual_seed(0)
+    cond = UNet(
+        in_channels=1, ch=8, ch_mult=(1, 2), attn_resolutions=(4,), resolution=8, num_groups=4, num_classes=10
+    )
+    assert count_parameters(base) == 35_746_307 and base.class_embed is None
+    assert count_parameters(cond) == count_parameters(plain) + 11 * 32  # 10 classes + the null one
+    for name, value in plain.state_dict().items():  # the same initial weights for everything else
+        assert torch.equal(cond.state_dict()[name], value)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        a, b = cond.eval()(x, t, torch.tensor([0, 0, 0])), cond(x, t, torch.tensor([5, 5, 5]))
+        assert not torch.equal(a, b)
+        assert torch.equal(cond(x, t), cond(x, t, torch.tensor([10, 10, 10])))  # no y: the null class
+        assert torch.equal(cond(x, t, torch.tensor(5)), b)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, torch.tensor([0, 0, 0]))

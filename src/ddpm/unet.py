@@ -138,7 +138,12 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net. ``model(x, t)`` maps images [B, C, H, W] and timesteps [B] to [B, out_ch, H, W]."""
+    """The DDPM U-Net. ``model(x, t)`` maps images [B, C, H, W] and timesteps [B] to [B, out_ch, H, W].
+
+    With ``num_classes`` > 0 it is class-conditional: ``model(x, t, y)`` with class ids y [B] in
+    0..num_classes, where id ``num_classes`` is the reserved "null" class (no condition; what condition
+    dropout trains and classifier-free guidance contrasts with). The class embedding is added to the time
+    embedding. With num_classes = 0 (the default) the network is exactly the paper's."""
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class UNet(nn.Module):
         resolution: int = 32,
         resamp_with_conv: bool = True,
         num_groups: int = 32,
+        num_classes: int = 0,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -206,8 +212,11 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(cur_ch, num_groups)
         self.conv_out = conv(cur_ch, out_channels, scale=ZERO)
+        # Made last, so that every other weight is initialised as in the unconditional network.
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes > 0 else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-2:] != (self.resolution, self.resolution):
             # Attention placement was fixed for `resolution`; another size would silently move it.
             raise ValueError(
@@ -217,6 +226,14 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
+        if self.class_embed is not None:
+            if y is None:  # no condition: the null class
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            elif y.ndim == 0:
+                y = y.expand(x.shape[0])
+            temb = temb + self.class_embed(y).to(temb.dtype)
+        elif y is not None:
+            raise ValueError("this U-Net is unconditional; it takes no class ids")
 
         hs = [self.conv_in(x)]
         for level in self.down:

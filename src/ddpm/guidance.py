@@ -1,0 +1,62 @@
+"""Classifier-free guidance (Ho and Salimans, 2022) as a wrapper: a conditional ``model(x, t, cond)``
+becomes the plain ``(x, t) -> output`` callable every sampler takes, so no sampler changes.
+
+The scale is Ho and Salimans' w: output = (1 + w) * conditional - w * unconditional, so w = 0 is plain
+conditional sampling. Both branches run in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided(
+    model: ConditionalModel,
+    cond: torch.Tensor | int,
+    null: torch.Tensor | int,
+    scale: float,
+    channels: int | None = None,
+    interval: tuple[int, int] | None = None,
+    rescale: float = 0.0,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``model`` guided towards ``cond`` and away from ``null`` (the unconditional condition, or a
+    negative prompt's) with scale ``scale`` (w).
+
+    - ``cond`` / ``null``: a condition per example ([B, ...]) or one for all (an int class id);
+    - ``channels``: with a learned variance, how many leading output channels are guided (the prediction);
+      the variance channels come from the conditional branch;
+    - ``interval``: (lowest, highest) model timestep at which to guide (Kynkaanniemi et al. 2024); outside
+      it the conditional branch alone runs;
+    - ``rescale``: CFG rescale (Lin et al. 2024), blending the guided output towards one with the
+      conditional output's per-example standard deviation, 0 (off) to 1."""
+    if not (scale >= 0 and scale == scale):
+        raise ValueError(f"the guidance scale must be a number >= 0, got {scale}")
+
+    def per_example(c, x: torch.Tensor) -> torch.Tensor:
+        c = torch.as_tensor(c, device=x.device)
+        return c.expand(x.shape[0], *c.shape) if c.ndim == 0 else c
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = per_example(cond, x)
+        inside = scale > 0
+        if interval is not None:
+            inside = inside and bool(((t >= interval[0]) & (t <= interval[1])).all())
+        if not inside:
+            return model(x, t, c)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, per_example(null, x)]))
+        conditional, unconditional = both.chunk(2)
+        k = conditional.shape[1] if channels is None else channels
+        pred = conditional[:, :k] + scale * (conditional[:, :k] - unconditional[:, :k])
+        if rescale > 0:
+            dims = tuple(range(1, pred.ndim))
+            matched = pred * (
+                conditional[:, :k].std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True)
+            )
+            pred = rescale * matched + (1 - rescale) * pred
+        return torch.cat([pred, conditional[:, k:]], dim=1)
+
+    return network
