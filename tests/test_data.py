@@ -143,3 +143,43 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     data = load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=3)).data
     expected = torch.tensor([[0, 1, 2], [128, 255, 4], [200, 50, 100]], dtype=torch.uint8)
     assert torch.equal(data[0, 0], expected)  # convert("L") would have made all but 0 into 255
+
+
+def test_class_labels_are_loaded_only_when_asked(idx_dir, tmp_path):
+    from ddpm.data import CLASS_NAMES, load_idx_dataset
+
+    plain = load_dataset(DataConfig(root=str(idx_dir), image_size=8))
+    assert plain.labels is None and plain.class_names is None
+    labelled = load_dataset(DataConfig(root=str(idx_dir), image_size=8, labels="classes", split="test"))
+    assert torch.equal(
+        labelled.labels, load_idx_dataset("fashion-mnist", str(idx_dir), "test", kind="labels")
+    )
+    assert labelled.class_names == CLASS_NAMES["fashion-mnist"] and labelled.class_names[9] == "Ankle boot"
+
+
+def test_cifar10_labels_are_the_record_label_bytes(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    records = np.zeros((4, 3073), np.uint8)
+    records[:, 0] = [3, 0, 9, 3]
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records.tofile(folder / name)
+    ds = load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, labels="classes"))
+    assert ds.labels.tolist() == [3, 0, 9, 3] * 5 and ds.class_names[3] == "cat"
+
+
+def test_folder_classes_are_its_sub_folders_and_a_nested_folder_stays_unlabelled(tmp_path):
+    for cls, n in (("dogs", 2), ("cats", 3)):
+        (tmp_path / cls / "deeper").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(tmp_path / cls / "deeper" / f"{i}.png")
+    ds = load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=4, labels="classes"))
+    assert ds.class_names == ("cats", "dogs") and ds.labels.tolist() == [0, 0, 0, 1, 1]
+    assert load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=4)).labels is None
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "loose.png")
+    with pytest.raises(DataError, match="every image must be in a class sub-folder"):
+        load_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=4, labels="classes"))
+    with pytest.raises(DataError, match="swiss-roll has no class labels"):
+        from ddpm.data import load_labels
+
+        load_labels(DataConfig(dataset="swiss-roll", labels="classes"))

@@ -61,6 +61,7 @@ class DataConfig:
     random_flip: bool = True
     num_points: int = 10000  # 2-D toys only
     split: str = "train"
+    labels: str = "none"  # "classes": the dataset's class labels (an image folder: one sub-folder per class)
     loader_workers: int = 0  # processes decoding streamed shards (dataset "shards"); 0 = in the trainer
 
 
@@ -353,6 +354,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     check_precision(t.precision, "train.precision")
+    if data.labels not in ("none", "classes"):
+        raise ConfigError(f"data.labels must be none or classes, got {data.labels!r}")
     if data.loader_workers < 0:
         raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -31,6 +31,8 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", "shards", *TOYS)
 class Dataset:
     data: torch.Tensor  # uint8 [N, C, H, W] for images, float32 [N, 2] for points
     name: str
+    labels: torch.Tensor | None = None  # int64 [N] class ids, when the config asks for labels
+    class_names: tuple[str, ...] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -109,7 +111,7 @@ def load_idx_dataset(name: str, root: str | None, split: str, kind: str = "image
     return array[:, None] if kind == "images" else array.long()
 
 
-def _read_cifar_binary(folder: Path, split: str) -> np.ndarray:
+def _read_cifar_binary(folder: Path, split: str, kind: str = "images") -> np.ndarray:
     """The binary CIFAR-10 release: records of 1 label byte + 3072 pixel bytes (CHW)."""
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
     parts = []
@@ -120,21 +122,26 @@ def _read_cifar_binary(folder: Path, split: str) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size % 3073:
             raise DataError(f"CIFAR-10 file {path} is truncated")
-        parts.append(raw.reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32))
+        records = raw.reshape(-1, 3073)
+        parts.append(records[:, 0] if kind == "labels" else records[:, 1:].reshape(-1, 3, 32, 32))
     return np.concatenate(parts)
 
 
-def load_cifar10(root: str | None, split: str) -> torch.Tensor:
+def load_cifar10(root: str | None, split: str, kind: str = "images") -> torch.Tensor:
     """CIFAR-10 from a directory holding the binary release (cifar-10-batches-bin), or via torchvision
-    (which reads or downloads the Python release into root)."""
+    (which reads or downloads the Python release into root): images uint8 [N, 3, 32, 32], or
+    (kind="labels") class indices [N]."""
     if root is not None:
         path = Path(root)
         if not path.is_dir():
             raise DataError(f"data directory {path} does not exist")
         for folder in (path, path / "cifar-10-batches-bin"):
             if (folder / "test_batch.bin").is_file():
-                return torch.from_numpy(_read_cifar_binary(folder, split))
+                array = torch.from_numpy(_read_cifar_binary(folder, split, kind))
+                return array.long() if kind == "labels" else array
     ds = _torchvision_dataset("cifar10", Path(root) if root else CACHE / "cifar10", split)
+    if kind == "labels":
+        return torch.tensor(ds.targets, dtype=torch.long)
     return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -261,6 +268,8 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.split not in ("train", "test"):
         raise DataError(f"data split must be train or test, got {cfg.split!r}")
     if name in TOYS:
+        if cfg.labels != "none":
+            raise DataError(f"dataset {name} has no class labels; use data.labels=none")
         return Dataset(make_toy(name, cfg.num_points, seed), name)
     if name in ("fashion-mnist", "mnist"):
         images = load_idx_dataset(name, cfg.root, cfg.split)
@@ -276,7 +285,50 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(images) == 0:
         raise DataError(f"dataset {name} is empty")
-    return Dataset(match_images(images, cfg.image_size, cfg.channels), name)
+    labels, class_names = load_labels(cfg) if cfg.labels == "classes" else (None, None)
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{name} {cfg.split}: {len(images)} images but {len(labels)} labels")
+    return Dataset(match_images(images, cfg.image_size, cfg.channels), name, labels, class_names)
+
+
+CLASS_NAMES = {
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def load_labels(cfg: DataConfig) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Class ids [N] and class names of a dataset: the published labels, or for an image folder its
+    first-level sub-folders (one per class, in sorted order), asked for with data.labels = "classes"."""
+    name = cfg.dataset
+    if name in ("fashion-mnist", "mnist"):
+        return load_idx_dataset(name, cfg.root, cfg.split, kind="labels"), CLASS_NAMES[name]
+    if name == "cifar10":
+        return load_cifar10(cfg.root, cfg.split, kind="labels"), CLASS_NAMES[name]
+    if name == "folder":
+        root = Path(cfg.root)
+        loose = [f for f in image_files(cfg.root) if f.parent == root]
+        if loose:
+            raise DataError(
+                f"with data.labels=classes every image must be in a class sub-folder of {root}; "
+                f"{loose[0].name} is not"
+            )
+        classes = [f.relative_to(root).parts[0] for f in image_files(cfg.root)]
+        names = tuple(sorted(set(classes)))
+        return torch.tensor([names.index(c) for c in classes], dtype=torch.long), names
+    raise DataError(f"dataset {name} has no class labels; use data.labels=none")
 
 
 class BatchOrder:
