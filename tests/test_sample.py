@@ -204,3 +204,79 @@ def test_bad_eta_is_refused_before_loading(argv, message, tmp_path, capsys):
     assert main(["sample", str(tmp_path / "no-run"), *argv, "--out", str(tmp_path / "s")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_class_conditional_run_samples_a_class_with_guidance(idx_dir, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from ddpm.checkpoint import Checkpoint
+    from ddpm.cli import main
+
+    cfg = tiny_config(idx_dir, steps=3)
+    cfg.data.labels = "classes"
+    run = tmp_path / "run"
+    ddpm.Trainer(cfg, run, progress=False).train()
+    saved = Checkpoint(run).config
+    assert saved["model"]["num_classes"] == 10 and saved["data"]["class_names"][1] == "Trouser"
+    flags = ["--num", "4", "--steps", "3", "--no-progress"]
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--class",
+                "Trouser",
+                "--guidance",
+                "2",
+                *flags,
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["sample", str(run), "--class", "1", "--guidance", "2", *flags, "--out", str(tmp_path / "b")])
+        == 0
+    )
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "u")]) == 0  # the null class
+    a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in "ab")
+    assert np.array_equal(a, b)  # by name or by index
+    model, _, _ = ddpm.load_model(run)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+    with torch.no_grad():  # the class reaches the network; no class is the null one
+        assert not torch.equal(model(x, t, torch.tensor([1, 1])), model(x, t))
+        assert torch.equal(model(x, t, torch.tensor([10, 10])), model(x, t))
+    made = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert made["class"] == 1 and made["guidance"] == 2.0
+    capsys.readouterr()
+    for extra, message in (
+        (["--class", "Hat"], "unknown class 'Hat'; this run's classes: T-shirt/top, Trouser"),
+        (["--guidance", "1"], "--guidance needs --class"),
+        (["--class", "1", "--guidance", "-1"], "--guidance must be a finite number >= 0"),
+    ):
+        assert main(["sample", str(run), *extra, *flags, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    ddpm.Trainer(tiny_config(idx_dir, steps=1), plain, progress=False).train()
+    assert main(["sample", str(plain), "--class", "1", *flags, "--out", str(tmp_path / "y")]) == 2
+    assert "this model is unconditional" in capsys.readouterr().err
+
+
+def test_conditional_training_resumes_exactly(idx_dir, tmp_path):
+    from ddpm.checkpoint import Checkpoint
+
+    def config(steps):
+        cfg = tiny_config(idx_dir, steps=steps)
+        cfg.data.labels = "classes"
+        return cfg
+
+    ddpm.Trainer(config(6), tmp_path / "a", progress=False).train()
+    ddpm.Trainer(config(3), tmp_path / "b", progress=False).train()
+    ddpm.Trainer(config(6), tmp_path / "b", resume=True, progress=False).train()
+    a, b = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    for name, value in a.model.items():
+        assert torch.equal(b.model[name], value), name
+    assert "class_embed.weight" in a.model

@@ -41,6 +41,7 @@ def build_model(cfg: Config, channels: int) -> nn.Module:
         resolution=cfg.data.image_size,
         resamp_with_conv=m.resamp_with_conv,
         num_groups=m.num_groups,
+        num_classes=m.num_classes,
     )
 
 

@@ -118,6 +118,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     no_clip = dict(help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)")
     _add(p, "--no-clip", no_clip=no_clip)
     _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", "--device", "--precision", "--var-type")
+    p.add_argument(
+        "--class", dest="class_name", help="class-conditional runs: sample this class (name or index)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="classifier-free guidance, Ho and Salimans' w: 0 (default) is plain conditional sampling",
+    )
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
@@ -145,6 +155,8 @@ def _sample_options(args):
         channels_last=args.channels_last,
         compile=args.compile,
         progress=not args.no_progress,
+        class_name=args.class_name,
+        guidance=args.guidance,
     )
 
 

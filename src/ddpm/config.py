@@ -36,6 +36,7 @@ class ModelConfig:
     dropout: float = 0.1
     resamp_with_conv: bool = True
     num_groups: int = 32
+    num_classes: int = 0  # > 0: class-conditional (set from the data when data.labels=classes)
     mlp_hidden: int = 128  # MLP denoiser only
     mlp_layers: int = 3
 
@@ -62,6 +63,7 @@ class DataConfig:
     num_points: int = 10000  # 2-D toys only
     split: str = "train"
     labels: str = "none"  # "classes": the dataset's class labels (an image folder: one sub-folder per class)
+    class_names: tuple[str, ...] = ()  # of a class-conditional run, recorded from the data
     loader_workers: int = 0  # processes decoding streamed shards (dataset "shards"); 0 = in the trainer
 
 
@@ -74,6 +76,7 @@ class TrainConfig:
     warmup_steps: int = 5000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    cond_dropout: float = 0.1  # class-conditional runs: the share of examples trained as the null class
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -354,6 +357,12 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     check_precision(t.precision, "train.precision")
+    if not 0 <= t.cond_dropout < 1:
+        raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
+    if m.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be >= 0, got {m.num_classes}")
+    if m.num_classes and m.kind != "unet":
+        raise ConfigError("class conditioning needs the U-Net (model.kind=unet)")
     if data.labels not in ("none", "classes"):
         raise ConfigError(f"data.labels must be none or classes, got {data.labels!r}")
     if data.loader_workers < 0:

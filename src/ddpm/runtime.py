@@ -62,19 +62,19 @@ def wrap_network(
             raise TypeError("channels_last stores a module's weights in NHWC; got a plain callable")
         model.to(memory_format=torch.channels_last)
 
-        def network(x, t):
+        def network(x, t, *cond):
             if x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return model(x, t)
+            return model(x, t, *cond)
 
     if compile:
         network = torch.compile(network)
     if precision == "bf16":
         inner, device_type = network, torch.device(device).type
 
-        def network(x, t):
+        def network(x, t, *cond):
             with torch.autocast(device_type, dtype=torch.bfloat16):
-                return inner(x, t).float()
+                return inner(x, t, *cond).float()
 
     return network
 

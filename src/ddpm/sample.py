@@ -4,6 +4,7 @@ checkpoint, samples with a ``SampleOptions`` and writes the images and how they 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class SampleOptions:
     channels_last: bool = False
     compile: bool = False
     progress: bool = True
+    class_name: str | int | None = None  # class-conditional runs: a class name or index (None: unconditional)
+    guidance: float = 0.0  # classifier-free guidance, Ho and Salimans' w (0: plain conditional sampling)
 
 
 @torch.inference_mode()
@@ -129,11 +132,15 @@ def sample_to_dir(
     check_eta(opts.sampler, opts.eta)
     if opts.num <= 0 or opts.batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
+    if not (math.isfinite(opts.guidance) and opts.guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {opts.guidance}")
     device = resolve_device(opts.device)
     procs = init_processes(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
+    if opts.class_name is not None or opts.guidance:
+        network = _conditioned(network, cfg, opts)
     clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
     if not procs.is_main:  # under torchrun: draw this process's batches for the main one to write
         _generate(network, diffusion, cfg, opts, clip_denoised, device, procs)
@@ -150,6 +157,28 @@ def sample_to_dir(
         out.discard()
         raise
     return info
+
+
+def class_index(cfg, name: str | int) -> int:
+    """The id of a class given by name or index, for a class-conditional run's config."""
+    names = list(cfg.data.class_names)
+    if str(name) in names:
+        return names.index(str(name))
+    if str(name).isdigit() and int(name) < cfg.model.num_classes:
+        return int(name)
+    raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
+
+
+def _conditioned(network, cfg, opts: SampleOptions):
+    """The network guided towards ``opts.class_name`` (classifier-free guidance; w = 0 is conditional)."""
+    from .guidance import guided
+
+    if cfg.model.num_classes == 0:
+        raise ConfigError("this model is unconditional: --class and --guidance need a class-conditional run")
+    if opts.class_name is None:
+        raise ConfigError("--guidance needs --class (the class to guide towards)")
+    index = class_index(cfg, opts.class_name)
+    return guided(network, index, cfg.model.num_classes, opts.guidance)
 
 
 def _shape(cfg) -> tuple[int, ...]:
@@ -203,6 +232,11 @@ def _sample_into(
         "seed": opts.seed,
         "sampler": opts.sampler,
         **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
+        **(
+            {"class": class_index(cfg, opts.class_name), "guidance": opts.guidance}
+            if opts.class_name is not None
+            else {}
+        ),
         "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
         "var_type": cfg.diffusion.var_type,
         "steps": opts.steps or diffusion.num_timesteps,

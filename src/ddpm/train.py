@@ -11,6 +11,7 @@ float rounding only, and a single process computes exactly what it always did.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -125,8 +126,12 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
+            saved = ckpt.config
             if cfg.data.channels is None:  # "the data's own", which the run already resolved
-                cfg.data.channels = ckpt.config.get("data", {}).get("channels")
+                cfg.data.channels = saved.get("data", {}).get("channels")
+            if cfg.data.labels == "classes" and not cfg.model.num_classes:  # resolved from the data, too
+                cfg.model.num_classes = saved.get("model", {}).get("num_classes", 0)
+                cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
             check_resume_changes(ckpt.config, cfg)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
@@ -185,6 +190,9 @@ class Trainer:
         """The training data: in memory with its batch order, or shards streamed as training goes."""
         self.streamed = cfg.data.dataset == "shards"
         self.stream = None  # the shard stream, opened at the step training starts from
+        self.labels = None  # class ids of a class-conditional run
+        if self.streamed and cfg.data.labels != "none":
+            raise DataError("shards carry no class labels (yet); train on them with data.labels=none")
         if self.streamed:
             from .shards import ShardIndex
 
@@ -200,6 +208,14 @@ class Trainer:
             self.is_image = self.dataset.is_image
             self.order = BatchOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
             self.data = self.dataset.data.to(self.device)
+            if self.dataset.labels is not None:  # class-conditional: as many classes as the data has
+                names = self.dataset.class_names
+                if cfg.data.class_names and tuple(cfg.data.class_names) != tuple(names):
+                    raise ConfigError(f"the data's classes {names} are not the run's {cfg.data.class_names}")
+                if cfg.model.num_classes not in (0, len(names)):
+                    raise ConfigError(f"model.num_classes={cfg.model.num_classes}; the data has {len(names)}")
+                cfg.model.num_classes, cfg.data.class_names = len(names), tuple(names)
+                self.labels = self.dataset.labels
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
@@ -226,10 +242,10 @@ class Trainer:
 
     # ---- one training step (Algorithm 1) ----
 
-    def batch(self, step: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's share of step ``step``'s batch: (x0, t, noise). The randoms of the whole global
-        batch are drawn (flips, then t, then noise) and sliced, so they do not depend on the process
-        count."""
+    def batch(self, step: int, g: torch.Generator):
+        """This process's share of step ``step``'s batch: (x0, t, noise, class ids or None). The randoms
+        of the whole global batch are drawn (flips, t, noise, then condition dropout) and sliced, so they
+        do not depend on the process count; an unconditional run draws exactly what it always did."""
         B = self.cfg.train.batch_size
         indices = None if self.streamed else self.order.indices(step)
         flip = None
@@ -239,6 +255,10 @@ class Trainer:
         noise = torch.randn((B, *self.example_shape), generator=g)
         share = B // self.procs.world_size
         mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
+        y = None
+        if self.labels is not None:  # condition dropout: some examples train the null class
+            drop = torch.rand(B, generator=g) < self.cfg.train.cond_dropout
+            y = torch.where(drop, self.cfg.model.num_classes, self.labels[indices])[mine].to(self.device)
         if self.streamed:
             x = self.next_streamed_batch(step, share).to(self.device)
         else:
@@ -247,7 +267,7 @@ class Trainer:
             x = to_model_range(x)
             if flip is not None:
                 x = torch.where(flip[mine].to(self.device)[:, None, None, None], x.flip(3), x)
-        return x, t[mine].to(self.device), noise[mine].to(self.device)
+        return x, t[mine].to(self.device), noise[mine].to(self.device), y
 
     def next_streamed_batch(self, step: int, share: int) -> torch.Tensor:
         """This process's next ``share`` images from the shards; the stream opens where step ``step``
@@ -275,7 +295,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t_cfg = self.cfg.train
         g = step_generator(t_cfg.seed, self.step)
-        x0, t, noise = self.batch(self.step, g)
+        x0, t, noise, y = self.batch(self.step, g)
         seed_dropout(t_cfg.seed, self.step, self.procs.rank)
 
         lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps)
@@ -284,13 +304,15 @@ class Trainer:
         (self.ddp or self.model).train()
         accum = t_cfg.grad_accum
         loss = torch.zeros((), device=self.device)
-        micro_batches = zip(x0.chunk(accum), t.chunk(accum), noise.chunk(accum), strict=True)
-        for i, (x_i, t_i, noise_i) in enumerate(micro_batches):
+        ys = y.chunk(accum) if y is not None else [None] * accum
+        micro_batches = zip(x0.chunk(accum), t.chunk(accum), noise.chunk(accum), ys, strict=True)
+        for i, (x_i, t_i, noise_i, y_i) in enumerate(micro_batches):
+            network = self.network if y_i is None else functools.partial(_with_classes, self.network, y_i)
             # Gradients are exchanged once per step, with the last micro-batch's backward pass.
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                micro = self.diffusion.training_losses(self.network, x_i, t_i, noise_i)["loss"].mean()
+                micro = self.diffusion.training_losses(network, x_i, t_i, noise_i)["loss"].mean()
                 if i == 0:
                     # Freed after the forward pass, not before: the backward pass then gets the old
                     # gradients' memory back (freed before the forward, a step ran ~5% slower here).
@@ -442,6 +464,10 @@ class Trainer:
         else:
             plot_points(samples, path, reference=self.dataset.data[:2000].cpu())
         return path
+
+
+def _with_classes(network, y, x, t):
+    return network(x, t, y)
 
 
 def _catch_stop_signals(trainer: Trainer) -> dict:
