@@ -99,10 +99,6 @@ class ShardIndex:
     shards: tuple[tuple[str, int], ...]  # (name, image count)
     channels: int
 
-    @property
-    def count(self) -> int:
-        return sum(count for _, count in self.shards)
-
     @classmethod
     def load(cls, root: str | None) -> ShardIndex:
         if root is None:
