@@ -99,3 +99,17 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def class_run(tmp_path_factory):
+    """A tiny class-conditional run (2 steps on the tiny Fashion-MNIST-like data) and its data folder.
+    Shared by the tests: copy it before changing it."""
+    from ddpm.train import Trainer
+
+    base = tmp_path_factory.mktemp("class-run")
+    data = make_idx_dir(base / "idx")
+    cfg = tiny_config(data, steps=2)
+    cfg.data.labels = "classes"
+    Trainer(cfg, base / "run", progress=False).train()
+    return base / "run", data

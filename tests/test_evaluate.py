@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from ddpm.cli import main
@@ -91,3 +92,36 @@ def test_eval_fid_on_a_missing_source_is_one_line_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
+
+
+def test_eval_fid_of_a_class_conditional_run_reports_class_agreement(class_run, tmp_path, capsys):
+    import shutil
+
+    run, data = class_run
+    run = shutil.copytree(run, tmp_path / "run")
+    argv = ["eval", "fid", str(run), "--num", "20", "--steps", "3", "--guidance", "1"]
+    assert main([*argv, "--data-dir", str(data), "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 0
+    result = json.loads(open(json.loads(capsys.readouterr().out)["out"]).read())
+    agreement = result["class_agreement"]
+    per_class = agreement["per_class"]
+    assert list(per_class) == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]  # class-balanced: every class, 2 each
+    assert all(v["samples"] == 2 for v in per_class.values())
+    overall = sum(v["agreement"] * v["samples"] for v in per_class.values()) / 20
+    assert agreement["overall"] == pytest.approx(overall, abs=1e-4)
+    assert result["sampling"]["classes"] == "balanced" and result["sampling"]["guidance"] == 1.0
+    # the labels are kept with the samples: scoring their folder again gives the same agreement
+    _, again = evaluate_fid(
+        run / "fid-samples-20", data_dir=str(data), cache_dir=str(tmp_path / "c"), progress=False
+    )
+    assert again["class_agreement"] == agreement

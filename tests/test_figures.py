@@ -73,3 +73,25 @@ def test_figures_cli_writes_every_figure(idx_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["figures", str(run), "--figure", "fig99"]) == 2
     assert "unknown figure" in capsys.readouterr().err
+
+
+def test_figures_of_a_class_conditional_run_take_a_class(class_run, tmp_path, capsys):
+    from ddpm.data import load_idx_dataset
+
+    run, data = class_run
+    labels = load_idx_dataset("fashion-mnist", str(data), "test", kind="labels")
+    common = int(labels.mode().values)  # a class with at least 2 test images
+    assert (labels == common).sum() >= 2
+    flags = ["--num", "3", "--frames", "3", "--figure", "progressive", "--figure", "shared", "--no-ema"]
+    for name, extra in (("null", []), ("class", ["--class", str(common), "--guidance", "3"])):
+        assert main(["figures", str(run), *flags, *extra, "--out", str(tmp_path / name)]) == 0
+    info = json.loads((tmp_path / "class" / "figures.json").read_text())
+    assert info["class"] == common and info["guidance"] == 3.0
+    null, guided = ((tmp_path / n / "progressive_xt.png").read_bytes() for n in ("null", "class"))
+    assert null != guided  # same seed: the class changed the chain
+    capsys.readouterr()
+    assert main(["figures", str(run), *flags, "--guidance", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--guidance needs --class" in capsys.readouterr().err
+    absent = next(c for c in range(10) if (labels == c).sum() < 2)
+    assert main(["figures", str(run), *flags, "--class", str(absent), "--out", str(tmp_path / "y")]) == 2
+    assert "fewer than 2 images of class" in capsys.readouterr().err

@@ -53,3 +53,27 @@ def test_an_empty_npz_is_refused(tmp_path):
     np.savez(tmp_path / "e.npz", arr_0=np.zeros((0, 28, 28, 1), np.uint8))
     with pytest.raises(DataError, match="holds no samples"):
         load_samples(tmp_path / "e.npz")
+
+
+def test_a_class_grid_has_one_row_per_class_padded_with_blank_cells(tmp_path):
+    from ddpm.images import save_class_grid
+
+    images = torch.stack([torch.full((1, 2, 2), 10 * (i + 1), dtype=torch.uint8) for i in range(5)])
+    labels = torch.tensor([2, 0, 2, 2, 0])  # class 0: images 1, 4; class 2: images 0, 2, 3
+    save_class_grid(images, labels, tmp_path / "g.png")
+    grid = np.array(Image.open(tmp_path / "g.png"))
+    cell = 2 + 2  # 2 px images, 2 px padding
+    top_left = [[int(grid[2 + r * cell, 2 + c * cell]) for c in range(3)] for r in range(2)]
+    assert grid.shape == (2 + 2 * cell, 2 + 3 * cell)
+    assert top_left == [[20, 50, 0], [10, 30, 40]]  # in class order, blank where a class has fewer
+
+
+def test_sample_labels_round_trip_and_old_samples_have_none(tmp_path):
+    from ddpm.images import load_sample_labels
+
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    save_npz(images, tmp_path / "old.npz")
+    assert load_sample_labels(tmp_path / "old.npz") is None
+    save_npz(images, tmp_path / "samples.npz", torch.tensor([4, 0, 9]))
+    assert load_sample_labels(tmp_path).tolist() == [4, 0, 9]
+    assert torch.equal(load_samples(tmp_path), images)  # arr_0 as before, for the common FID tools

@@ -38,3 +38,25 @@ def test_invert_cli_writes_latents_that_regenerate_the_reconstruction(idx_dir, t
     np.savez(wrong, arr_0=np.zeros((2, 5, 5, 1), np.uint8))
     assert main(["invert", str(run), "--images", str(wrong)]) == 2
     assert "the model takes (1, 8, 8)" in capsys.readouterr().err
+
+
+def test_invert_of_a_class_conditional_run_takes_a_class(class_run, tmp_path, capsys):
+    import json
+
+    from ddpm.cli import main
+
+    run, data = class_run
+    flags = ["--num", "2", "--steps", "5", "--data-dir", str(data), "--no-ema"]
+    for name, extra in (("null", []), ("class", ["--class", "Trouser", "--guidance", "2"])):
+        assert main(["invert", str(run), *flags, *extra, "--out", str(tmp_path / name)]) == 0
+    info = json.loads((tmp_path / "class" / "invert.json").read_text())
+    assert (
+        info["class"] == 1
+        and info["guidance"] == 2.0
+        and "class" not in json.loads((tmp_path / "null" / "invert.json").read_text())
+    )
+    a, b = (np.load(tmp_path / n / "latents.npy") for n in ("null", "class"))
+    assert not np.array_equal(a, b)  # inverted under another condition: other latents
+    capsys.readouterr()
+    assert main(["invert", str(run), *flags, "--class", "Hat", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown class 'Hat'" in capsys.readouterr().err

@@ -102,3 +102,31 @@ def test_eval_nll_writes_bound_rate_and_distortion(idx_dir, tmp_path, capsys):
     estimate = json.loads((tmp_path / "e" / "nll.json").read_text())
     assert estimate["estimate"] is True and "ESTIMATE" in estimate["note"]
     assert main(["eval", "nll", str(run), "--estimate-steps", "1"]) == 2
+
+
+def test_eval_nll_of_a_class_conditional_run_is_the_bound_given_the_class(class_run, tmp_path, capsys):
+    from ddpm.build import load_model
+    from ddpm.data import load_idx_dataset
+    from ddpm.images import to_model_range
+    from ddpm.rng import sampling_generator
+
+    run, data = class_run
+    images = load_idx_dataset("fashion-mnist", str(data), "test")
+    labels = load_idx_dataset("fashion-mnist", str(data), "test", kind="labels")
+    common = int(labels.mode().values)
+    flags = ["--data-dir", str(data), "--no-progress", "--no-ema", "--batch-size", "10"]
+    out = tmp_path / "c"
+    assert main(["eval", "nll", str(run), *flags, "--class", str(common), "--out", str(out)]) == 0
+    summary = json.loads((out / "nll.json").read_text())
+    assert summary["class"] == common and summary["num_images"] == int((labels == common).sum())
+    # the same bound computed directly: the network given the class, on that class's images only
+    model, diffusion, _ = load_model(run, use_ema=False)
+    x0 = to_model_range(images[labels == common])
+    y = torch.full((len(x0),), common)
+    with torch.no_grad():
+        direct = diffusion.calc_bpd_loop(lambda x, t: model(x, t, y), x0, True, sampling_generator(0, 0))
+    assert summary["nll_bpd"] == pytest.approx(direct["total_bpd"].mean().item(), abs=1e-4)
+    capsys.readouterr()
+    absent = next(c for c in range(10) if (labels == c).sum() == 0)
+    assert main(["eval", "nll", str(run), *flags, "--class", str(absent), "--out", str(tmp_path / "x")]) == 2
+    assert "has no images of class" in capsys.readouterr().err

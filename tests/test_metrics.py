@@ -83,3 +83,37 @@ def test_rgb_samples_are_refused_before_a_classifier_is_trained(tmp_path, monkey
     rgb = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
     with pytest.raises(DataError, match="samples have 3 channels; fashion-mnist is grayscale"):
         evaluate_domain(rgb, "fashion-mnist", cache_dir=tmp_path)
+
+
+def test_class_agreement_counts_top_class_hits_per_class():
+    from ddpm.metrics import class_agreement
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    result = class_agreement(probs, torch.tensor([0, 1, 1, 2]), ["a", "b", "c"])
+    assert result == {
+        "overall": 0.75,
+        "per_class": {
+            "a": {"agreement": 1.0, "samples": 1},
+            "b": {"agreement": 0.5, "samples": 2},
+            "c": {"agreement": 1.0, "samples": 1},
+        },
+    }
+    with pytest.raises(DataError, match="3 labels for 4 samples"):
+        class_agreement(probs, torch.tensor([0, 1, 2]))
+    with pytest.raises(DataError, match="class ids in 0..2"):
+        class_agreement(probs, torch.tensor([0, 1, 2, 3]))
+
+
+def test_real_images_with_their_labels_agree_as_often_as_the_classifier_is_accurate(idx_dir, tmp_path):
+    from ddpm.data import load_idx_dataset
+
+    images = load_idx_dataset("fashion-mnist", str(idx_dir), "test")
+    labels = load_idx_dataset("fashion-mnist", str(idx_dir), "test", kind="labels")
+    args = ("fashion-mnist", "test", str(idx_dir), tmp_path, False)
+    result = evaluate_domain(images, *args, labels=labels)
+    # the test accuracy is measured on these very images: the two numbers must be the same
+    assert result["class_agreement"]["overall"] == result["extractor_test_accuracy"]
+    shuffled = evaluate_domain(images, *args, labels=(labels + 1) % 10)
+    assert shuffled["class_agreement"]["overall"] != result["class_agreement"]["overall"]
+    counts = {k: v["samples"] for k, v in result["class_agreement"]["per_class"].items()}
+    assert sum(counts.values()) == len(images)

@@ -241,21 +241,22 @@ def test_a_class_conditional_run_samples_a_class_with_guidance(idx_dir, tmp_path
         main(["sample", str(run), "--class", "1", "--guidance", "2", *flags, "--out", str(tmp_path / "b")])
         == 0
     )
-    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "u")]) == 0  # the null class
     a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in "ab")
     assert np.array_equal(a, b)  # by name or by index
+    assert np.load(tmp_path / "a" / "samples.npz")["labels"].tolist() == [1, 1, 1, 1]
     model, _, _ = ddpm.load_model(run)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
     with torch.no_grad():  # the class reaches the network; no class is the null one
         assert not torch.equal(model(x, t, torch.tensor([1, 1])), model(x, t))
         assert torch.equal(model(x, t, torch.tensor([10, 10])), model(x, t))
     made = json.loads((tmp_path / "a" / "samples.json").read_text())
-    assert made["class"] == 1 and made["guidance"] == 2.0
+    assert made["classes"] == 1 and made["guidance"] == 2.0 and made["class_names"][1] == "Trouser"
     capsys.readouterr()
     for extra, message in (
         (["--class", "Hat"], "unknown class 'Hat'; this run's classes: T-shirt/top, Trouser"),
-        (["--guidance", "1"], "--guidance needs --class"),
         (["--class", "1", "--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
+        (["--guidance-interval", "5", "50"], "--guidance-interval must be LO HI with 0 <= LO <= HI < 50"),
     ):
         assert main(["sample", str(run), *extra, *flags, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
@@ -263,6 +264,47 @@ def test_a_class_conditional_run_samples_a_class_with_guidance(idx_dir, tmp_path
     ddpm.Trainer(tiny_config(idx_dir, steps=1), plain, progress=False).train()
     assert main(["sample", str(plain), "--class", "1", *flags, "--out", str(tmp_path / "y")]) == 2
     assert "this model is unconditional" in capsys.readouterr().err
+    assert (
+        main(["sample", str(plain), "--guidance-rescale", "0.5", *flags, "--out", str(tmp_path / "y")]) == 2
+    )
+    assert "guidance options need a class-conditional run" in capsys.readouterr().err
+
+
+def test_a_class_conditional_run_samples_every_class_in_rows_by_default(idx_dir, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.sample import generate
+
+    cfg = tiny_config(idx_dir, steps=2, num_sample_images=20, sample_steps=3)
+    cfg.data.labels = "classes"
+    run = tmp_path / "run"
+    ddpm.Trainer(cfg, run, progress=False).train()
+    # the training grid: 10 rows (one per class) of 2
+    cell = 8 + 2
+    assert Image.open(run / "samples" / "step_0000002.png").size == (2 + 2 * cell, 2 + 10 * cell)
+    info = ddpm.sample_to_dir(
+        run, tmp_path / "s", num=25, batch_size=7, steps=3, guidance=1.0, progress=False
+    )
+    labels = np.load(tmp_path / "s" / "samples.npz")["labels"]
+    assert labels.tolist() == [i * 10 // 25 for i in range(25)] and info["classes"] == "balanced"
+    # rows as wide as the largest class block (3), one per class
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 + 3 * cell, 2 + 10 * cell)
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["guidance"] == 1.0
+    # through the Python API: the guided network, and each batch conditioned on its own rows
+    from ddpm.conditions import guided_network
+    from ddpm.images import to_uint8
+
+    model, diffusion, saved = ddpm.load_model(run)
+    guided = guided_network(model, saved, 1.0)
+    kwargs = dict(batch_size=7, steps=3, seed=0)
+    again = generate(guided, diffusion, 25, (1, 8, 8), cond=torch.tensor(labels), **kwargs)
+    written = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+    assert torch.equal(to_uint8(again), written)
+    others = generate(guided, diffusion, 25, (1, 8, 8), cond=torch.tensor(labels[::-1].copy()), **kwargs)
+    assert not torch.equal(others[:7], again[:7])  # the classes reach the network
 
 
 def test_conditional_training_resumes_exactly(idx_dir, tmp_path):

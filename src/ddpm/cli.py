@@ -59,13 +59,24 @@ FLAGS = {
         help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)"
     ),
     "--no-clip": dict(action="store_true", help="do not clip the predicted x0 to [-1, 1]"),
+    "--class": dict(
+        dest="class_name",
+        help="class-conditional runs: condition on this class (name or index); default: the null class "
+        "(the model's unconditional branch)",
+    ),
+    "--guidance": dict(
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="classifier-free guidance, Ho and Salimans' w: 0 (default) is plain conditional sampling",
+    ),
 }
 
 
 def _add(p: argparse.ArgumentParser, *names: str, **changes) -> None:
     """Add the shared flags ``names``; ``changes`` (keyed by the flag's dest) adjusts one's keywords."""
     for name in names:
-        dest = name.lstrip("-").replace("-", "_")
+        dest = FLAGS[name].get("dest", name.lstrip("-").replace("-", "_"))
         p.add_argument(name, **{**FLAGS[name], **changes.get(dest, {})})
 
 
@@ -118,15 +129,17 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     no_clip = dict(help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)")
     _add(p, "--no-clip", no_clip=no_clip)
     _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", "--device", "--precision", "--var-type")
+    every_class = "class-conditional runs: sample this class (name or index); default: every class in "
+    _add(p, "--class", "--guidance", class_name=dict(help=every_class + "equal blocks, one grid row each"))
     p.add_argument(
-        "--class", dest="class_name", help="class-conditional runs: sample this class (name or index)"
+        "--guidance-interval",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only at model timesteps LO..HI (0-based; outside, the conditional model alone)",
     )
     p.add_argument(
-        "--guidance",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="classifier-free guidance, Ho and Salimans' w: 0 (default) is plain conditional sampling",
+        "--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2024), 0 (off) to 1"
     )
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
@@ -157,6 +170,8 @@ def _sample_options(args):
         progress=not args.no_progress,
         class_name=args.class_name,
         guidance=args.guidance,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        guidance_rescale=args.guidance_rescale,
     )
 
 
@@ -228,6 +243,8 @@ def cmd_invert(args) -> int:
         device=args.device,
         precision=args.precision,
         data_dir=args.data_dir,
+        class_name=args.class_name,
+        guidance=args.guidance,
     )
     return _print(out_dir=str(out), **info)
 
@@ -288,6 +305,7 @@ def cmd_eval_nll(args) -> int:
         precision=args.precision,
         progress=not args.no_progress,
         var_type=args.var_type,
+        class_name=args.class_name,
     )
     return _print(out_dir=str(out), **summary)
 
@@ -318,6 +336,8 @@ def cmd_figures(args) -> int:
         device=args.device,
         data_dir=args.data_dir,
         precision=args.precision,
+        class_name=args.class_name,
+        guidance=args.guidance,
     )
     return _print(out_dir=str(out), **info)
 
@@ -375,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
     )
     _add(p, "--spacing", "--batch-size", "--no-ema", "--device", "--precision", "--data-dir", spacing=spacing)
+    _add(p, "--class", "--guidance")
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
@@ -443,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         e, "--batch-size", "--seed", "--no-ema", "--device", "--precision", "--data-dir", batch_size=nll_batch
     )
     _add(e, "--var-type", "--no-progress")
+    nll_class = "class-conditional runs: the bound on log p(x | class) over the split's images of this class"
+    _add(
+        e, "--class", class_name=dict(help=nll_class + " (default: the null class, the unconditional branch)")
+    )
     e.set_defaults(func=cmd_eval_nll)
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
@@ -462,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--frames", type=int, default=10, help="columns along the chain (default 10)")
-    _add(p, "--seed", "--no-ema", "--device", "--precision", "--data-dir")
+    _add(p, "--seed", "--no-ema", "--device", "--precision", "--data-dir", "--class", "--guidance")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
+from .data import CLASS_NAMES
 from .errors import DataError
 from .files import write_json
-from .images import load_samples
+from .images import load_sample_labels, load_samples
 from .metrics import DOMAIN_DATASETS, evaluate_domain
 from .runtime import init_processes, resolve_device
 from .sample import SampleOptions, sample_to_dir
@@ -63,10 +64,12 @@ def evaluate_fid(
         made = json.loads((folder / "samples.json").read_text())
     dataset = dataset or made.get("dataset", "fashion-mnist")
     samples = load_samples(source)
+    labels = load_sample_labels(source)  # the class each sample was conditioned on, if any
     if extractor == "auto":
         extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"
     if extractor == "domain":
-        result = evaluate_domain(samples, dataset, split, data_dir, cache_dir, progress)
+        names = made.get("class_names") or list(CLASS_NAMES.get(dataset, ()))
+        result = evaluate_domain(samples, dataset, split, data_dir, cache_dir, progress, labels, names)
     else:
         from .inception import evaluate_inception
 
@@ -75,6 +78,8 @@ def evaluate_fid(
             samples, dataset, split, data_dir, inception_weights, cache_dir, device, progress
         )
     result = {"metric": "fid", "samples": str(folder), **result}
+    if labels is not None and "class_agreement" not in result:
+        result["class_agreement"] = f"needs a domain classifier ({', '.join(DOMAIN_DATASETS)})"
     recommended = FID_SAMPLES.get(dataset)
     if recommended and len(samples) < recommended:
         result["warning"] = (

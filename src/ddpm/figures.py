@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from .build import load_model
+from .conditions import check_request, for_class
 from .config import DataConfig
 from .data import load_dataset
 from .diffusion import GaussianDiffusion
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import atomic_write, write_json
 from .images import make_grid, to_model_range, to_uint8
 from .rng import randn, sampling_generator
@@ -141,9 +142,13 @@ def make_figures(
     device: str = "auto",
     data_dir: str | None = None,
     precision: str = "fp32",
+    class_name: str | int | None = None,
+    guidance: float = 0.0,
 ) -> dict:
     """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
-    ``precision="bf16"`` runs the network under bf16 autocast (see ``ddpm.runtime.wrap_network``)."""
+    ``precision="bf16"`` runs the network under bf16 autocast (see ``ddpm.runtime.wrap_network``).
+    Class-conditional runs draw ``class_name`` (guided with w = ``guidance``; the real images are then
+    of that class), or the null class's when none is given."""
     which = list(FIGURES) if not which else which
     unknown = set(which) - set(FIGURES)
     if unknown:
@@ -152,9 +157,10 @@ def make_figures(
         raise ConfigError("--num and --frames must be at least 2")
     dev = resolve_device(device)
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
-    model = wrap_network(model, dev, precision)
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
+    index = check_request(cfg, class_name, guidance)
+    model = for_class(wrap_network(model, dev, precision), cfg, class_name, guidance)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     T = diffusion.num_timesteps
     out = Path(out_dir)
@@ -163,7 +169,11 @@ def make_figures(
     needs_data = {"forward", "shared", "interpolate"} & set(which)
     if needs_data:
         data_cfg = DataConfig(**{**cfg.data.__dict__, "split": "test", "root": data_dir or cfg.data.root})
-        data = load_dataset(data_cfg).data
+        dataset = load_dataset(data_cfg)
+        data = dataset.data if index is None else dataset.data[dataset.labels == index]
+        if len(data) < 2:
+            name = cfg.data.class_names[index]
+            raise DataError(f"the test split has fewer than 2 images of class {name!r}")
         picks = torch.randperm(len(data), generator=_generator(seed, 0))[: max(num, 2)]
         real = to_model_range(data[picks])
     if "forward" in which:
@@ -201,6 +211,7 @@ def make_figures(
         "seed": seed,
         "weights": weights,
         "precision": precision,
+        **({"class": index, "guidance": guidance} if index is not None else {}),
         **written,
     }
     write_json(out / "figures.json", info)

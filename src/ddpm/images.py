@@ -58,13 +58,28 @@ def save_pngs(images_uint8: torch.Tensor, directory: str | Path, start: int = 0)
         _pil(img).save(directory / f"{start + i:06d}.png")
 
 
-def save_npz(images_uint8: torch.Tensor, path: str | Path) -> None:
-    """uint8 [N, H, W, C] under the key ``arr_0``, as the common FID evaluators expect."""
-    array = to_hwc_uint8(images_uint8)
+def save_class_grid(images_uint8: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
+    """A grid with one row per class present in ``labels`` (in class order), blank cells padding the
+    rows of classes with fewer samples."""
+    classes = labels.unique().tolist()
+    rows = [images_uint8[labels == c] for c in classes]
+    width = max(len(r) for r in rows)
+    cells = torch.zeros(len(rows) * width, *images_uint8.shape[1:], dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        cells[i * width : i * width + len(row)] = row
+    save_grid(cells, path, nrow=width)
+
+
+def save_npz(images_uint8: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> None:
+    """uint8 [N, H, W, C] under the key ``arr_0``, as the common FID evaluators expect; the class id of
+    each sample (int64 [N]) under ``labels`` when they were conditioned on classes."""
+    arrays = {"arr_0": to_hwc_uint8(images_uint8)}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().long().numpy()
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, arr_0=array)
+            np.savez(f, **arrays)
 
     atomic_write(Path(path), write)
 
@@ -89,6 +104,17 @@ def load_samples(path: str | Path) -> torch.Tensor:
             f"{path}: expected uint8 arr_0 of shape (N, H, W, C), got {array.dtype} {array.shape}"
         )
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def load_sample_labels(path: str | Path) -> torch.Tensor | None:
+    """The class id of each sample in a samples.npz (or its folder), None when it holds none."""
+    path = Path(path)
+    path = path / "samples.npz" if path.is_dir() else path
+    try:
+        with np.load(path) as npz:
+            return torch.from_numpy(npz["labels"]) if "labels" in npz.files else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read samples from {path} ({e})") from None
 
 
 def plot_points(points: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> None:

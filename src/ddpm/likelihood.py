@@ -17,9 +17,10 @@ import torch
 
 from .build import load_model
 from .checkpoint import Checkpoint
+from .conditions import check_request, for_class
 from .config import DataConfig
 from .data import load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import atomic_write, write_json
 from .images import to_model_range
 from .rng import sampling_generator
@@ -41,9 +42,12 @@ def evaluate_nll(
     precision: str = "fp32",
     progress: bool = True,
     var_type: str | None = None,
+    class_name: str | int | None = None,
 ) -> dict:
     """Bound on the NLL of the first ``num_images`` images of ``split``; writes nll.json, per_t.csv,
-    rate_distortion.csv and rate_distortion.png into ``out_dir`` and returns the summary."""
+    rate_distortion.csv and rate_distortion.png into ``out_dir`` and returns the summary.
+    Class-conditional runs: with ``class_name`` the bound on log p(x | class) over the split's images of
+    that class; without, the null class's (the unconditional branch's) over all of them."""
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
@@ -51,8 +55,12 @@ def evaluate_nll(
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
     if batch_size <= 0 or (num_images is not None and num_images <= 0):
         raise ConfigError("--num and --batch-size must be positive")
+    index = check_request(cfg, class_name)
     data_cfg = DataConfig(**{**cfg.data.__dict__, "split": split, "root": data_dir or cfg.data.root})
-    images = load_dataset(data_cfg).data
+    dataset = load_dataset(data_cfg)
+    images = dataset.data if index is None else dataset.data[dataset.labels == index]
+    if len(images) == 0:
+        raise DataError(f"the {split} split has no images of class {cfg.data.class_names[index]!r}")
     images = images[:num_images] if num_images else images
     T = diffusion.num_timesteps
     timesteps = None
@@ -61,7 +69,7 @@ def evaluate_nll(
             raise ConfigError(f"--estimate-steps must be in 2..{T}")
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
-    net = wrap_network(model, dev, precision)
+    net = for_class(wrap_network(model, dev, precision), cfg, class_name)
 
     totals, priors, vb_sum, mse_sum, kept, weights = [], [], None, None, None, None
     batches = range(math.ceil(len(images) / batch_size))
@@ -103,6 +111,7 @@ def evaluate_nll(
         "weights": "ema" if use_ema else "model",
         "dataset": cfg.data.dataset,
         "split": split,
+        **({"class": index, "class_name": cfg.data.class_names[index]} if index is not None else {}),
         "num_images": n,
         "nll_bpd": round(total.mean().item(), 5),
         "nll_bpd_stderr": round((total.std() / math.sqrt(n)).item(), 5) if n > 1 else None,

@@ -232,8 +232,11 @@ def evaluate_domain(
     root: str | None = None,
     cache_dir=None,
     progress: bool = True,
+    labels: torch.Tensor | None = None,
+    class_names: list[str] | None = None,
 ) -> dict:
-    """Domain FID, KID and classifier score of uint8 samples against a reference split."""
+    """Domain FID, KID and classifier score of uint8 samples against a reference split; with ``labels``
+    (the class each sample was conditioned on) also how often the classifier recognises that class."""
     if samples_uint8.dtype != torch.uint8:
         raise DataError("samples must be quantised to uint8 before evaluation")
     size = samples_uint8.shape[-1]
@@ -248,6 +251,9 @@ def evaluate_domain(
     fid = frechet_distance(*feature_statistics(f_samples), *feature_statistics(f_ref))
     kid_mean, kid_std = kernel_inception_distance(f_samples, f_ref)
     score_mean, score_std = classifier_score(p_samples, splits=min(10, len(p_samples)))
+    agreement = {}
+    if labels is not None:
+        agreement = {"class_agreement": class_agreement(p_samples, labels, class_names)}
     return {
         "extractor": f"domain-{dataset}-cnn-v{CLASSIFIER_VERSION}",
         "extractor_test_accuracy": info["test_accuracy"],
@@ -258,4 +264,24 @@ def evaluate_domain(
         "kid_std": round(kid_std, 6),
         "classifier_score": round(score_mean, 4),
         "classifier_score_std": round(score_std, 4),
+        **agreement,
     }
+
+
+def class_agreement(probs: np.ndarray, labels: torch.Tensor, class_names: list[str] | None = None) -> dict:
+    """How often the classifier's top class is the one each sample was conditioned on: overall (the
+    mean over samples) and per class (with each class's sample count)."""
+    labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if len(labels) != len(probs):
+        raise DataError(f"{len(labels)} labels for {len(probs)} samples")
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise DataError(f"sample labels must be class ids in 0..{probs.shape[1] - 1}")
+    hits = probs.argmax(1) == labels
+    per_class = {}
+    for c in np.unique(labels):
+        name = class_names[c] if class_names and c < len(class_names) else str(int(c))
+        per_class[name] = {
+            "agreement": round(float(hits[labels == c].mean()), 4),
+            "samples": int((labels == c).sum()),
+        }
+    return {"overall": round(float(hits.mean()), 4), "per_class": per_class}

@@ -4,6 +4,7 @@ checkpoint, samples with a ``SampleOptions`` and writes the images and how they 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from torch import nn
 
 from .build import load_model
 from .checkpoint import Checkpoint
+from .conditions import balanced_classes, check_request, class_index, guided_network
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
 from .files import OutputFolder, write_json
-from .images import plot_points, save_grid, save_npz, save_pngs, to_uint8
+from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import Processes, init_processes, resolve_device, wrap_network
 from .samplers import check_eta, get_sampler, sampling_chain
@@ -45,8 +47,11 @@ class SampleOptions:
     channels_last: bool = False
     compile: bool = False
     progress: bool = True
-    class_name: str | int | None = None  # class-conditional runs: a class name or index (None: unconditional)
+    # Class-conditional runs: a class name or index; None = every class, in equal blocks (a row each).
+    class_name: str | int | None = None
     guidance: float = 0.0  # classifier-free guidance, Ho and Salimans' w (0: plain conditional sampling)
+    guidance_interval: tuple[int, int] | None = None  # guide only at model timesteps lo..hi
+    guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), 0 (off) to 1
 
 
 @torch.inference_mode()
@@ -66,6 +71,7 @@ def generate(
     eta: float = 0.0,
     spacing: str | None = None,
     procs: Processes | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """``num`` samples of per-example ``shape`` with ``sampler`` (default: Algorithm 2), on ``steps``
     timesteps picked by ``spacing`` when given (see ``sampling_chain``). Batch b has its own generator
@@ -77,10 +83,15 @@ def generate(
     b % world_size == r, and the main process gathers them in order: the same samples as one process
     draws. The other processes return None.
 
+    ``cond``: a condition per sample ([num, ...], e.g. class ids); ``model`` is then called as
+    ``model(x, t, cond)`` with each batch's rows.
+
     ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
     chain's arithmetic stays in fp32. The default fp32 is the reference."""
     if num <= 0 or batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
+    if cond is not None and len(cond) != num:
+        raise ConfigError(f"{len(cond)} conditions for {num} samples")
     loop = get_sampler(sampler).loop
     chain = sampling_chain(diffusion, sampler, steps, spacing)
     network = wrap_network(model, device, precision)
@@ -96,9 +107,13 @@ def generate(
     for b in batches:
         n = min(batch_size, num - b * batch_size)
         g = sampling_generator(seed, b)
+        batch_network = network
+        if cond is not None:
+            batch_cond = cond[b * batch_size : b * batch_size + n].to(device)
+            batch_network = functools.partial(_with_condition, network, batch_cond)
         x = loop(
             chain,
-            network,
+            batch_network,
             (n, *shape),
             generator=g,
             device=device,
@@ -120,6 +135,10 @@ def generate(
     return torch.cat([by_batch[b] for b in range(count)])
 
 
+def _with_condition(network, cond, x, t):
+    return network(x, t, cond)
+
+
 def sample_to_dir(
     checkpoint: str | Path, out_dir: str | Path, options: SampleOptions | None = None, **overrides
 ) -> dict | None:
@@ -134,20 +153,23 @@ def sample_to_dir(
         raise ConfigError("the number of samples and the batch size must be positive")
     if not (math.isfinite(opts.guidance) and opts.guidance >= 0):
         raise ConfigError(f"--guidance must be a finite number >= 0, got {opts.guidance}")
+    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
+        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
     device = resolve_device(opts.device)
     procs = init_processes(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
-    if opts.class_name is not None or opts.guidance:
-        network = _conditioned(network, cfg, opts)
+    network, labels = _conditioned(network, cfg, opts, diffusion.num_timesteps)
     clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
     if not procs.is_main:  # under torchrun: draw this process's batches for the main one to write
-        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs)
+        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, labels)
         return None
     out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
     try:
-        info = _sample_into(out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device, procs)
+        info = _sample_into(
+            out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device, procs, labels
+        )
         stale = out.stale(sorted(p.name for p in out.staging.iterdir()))
         if stale:  # e.g. images/ of an earlier image model beside this model's points
             info["removed_stale"] = stale
@@ -159,26 +181,32 @@ def sample_to_dir(
     return info
 
 
-def class_index(cfg, name: str | int) -> int:
-    """The id of a class given by name or index, for a class-conditional run's config."""
-    names = list(cfg.data.class_names)
-    if str(name) in names:
-        return names.index(str(name))
-    if str(name).isdigit() and int(name) < cfg.model.num_classes:
-        return int(name)
-    raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
-
-
-def _conditioned(network, cfg, opts: SampleOptions):
-    """The network guided towards ``opts.class_name`` (classifier-free guidance; w = 0 is conditional)."""
-    from .guidance import guided
-
+def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int):
+    """For a class-conditional run: the guided ``network(x, t, class_ids)`` and a class id per sample
+    (the requested class, or every class in equal blocks). Unconditional runs: the network, None."""
+    index = check_request(cfg, opts.class_name, opts.guidance)
     if cfg.model.num_classes == 0:
-        raise ConfigError("this model is unconditional: --class and --guidance need a class-conditional run")
-    if opts.class_name is None:
-        raise ConfigError("--guidance needs --class (the class to guide towards)")
-    index = class_index(cfg, opts.class_name)
-    return guided(network, index, cfg.model.num_classes, opts.guidance)
+        if opts.guidance_interval is not None or opts.guidance_rescale:
+            raise ConfigError("this model is unconditional: guidance options need a class-conditional run")
+        return network, None
+    interval = opts.guidance_interval
+    if interval is not None and not (0 <= interval[0] <= interval[1] < num_timesteps):
+        raise ConfigError(f"--guidance-interval must be LO HI with 0 <= LO <= HI < {num_timesteps}")
+    guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale)
+    if index is None:
+        return guided, balanced_classes(opts.num, cfg.model.num_classes)
+    return guided, torch.full((opts.num,), index)
+
+
+def _conditions_info(cfg, opts: SampleOptions) -> dict:
+    """How a class-conditional run's samples were conditioned, for samples.json."""
+    classes = "balanced" if opts.class_name is None else class_index(cfg, opts.class_name)
+    info = {"classes": classes, "class_names": list(cfg.data.class_names), "guidance": opts.guidance}
+    if opts.guidance_interval is not None:
+        info["guidance_interval"] = list(opts.guidance_interval)
+    if opts.guidance_rescale:
+        info["guidance_rescale"] = opts.guidance_rescale
+    return info
 
 
 def _shape(cfg) -> tuple[int, ...]:
@@ -187,7 +215,7 @@ def _shape(cfg) -> tuple[int, ...]:
     return (cfg.data.channels,)
 
 
-def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs):
+def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, labels):
     return generate(
         network,
         diffusion,
@@ -204,21 +232,25 @@ def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, devic
         opts.eta,
         opts.spacing,
         procs,
+        labels,
     )
 
 
 def _sample_into(
-    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs
+    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, labels
 ) -> dict:
     is_image = cfg.model.kind == "unet"
     start = time.time()
-    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs)
+    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, labels)
     out = folder
     if is_image:
         images = to_uint8(samples)
-        save_grid(images, out / "grid.png")
+        if labels is None:
+            save_grid(images, out / "grid.png")
+        else:
+            save_class_grid(images, labels, out / "grid.png")
         save_pngs(images, out / "images")
-        save_npz(images, out / "samples.npz")
+        save_npz(images, out / "samples.npz", labels)
     else:
         np.save(out / "points.npy", samples.numpy())
         plot_points(samples, out / "points.png")
@@ -232,11 +264,7 @@ def _sample_into(
         "seed": opts.seed,
         "sampler": opts.sampler,
         **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
-        **(
-            {"class": class_index(cfg, opts.class_name), "guidance": opts.guidance}
-            if opts.class_name is not None
-            else {}
-        ),
+        **(_conditions_info(cfg, opts) if labels is not None else {}),
         "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
         "var_type": cfg.diffusion.var_type,
         "steps": opts.steps or diffusion.num_timesteps,

@@ -23,12 +23,13 @@ from torch import nn
 
 from .build import build_diffusion, build_model
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, load_optimizer_state, save_checkpoint
+from .conditions import balanced_classes
 from .config import Config, validate
 from .data import BatchOrder, Dataset, load_dataset
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DataError
 from .files import write_json
-from .images import plot_points, save_grid, to_model_range, to_uint8
+from .images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
 from .rng import seed_dropout, step_generator
 from .rundir import RunDirectory
 from .runtime import init_processes, resolve_device, wrap_network
@@ -437,11 +438,14 @@ class Trainer:
         return self.run_dir / "samples" / f"step_{step:07d}.png"
 
     def write_samples(self) -> Path | None:
-        """A grid (or scatter plot) of samples from the EMA model, with a fixed seed. Under torchrun
-        every process draws its share and rank 0 writes (the others return None)."""
+        """A grid (or scatter plot) of samples from the EMA model, with a fixed seed; class-conditional
+        runs get one row per class (plain conditional samples, w = 0). Under torchrun every process
+        draws its share and rank 0 writes (the others return None)."""
         t_cfg = self.cfg.train
         ema_model = self.ema.model_copy(self.model)
         shape = self.example_shape
+        num_classes = self.cfg.model.num_classes
+        labels = balanced_classes(t_cfg.num_sample_images, num_classes) if num_classes else None
         samples = generate(
             ema_model,
             self.diffusion,
@@ -454,12 +458,15 @@ class Trainer:
             clip_denoised=self.is_image,  # 2-D points are not bounded to [-1, 1]
             precision=t_cfg.precision,
             procs=self.procs,
+            cond=labels,
         )
         if samples is None:
             return None
         path = self.sample_path(self.step)
         path.parent.mkdir(exist_ok=True)
-        if self.is_image:
+        if self.is_image and labels is not None:
+            save_class_grid(to_uint8(samples), labels, path)
+        elif self.is_image:
             save_grid(to_uint8(samples), path)
         else:
             plot_points(samples, path, reference=self.dataset.data[:2000].cpu())
