@@ -83,20 +83,41 @@ def matmul_peak(device, dtype, n=2048, repeats=10) -> float:
 # ---- the two implementations behind one call signature: net(x, t) -> eps ----
 
 
-def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=False):
+def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=False, num_classes=0):
+    """``impl`` "ours", "diffusers" (UNet2DModel) or "diffusers-condition" (UNet2DConditionModel, only
+    for class conditioning); with ``num_classes`` the forward takes class ids: ``forward(x, t, y)``."""
     cfg = preset(preset_name)
+    cfg.model.num_classes = num_classes
     size, channels = cfg.data.image_size, cfg.data.channels or (1 if "mnist" in preset_name else 3)
     torch.manual_seed(0)
     if impl == "ours":
         module = build_model(cfg, channels)
         forward = module
     else:
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DConditionModel, UNet2DModel
 
-        module = UNet2DModel(**diffusers_unet_config(cfg.model, size, channels))
+        config = diffusers_unet_config(cfg.model, size, channels)
+        if num_classes:  # diffusers adds the class embedding to the time embedding too (id K: null)
+            config["num_class_embeds"] = num_classes + 1
+        if impl == "diffusers-condition":
+            # The nearest it comes to the paper's net: its self-attention mid block (UNetMidBlock2D)
+            # has one ResNet block and no attention, so it has fewer parameters than ours.
+            widths = config["block_out_channels"]
+            config.update(
+                mid_block_type="UNetMidBlock2D",
+                attention_head_dim=tuple(widths),
+                cross_attention_dim=widths[-1],
+            )
+            module = UNet2DConditionModel(**config)
 
-        def forward(x, t):
-            return module(x, t).sample
+            def forward(x, t, y):
+                return module(x, t, encoder_hidden_states=None, class_labels=y).sample
+
+        else:
+            module = UNet2DModel(**config)
+
+            def forward(x, t, y=None):
+                return module(x, t, class_labels=y).sample
 
     module = module.to(device)
     if channels_last:
@@ -109,8 +130,12 @@ def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=
 class TrainStep:
     """Algorithm 1 for either network: q_sample, eps MSE, Adam with grad clip."""
 
-    def __init__(self, impl, preset_name, batch, device, precision, channels_last=False, compile_=False):
-        self.module, self.forward, cfg, shape = make_net(impl, preset_name, device, channels_last, compile_)
+    def __init__(
+        self, impl, preset_name, batch, device, precision, channels_last=False, compile_=False, num_classes=0
+    ):
+        self.module, self.forward, cfg, shape = make_net(
+            impl, preset_name, device, channels_last, compile_, num_classes
+        )
         self.diffusion = build_diffusion(cfg)
         self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-4)
         self.device, self.precision = device, precision
@@ -120,6 +145,10 @@ class TrainStep:
         self.noise = torch.randn(self.x0.shape, generator=g).to(device, memory_format=memory_format)
         self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         self.net = wrap_network(self.forward, device, precision)  # the same autocast as training
+        if num_classes:  # class ids, a tenth of them the null class (condition dropout)
+            y = torch.randint(0, num_classes, (batch,), generator=g)
+            y[torch.rand(batch, generator=g) < 0.1] = num_classes
+            self.net = partial(_with_classes, self.net, y.to(device))
 
     def __call__(self):
         self.module.train()
@@ -141,6 +170,10 @@ class TrainStep:
             loss.backward()
         self.opt.zero_grad(set_to_none=True)
         return float(counter.get_total_flops())
+
+
+def _with_classes(network, y, x, t):
+    return network(x, t, y)
 
 
 def timed(fn, device, repeats):
@@ -268,6 +301,57 @@ def bench_sampling(device, quick, results):
                 )
 
 
+def bench_conditioning(device, quick, results):
+    """Class conditioning on the fashion-mnist net: a conditional training step against the same
+    unconditional one (target: at most 10% dearer) and against diffusers' class-conditional UNets
+    (UNet2DModel with the same parameters, and UNet2DConditionModel as near as it can be configured);
+    then guided sampling (w = 2, both branches in one batched forward) against unguided (target: at most
+    2.1x the time)."""
+    from ddpm.conditions import guided_network
+
+    batch = 256 if device.type == "cuda" else 64
+    repeats = 3 if quick else 6
+    variants = {
+        "ours unconditional": ("ours", 0),
+        "ours class": ("ours", 10),
+        "diffusers UNet2DModel class": ("diffusers", 10),
+        "diffusers UNet2DConditionModel class": ("diffusers-condition", 10),
+    }
+    for precision in ("fp32", "bf16"):
+        steps = {}
+        for name, (impl, classes) in variants.items():
+            steps[name] = TrainStep(impl, "fashion-mnist", batch, device, precision, num_classes=classes)
+            steps[name](), steps[name]()
+        seconds = {name: [] for name in steps}
+        for _ in range(repeats):  # interleaved
+            for name, step in steps.items():
+                seconds[name].append(timed(step, device, 1))
+        results["conditioning"][f"training {precision}"] = {
+            name: {
+                "images_per_s": round(batch / statistics.median(values), 2),
+                "params": sum(p.numel() for p in steps[name].module.parameters()),
+            }
+            for name, values in seconds.items()
+        }
+        del steps
+    model, _, cfg, shape = make_net("ours", "fashion-mnist", device, num_classes=10)
+    model.eval()
+    diffusion = build_diffusion(cfg)
+    sample_steps, n = (20 if quick else 50), 64
+    labels = torch.arange(n) % 10
+    times = {}
+    for w in (0.0, 2.0):  # w = 0 runs the conditional branch alone
+        network = guided_network(model, cfg, w)
+        run = partial(generate, network, diffusion, n, shape, n, 0, sample_steps, True, device, False)
+        times[w] = [timed(partial(run, "fp32", "ddim", cond=labels), device, 1) for _ in range(repeats // 2)]
+    results["conditioning"]["guided sampling"] = {
+        "steps": sample_steps,
+        "batch": n,
+        "unguided_s": statistics.median(times[0.0]),
+        "guided_s": statistics.median(times[2.0]),
+    }
+
+
 def run_pipeline(pipe, batch, steps, device, precision):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
@@ -387,6 +471,28 @@ def report(results):
                 f"{r['diffusers_s_per_image'] / r['ours_s_per_image']:.2f}x | "
                 f"{'' if overhead is None else f'{100 * overhead:.2f}%'} |"
             )
+    if results.get("conditioning"):
+        print(
+            "\n| class conditioning, fashion-mnist net, training step | params | images/s | "
+            "vs ours unconditional | vs diffusers UNet2DModel class |"
+        )
+        print("|---|---|---|---|---|")
+        for key, rows in results["conditioning"].items():
+            if not key.startswith("training"):
+                continue
+            base, peer = rows["ours unconditional"], rows["diffusers UNet2DModel class"]
+            for name, r in rows.items():
+                print(
+                    f"| {name}, {key.split()[1]} | {r['params']:,} | {r['images_per_s']:.1f} | "
+                    f"{base['images_per_s'] / r['images_per_s']:.3f}x the time | "
+                    f"{r['images_per_s'] / peer['images_per_s']:.2f}x |"
+                )
+        g = results["conditioning"]["guided sampling"]
+        print(
+            f"\nGuided sampling (w = 2, DDIM {g['steps']} steps, batch {g['batch']}): "
+            f"{g['guided_s']:.2f} s vs {g['unguided_s']:.2f} s unguided = "
+            f"{g['guided_s'] / g['unguided_s']:.2f}x (target <= 2.1x)"
+        )
     if results["memory"]:
         print(
             "\n| peak memory of a training step | ours fp32 | diffusers fp32 | ratio | ours bf16 | "
@@ -410,7 +516,10 @@ def main(argv=None):
         "--compile", action="store_true", help="also time ours under torch.compile (slow to build)"
     )
     p.add_argument(
-        "--skip", action="append", default=[], choices=["training", "breakdown", "sampling", "memory"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["training", "breakdown", "sampling", "memory", "conditioning"],
     )
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = p.parse_args(argv)
@@ -422,6 +531,7 @@ def main(argv=None):
         "breakdown": {},
         "sampling": {},
         "memory": {},
+        "conditioning": {},
     }
     results["matmul_peak_flops"] = {
         "fp32": matmul_peak(device, torch.float32),
@@ -435,6 +545,8 @@ def main(argv=None):
         bench_sampling(device, args.quick, results)
     if "memory" not in args.skip:
         bench_memory(device, results)
+    if "conditioning" not in args.skip:
+        bench_conditioning(device, args.quick, results)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     report(results)
 

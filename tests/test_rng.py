@@ -2,6 +2,7 @@ import torch
 
 from ddpm.rng import (
     SEED_BATCH_ORDER,
+    SEED_CAPTIONS,
     SEED_DROPOUT,
     SEED_SAMPLING,
     SEED_STEP,
@@ -18,10 +19,12 @@ def test_derived_seeds_are_stable_and_never_collide():
     # The value is part of every recorded result: it must never change.
     assert derived_seed(0, SEED_STEP, 0) == 8597659618385908031
     assert derived_seed(7, SEED_SAMPLING, 3) == 4064374570681395613
-    purposes = (SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING)
-    assert len(set(purposes)) == 4
+    purposes = (SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING, SEED_CAPTIONS)
+    assert len(set(purposes)) == len(purposes)
     seeds = {derived_seed(s, p, i) for s in range(5) for p in purposes for i in range(50)}
-    assert len(seeds) == 5 * 4 * 50  # no two (seed, purpose, index) share a stream, unlike seed + step
+    assert (
+        len(seeds) == 5 * len(purposes) * 50
+    )  # no two (seed, purpose, index) share a stream, unlike seed + step
     assert all(0 <= s < 2**63 for s in seeds)
 
 

@@ -321,6 +321,27 @@ def cmd_train_classifier(args) -> int:
     return _print(classifier=str(path), **info)
 
 
+def cmd_train_text_encoder(args) -> int:
+    from .clip import save_clip, train_clip
+    from .config import DataConfig
+    from .files import OutputFolder
+
+    data = DataConfig(
+        dataset=args.dataset, root=args.data_dir, image_size=args.image_size, channels=args.channels
+    )
+    out = OutputFolder(args.out, last="config.json")  # refused before training if it is not ours
+    try:
+        model, info = train_clip(
+            data, args.steps, args.batch_size, args.lr, args.seed, progress=not args.no_progress
+        )
+        save_clip(model, info, out.staging)
+        out.publish()
+    except BaseException:
+        out.discard()
+        raise
+    return _print(out=str(args.out), **{k: v for k, v in info.items() if k != "class_names"})
+
+
 def cmd_figures(args) -> int:
     from .figures import make_figures
 
@@ -477,6 +498,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--cache-dir")
     _add(p, "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser(
+        "train-text-encoder",
+        help="train the domain CLIP pair (text and image towers) on a dataset's captions",
+    )
+    p.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or folder")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    _add(p, "--seed", "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
+    p.set_defaults(func=cmd_train_text_encoder)
 
     p = sub.add_parser("figures", help="the paper's figures: forward process, progressive generation, ...")
     _add_checkpoint(p, "figures")

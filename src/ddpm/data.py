@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .captions import folder_captions, make_captions
 from .config import DataConfig
 from .errors import DataError
 from .rng import SEED_BATCH_ORDER, generator
@@ -33,6 +34,7 @@ class Dataset:
     name: str
     labels: torch.Tensor | None = None  # int64 [N] class ids, when the config asks for labels
     class_names: tuple[str, ...] | None = None
+    captions: list[str] | None = None  # one per example, when the config asks for captions
 
     @property
     def is_image(self) -> bool:
@@ -269,7 +271,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(f"data split must be train or test, got {cfg.split!r}")
     if name in TOYS:
         if cfg.labels != "none":
-            raise DataError(f"dataset {name} has no class labels; use data.labels=none")
+            raise DataError(f"dataset {name} has no class labels or captions; use data.labels=none")
         return Dataset(make_toy(name, cfg.num_points, seed), name)
     if name in ("fashion-mnist", "mnist"):
         images = load_idx_dataset(name, cfg.root, cfg.split)
@@ -285,10 +287,19 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(images) == 0:
         raise DataError(f"dataset {name} is empty")
-    labels, class_names = load_labels(cfg) if cfg.labels == "classes" else (None, None)
+    folder_text = name == "folder" and cfg.labels == "captions"  # an image folder's own captions
+    labels, class_names = (None, None)
+    if cfg.labels == "classes" or (cfg.labels == "captions" and not folder_text):
+        labels, class_names = load_labels(cfg)
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{name} {cfg.split}: {len(images)} images but {len(labels)} labels")
-    return Dataset(match_images(images, cfg.image_size, cfg.channels), name, labels, class_names)
+    captions = None
+    if folder_text:
+        captions = folder_captions(cfg.root, image_files(cfg.root))
+    elif cfg.labels == "captions":
+        captions = make_captions(images, labels, class_names)
+    images = match_images(images, cfg.image_size, cfg.channels)
+    return Dataset(images, name, labels, class_names, captions)
 
 
 CLASS_NAMES = {

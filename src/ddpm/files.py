@@ -157,4 +157,4 @@ class OutputFolder:
 
 
 # Every name an OutputFolder of samples may hold; earlier ones the new results lack are stale.
-PUBLISHED = {"grid.png", "images", "samples.npz", "points.npy", "points.png"}
+PUBLISHED = {"grid.png", "images", "samples.npz", "points.npy", "points.png", "model.safetensors"}

@@ -194,6 +194,10 @@ class Trainer:
         self.labels = None  # class ids of a class-conditional run
         if self.streamed and cfg.data.labels != "none":
             raise DataError("shards carry no class labels (yet); train on them with data.labels=none")
+        if cfg.data.labels == "captions":
+            raise ConfigError(
+                "text-conditional training is not built yet (issue 11): use data.labels=classes"
+            )
         if self.streamed:
             from .shards import ShardIndex
 

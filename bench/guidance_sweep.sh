@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Domain FID and class agreement against the guidance scale w on a class-conditional Fashion-MNIST run:
+# 1,000 class-balanced samples per w (ancestral, 50 steps, bf16, seed 1), scored against the test split.
+# Usage: bash bench/guidance_sweep.sh RUN_DIR [W ...]   (default w: 0 0.5 1 2 4)
+# Prints one markdown table row per w and writes RUN_DIR/guidance/guidance.png (both curves).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:?usage: bash bench/guidance_sweep.sh RUN_DIR [W ...]}
+shift
+SCALES=("$@")
+if [ ${#SCALES[@]} -eq 0 ]; then
+    SCALES=(0 0.5 1 2 4)
+fi
+echo "| w | domain FID | KID | class agreement | lowest class (agreement) | seconds for 1,000 |"
+echo "|---|---|---|---|---|---|"
+for w in "${SCALES[@]}"; do
+    out="$RUN/guidance/w$w"
+    .venv/bin/ddpm sample "$RUN" --num 1000 --batch-size 250 --seed 1 --precision bf16 \
+        --steps 50 --guidance "$w" --out "$out" --no-progress > /dev/null
+    .venv/bin/ddpm eval fid "$out" --split test --no-progress > /dev/null
+    .venv/bin/python - "$out" "$w" <<'PY'
+import json, sys
+out, w = sys.argv[1:]
+r = json.load(open(f"{out}/fid-domain-fashion-mnist-cnn-v1-test.json"))
+a = r["class_agreement"]
+low = min(a["per_class"].items(), key=lambda kv: kv[1]["agreement"])
+print(f"| {w} | {r['fid']:.2f} | {r['kid']:.1f} | {100 * a['overall']:.1f}% | {low[0]} ({100 * low[1]['agreement']:.0f}%) "
+      f"| {r['sampling']['seconds']:.0f} |")
+PY
+done
+.venv/bin/python - "$RUN" "${SCALES[@]}" <<'PY'
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+run, scales = sys.argv[1], sys.argv[2:]
+rows = [json.load(open(f"{run}/guidance/w{w}/fid-domain-fashion-mnist-cnn-v1-test.json")) for w in scales]
+ws = [float(w) for w in scales]
+fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+ax.plot(ws, [r["fid"] for r in rows], "o-", color="tab:blue")
+ax.set_xlabel("guidance scale w (Ho and Salimans; 0 = conditional)")
+ax.set_ylabel("domain FID (1,000 samples)", color="tab:blue")
+right = ax.twinx()
+right.plot(ws, [100 * r["class_agreement"]["overall"] for r in rows], "s--", color="tab:red")
+right.axhline(100 * rows[0]["extractor_test_accuracy"], color="tab:red", lw=0.8, ls=":")
+right.set_ylabel("class agreement (%); dotted: real test images", color="tab:red")
+fig.tight_layout()
+fig.savefig(f"{run}/guidance/guidance.png")
+PY
+echo "plot: $RUN/guidance/guidance.png"

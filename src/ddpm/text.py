@@ -1,0 +1,91 @@
+"""Text to what the denoiser attends to: a byte-level tokenizer that takes any string, and a small
+CLIP-style transformer text tower (causal attention; the end token's state is the pooled embedding).
+
+An encoder's output for a batch of texts is a ``TextEncoding``: per-token states [B, L, D], a mask [B, L]
+(True for real tokens) and a pooled embedding [B, D].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TextEncoding:
+    tokens: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, L] bool, True where a token is real
+    pooled: torch.Tensor  # [B, D]
+
+    def to(self, device) -> TextEncoding:
+        return TextEncoding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, a start (256) and an end (257) token and padding (258): every
+    string has a tokenization, and nothing is downloaded or trained. Texts longer than ``max_length``
+    tokens are cut, keeping the end token."""
+
+    BOS, EOS, PAD = 256, 257, 258
+    vocab_size = 259
+
+    def __init__(self, max_length: int = 64):
+        if max_length < 3:
+            raise ValueError("max_length must be at least 3 (start, one byte, end)")
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, max_length] (int64) and the mask of real tokens [B, max_length] (bool)."""
+        ids = torch.full((len(texts), self.max_length), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            body = list(str(text).encode("utf-8"))[: self.max_length - 2]
+            row = [self.BOS, *body, self.EOS]
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids, ids != self.PAD
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return bytes(i for i in ids.tolist() if i < 256).decode("utf-8", errors="replace")
+
+
+class TextTransformer(nn.Module):
+    """A small CLIP-like text tower: token + learned position embeddings, pre-norm transformer layers
+    with causal attention (so padding after the end token never reaches a real token), a final norm.
+    The pooled embedding is the end token's state, projected (as CLIP's text_projection)."""
+
+    def __init__(
+        self,
+        vocab_size: int = ByteTokenizer.vocab_size,
+        width: int = 128,
+        layers: int = 3,
+        heads: int = 4,
+        max_length: int = 64,
+        embed_dim: int = 128,
+    ):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Parameter(torch.randn(max_length, width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(width)
+        self.projection = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.projection.weight, std=width**-0.5)
+        self.width, self.embed_dim, self.max_length = width, embed_dim, max_length
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
+        length = ids.shape[1]
+        x = self.token_embedding(ids) + self.position_embedding[:length]
+        causal = torch.triu(torch.full((length, length), -math.inf, device=ids.device), 1)
+        x = self.final_norm(self.transformer(x, mask=causal, is_causal=True))
+        last = mask.long().sum(1) - 1  # the end token: the last real one
+        pooled = self.projection(x[torch.arange(len(ids), device=ids.device), last])
+        return TextEncoding(x, mask, pooled)
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
