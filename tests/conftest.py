@@ -113,3 +113,26 @@ def class_run(tmp_path_factory):
     cfg.data.labels = "classes"
     Trainer(cfg, base / "run", progress=False).train()
     return base / "run", data
+
+
+def text_config(data_dir, encoder_dir, **train) -> Config:
+    cfg = tiny_config(data_dir, **train)
+    cfg.data.labels, cfg.model.text_encoder = "captions", str(encoder_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A tiny text-conditional run (2 steps) on a tiny domain text encoder, its data and encoder folders.
+    Shared by the tests: copy it before changing it."""
+    from ddpm.clip import ClipConfig, DomainClip, save_clip
+    from ddpm.train import Trainer
+
+    base = tmp_path_factory.mktemp("text-run")
+    data = make_idx_dir(base / "idx")
+    torch.manual_seed(0)
+    config = ClipConfig(width=32, layers=1, heads=2, max_length=40, embed_dim=32, image_width=8)
+    save_clip(DomainClip(config), {"format": "ddpm-text-encoder"}, base / "encoder")
+    cfg = text_config(data, base / "encoder", steps=2, num_sample_images=20, lr=2e-2)  # weights that show
+    Trainer(cfg, base / "run", progress=False).train()
+    return base / "run", data, base / "encoder"

@@ -84,13 +84,15 @@ def test_a_folder_reads_metadata_jsonl_or_txt_files(tmp_path):
         folder_captions(root, sorted(root.rglob("*.png")))
 
 
-def test_training_on_captions_is_refused_until_the_text_encoder_exists(idx_dir, tmp_path):
+def test_training_on_captions_needs_a_text_encoder_and_the_other_way_round(idx_dir, tmp_path):
     from conftest import tiny_config
 
     from ddpm.errors import ConfigError
     from ddpm.train import Trainer
 
-    cfg = tiny_config(idx_dir)
-    cfg.data.labels = "captions"
-    with pytest.raises(ConfigError, match="text-conditional training is not built yet"):
-        Trainer(cfg, tmp_path / "run", progress=False)
+    for labels, encoder in (("captions", ""), ("none", str(tmp_path))):
+        cfg = tiny_config(idx_dir)
+        cfg.data.labels, cfg.model.text_encoder = labels, encoder
+        with pytest.raises(ConfigError, match="needs both data.labels=captions and model.text_encoder"):
+            Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

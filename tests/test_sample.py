@@ -267,7 +267,7 @@ def test_a_class_conditional_run_samples_a_class_with_guidance(idx_dir, tmp_path
     assert (
         main(["sample", str(plain), "--guidance-rescale", "0.5", *flags, "--out", str(tmp_path / "y")]) == 2
     )
-    assert "guidance options need a class-conditional run" in capsys.readouterr().err
+    assert "guidance options need a conditional run" in capsys.readouterr().err
 
 
 def test_a_class_conditional_run_samples_every_class_in_rows_by_default(idx_dir, tmp_path):
@@ -322,3 +322,98 @@ def test_conditional_training_resumes_exactly(idx_dir, tmp_path):
     for name, value in a.model.items():
         assert torch.equal(b.model[name], value), name
     assert "class_embed.weight" in a.model
+
+
+def test_a_text_conditional_run_trains_resumes_exactly_and_keeps_its_encoder(text_run, tmp_path):
+    from conftest import text_config
+    from PIL import Image
+
+    from ddpm.checkpoint import Checkpoint
+
+    run, data, encoder = text_run
+    saved = Checkpoint(run).config
+    assert saved["model"]["context_dim"] == 32 and saved["data"]["labels"] == "captions"
+    assert (run / "text-encoder" / "model.safetensors").is_file()  # the run can sample on its own
+    # the training grid: a row per class prompt ("a photo of a coat", ...), 2 samples each
+    assert Image.open(run / "samples" / "step_0000002.png").size == (2 + 2 * 10, 2 + 10 * 10)
+    ddpm.Trainer(text_config(data, encoder, steps=4), tmp_path / "a", progress=False).train()
+    ddpm.Trainer(text_config(data, encoder, steps=2), tmp_path / "b", progress=False).train()
+    ddpm.Trainer(text_config(data, encoder, steps=4), tmp_path / "b", resume=True, progress=False).train()
+    a, b = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    for name, value in a.model.items():
+        assert torch.equal(b.model[name], value), name
+    assert any("cross" in name for name in a.model)
+
+
+def test_a_text_conditional_run_samples_prompts_in_rows_with_a_negative_prompt(text_run, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from ddpm.cli import main
+
+    run, _, _ = text_run
+    flags = ["--num", "6", "--steps", "3", "--no-progress", "--no-ema"]
+    prompts = ["--prompt", "a coat", "--prompt", "a large bag"]
+    for name, extra in (
+        ("plain", []),
+        ("guided", ["--guidance", "3"]),
+        ("negative", ["--guidance", "3", "--negative-prompt", "dark"]),
+    ):
+        assert main(["sample", str(run), *flags, *prompts, *extra, "--out", str(tmp_path / name)]) == 0
+    made = json.loads((tmp_path / "negative" / "samples.json").read_text())
+    assert made["prompts"] == ["a coat", "a large bag"] and made["negative_prompt"] == "dark"
+    assert "labels" not in np.load(tmp_path / "plain" / "samples.npz")  # rows are prompts, not classes
+    plain, guided, negative = (
+        np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("plain", "guided", "negative")
+    )
+    assert not np.array_equal(plain, guided) and not np.array_equal(guided, negative)
+    # no prompt: one per class, in class order, so that eval fid can score class agreement
+    assert main(["sample", str(run), *flags, "--num", "10", "--out", str(tmp_path / "default")]) == 0
+    assert np.load(tmp_path / "default" / "samples.npz")["labels"].tolist() == list(range(10))
+    capsys.readouterr()
+    assert main(["sample", str(run), *flags, "--class", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "this model is text-conditional: give --prompt, not --class" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "figures",
+                str(run),
+                "--figure",
+                "progressive",
+                "--num",
+                "2",
+                "--frames",
+                "2",
+                "--prompt",
+                "a coat",
+                "--guidance",
+                "1",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "f" / "figures.json").read_text())["prompt"] == "a coat"
+    assert (
+        main(
+            ["figures", str(run), "--figure", "progressive", "--guidance", "1", "--out", str(tmp_path / "g")]
+        )
+        == 2
+    )
+    assert "--guidance needs --prompt" in capsys.readouterr().err
+
+
+def test_a_prompt_for_a_class_conditional_or_unconditional_run_is_refused(class_run, tmp_path, capsys):
+    from ddpm.cli import main
+
+    run, _ = class_run
+    assert main(["sample", str(run), "--prompt", "a coat", "--num", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--prompt and --negative-prompt need a text-conditional run; this one is class-conditional" in (
+        capsys.readouterr().err
+    )
+    assert main(["invert", str(run), "--prompt", "a coat", "--out", str(tmp_path / "y")]) == 2
+    assert "--prompt needs a text-conditional run; this one is class-conditional: use --class" in (
+        capsys.readouterr().err
+    )

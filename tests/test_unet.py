@@ -168,3 +168,44 @@ def test_class_conditioning_adds_an_embedding_and_keeps_the_unconditional_net():
         assert torch.equal(cond(x, t, torch.tensor(5)), b)
     with pytest.raises(ValueError, match="unconditional"):
         plain(x, t, torch.tensor([0, 0, 0]))
+
+
+def test_text_conditioning_adds_cross_attention_and_a_pooled_embedding_only():
+    from ddpm.text import TextEncoding
+
+    small = dict(in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(4,), resolution=8, num_groups=4)
+    torch.manual_seed(0)
+    plain = UNet(**small)
+    torch.manual_seed(0)
+    net = UNet(**small, context_dim=16).eval()
+    for name, value in plain.state_dict().items():  # the same initial weights for everything else
+        assert torch.equal(net.state_dict()[name], value)
+    # cross-attention after the 2 down, 1 middle and 3 up self-attentions; heads of 32 channels
+    crosses = [m for m in net.modules() if m.__class__.__name__ == "CrossAttention"]
+    assert len(crosses) == 6 and {c.heads for c in crosses} == {2}
+    per_cross = 2 * 64 + 64 * 64 + 64 + 2 * (16 * 64 + 64) + 64 * 64 + 64  # norm, q, k, v, proj_out
+    temb = 4 * 32
+    assert count_parameters(net) == count_parameters(plain) + 6 * per_cross + 16 * temb + temb
+    with torch.no_grad():  # give the zero-initialised outputs weights, so that the text shows
+        for c in crosses:
+            c.proj_out.weight.normal_(0, 0.2)
+        net.conv_out.weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    tokens, pooled = torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    x, t = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([3, 9])
+    with torch.no_grad():
+        out = net(x, t, TextEncoding(tokens, mask, pooled))
+        padded = tokens.clone()
+        padded[0, 3:] = 100.0  # what sits under the padding mask is never attended to
+        assert torch.allclose(net(x, t, TextEncoding(padded, mask, pooled)), out, atol=1e-5)
+        other = tokens.clone()
+        other[0, 1] += 1.0
+        changed = net(x, t, TextEncoding(other, mask, pooled))
+        assert not torch.allclose(changed[0], out[0], atol=1e-4) and torch.allclose(changed[1], out[1])
+        one = net(x, t, TextEncoding(tokens[:1], mask[:1], pooled[:1]))  # one text for the whole batch
+        assert torch.allclose(one[0], out[0], atol=1e-6)
+    with pytest.raises(ValueError, match="text-conditional: give a TextEncoding"):
+        net(x, t)
+    with pytest.raises(ValueError, match="classes or on text, not both"):
+        UNet(**small, num_classes=3, context_dim=16)

@@ -42,6 +42,7 @@ def build_model(cfg: Config, channels: int) -> nn.Module:
         resamp_with_conv=m.resamp_with_conv,
         num_groups=m.num_groups,
         num_classes=m.num_classes,
+        context_dim=m.context_dim,
     )
 
 

@@ -64,6 +64,9 @@ FLAGS = {
         help="class-conditional runs: condition on this class (name or index); default: the null class "
         "(the model's unconditional branch)",
     ),
+    "--prompt": dict(
+        help="text-conditional runs: condition on this text; default: the empty text (unconditional branch)"
+    ),
     "--guidance": dict(
         type=float,
         default=0.0,
@@ -141,6 +144,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2024), 0 (off) to 1"
     )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        help="text-conditional runs: a prompt (repeatable: the samples are split into equal blocks, a grid "
+        "row per prompt; default 'a photo of a CLASS' for each class of the data)",
+    )
+    p.add_argument(
+        "--negative-prompt", help="text-conditional runs: guide away from this text (default: the empty text)"
+    )
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
@@ -172,6 +185,8 @@ def _sample_options(args):
         guidance=args.guidance,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale,
+        prompts=tuple(args.prompts) if args.prompts else None,
+        negative_prompt=args.negative_prompt,
     )
 
 
@@ -245,6 +260,7 @@ def cmd_invert(args) -> int:
         data_dir=args.data_dir,
         class_name=args.class_name,
         guidance=args.guidance,
+        prompt=args.prompt,
     )
     return _print(out_dir=str(out), **info)
 
@@ -306,6 +322,7 @@ def cmd_eval_nll(args) -> int:
         progress=not args.no_progress,
         var_type=args.var_type,
         class_name=args.class_name,
+        prompt=args.prompt,
     )
     return _print(out_dir=str(out), **summary)
 
@@ -359,6 +376,7 @@ def cmd_figures(args) -> int:
         precision=args.precision,
         class_name=args.class_name,
         guidance=args.guidance,
+        prompt=args.prompt,
     )
     return _print(out_dir=str(out), **info)
 
@@ -416,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
     )
     _add(p, "--spacing", "--batch-size", "--no-ema", "--device", "--precision", "--data-dir", spacing=spacing)
-    _add(p, "--class", "--guidance")
+    _add(p, "--class", "--prompt", "--guidance")
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
@@ -489,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         e, "--class", class_name=dict(help=nll_class + " (default: the null class, the unconditional branch)")
     )
+    _add(e, "--prompt", prompt=dict(help="text-conditional runs: the bound on log p(x | this text)"))
     e.set_defaults(func=cmd_eval_nll)
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
@@ -522,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--frames", type=int, default=10, help="columns along the chain (default 10)")
-    _add(p, "--seed", "--no-ema", "--device", "--precision", "--data-dir", "--class", "--guidance")
+    _add(
+        p, "--seed", "--no-ema", "--device", "--precision", "--data-dir", "--class", "--prompt", "--guidance"
+    )
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -1,5 +1,5 @@
-"""What a run is conditioned on, and how a user's request (a class, a guidance scale) becomes the network
-a sampler calls.
+"""What a run is conditioned on, and how a user's request (a class or a prompt, a guidance scale) becomes
+the network a sampler calls.
 
 Class ids are 0..K-1 in the order of ``cfg.data.class_names``; id K is the null class (the unconditional
 branch that condition dropout trains). Guidance is Ho and Salimans' w (w = 0 is conditional sampling).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -27,13 +28,30 @@ def class_index(cfg, name: str | int) -> int:
     raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
 
 
-def check_request(cfg, class_name: str | int | None, guidance: float = 0.0) -> int | None:
+def check_request(
+    cfg, class_name: str | int | None, guidance: float = 0.0, prompt: str | None = None
+) -> int | None:
     """The class id asked for (None: none), after checking that this run can take the request."""
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if cfg.model.context_dim:
+        if class_name is not None:
+            raise ConfigError("this model is text-conditional: give --prompt, not --class")
+        return None
+    if prompt is not None:
+        kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
+        raise ConfigError(f"--prompt needs a text-conditional run; this one is {kind}")
     if cfg.model.num_classes == 0 and (class_name is not None or guidance):
-        raise ConfigError("this model is unconditional: --class and --guidance need a class-conditional run")
+        raise ConfigError("this model is unconditional: --class and --guidance need a conditional run")
     return None if class_name is None else class_index(cfg, class_name)
+
+
+def grid_prompts(cfg, captions: list[str] | None = None) -> list[str]:
+    """The prompts of a text-conditional run's grids, a row each: "a photo of a {class}" for each class
+    where the data has classes, else its first 8 distinct (non-empty) captions."""
+    if cfg.data.class_names:
+        return [f"a photo of a {name.lower()}" for name in cfg.data.class_names]
+    return [c for c in dict.fromkeys(captions or []) if c][:8]
 
 
 def balanced_classes(num: int, num_classes: int) -> torch.Tensor:
@@ -48,13 +66,15 @@ def guided_network(
     guidance: float,
     interval: tuple[int, int] | None = None,
     rescale: float = 0.0,
+    null=None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``network(x, t, class_ids)`` (ids per example, or one int for all) guided with scale w away from
     the null class. With a learned variance only the prediction's channels are guided (the variance is
-    the conditional branch's)."""
+    the conditional branch's). ``null``: the null condition (default the null class; a text run's is an
+    encoding of "" or of a negative prompt)."""
     learned = parse_option(VarType, cfg.diffusion.var_type, "variance type").learned
     channels = cfg.data.channels if learned else None
-    null = cfg.model.num_classes
+    null = cfg.model.num_classes if null is None else null
 
     def conditional(x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor | int) -> torch.Tensor:
         return guided(network, class_ids, null, guidance, channels, interval, rescale)(x, t)
@@ -62,10 +82,35 @@ def guided_network(
     return conditional
 
 
-def for_class(network, cfg, class_name: str | int | None, guidance: float = 0.0):
-    """A plain ``(x, t)`` network for one requested class (guided with w), or, with no class, the null
-    class's (the unconditional branch; a class-conditional network given no class takes it)."""
-    index = check_request(cfg, class_name, guidance)
+def for_request(
+    network,
+    cfg,
+    class_name: str | int | None = None,
+    guidance: float = 0.0,
+    prompt: str | None = None,
+    checkpoint: str | Path = ".",
+):
+    """A plain ``(x, t)`` network for one requested class or prompt (guided with w), or, with neither,
+    the null condition's (the unconditional branch). A text-conditional run's encoder is found from
+    ``checkpoint`` (its run directory or checkpoint file)."""
+    index = check_request(cfg, class_name, guidance, prompt)
+    if cfg.model.context_dim:
+        from .encoders import run_text_encoder
+
+        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        encoder = run_text_encoder(cfg, run_dir)
+        null = encoder.encode([""])
+        if prompt is None:
+            if guidance:
+                raise ConfigError("--guidance needs --prompt (the text to guide towards)")
+            return lambda x, t: network(x, t, null.to(x.device))
+        text = encoder.encode([prompt])
+
+        def prompted(x, t):
+            conditional = guided_network(network, cfg, guidance, null=null.to(x.device))
+            return conditional(x, t, text.to(x.device))
+
+        return prompted
     if index is None:
         if guidance:
             raise ConfigError("--guidance needs --class (the class to guide towards)")

@@ -37,6 +37,9 @@ class ModelConfig:
     resamp_with_conv: bool = True
     num_groups: int = 32
     num_classes: int = 0  # > 0: class-conditional (set from the data when data.labels=classes)
+    # data.labels=captions: a `ddpm train-text-encoder` folder, or a transformers CLIP / T5 model
+    text_encoder: str = ""
+    context_dim: int = 0  # > 0: text-conditional (set from the text encoder's width)
     mlp_hidden: int = 128  # MLP denoiser only
     mlp_layers: int = 3
 
@@ -379,6 +382,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("class conditioning needs the U-Net (model.kind=unet)")
     if data.labels not in ("none", "classes", "captions"):
         raise ConfigError(f"data.labels must be none, classes or captions, got {data.labels!r}")
+    if (data.labels == "captions") != bool(m.text_encoder):
+        raise ConfigError(
+            "text conditioning needs both data.labels=captions and model.text_encoder (a folder from "
+            "`ddpm train-text-encoder`, or a transformers CLIP / T5 model)"
+        )
+    if m.text_encoder and m.kind != "unet":
+        raise ConfigError("text conditioning needs the U-Net (model.kind=unet)")
     if data.loader_workers < 0:
         raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .build import load_model
-from .conditions import check_request, for_class
+from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .diffusion import GaussianDiffusion
@@ -144,11 +144,12 @@ def make_figures(
     precision: str = "fp32",
     class_name: str | int | None = None,
     guidance: float = 0.0,
+    prompt: str | None = None,
 ) -> dict:
     """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
     ``precision="bf16"`` runs the network under bf16 autocast (see ``ddpm.runtime.wrap_network``).
-    Class-conditional runs draw ``class_name`` (guided with w = ``guidance``; the real images are then
-    of that class), or the null class's when none is given."""
+    Conditional runs draw ``class_name`` (the real images are then of that class) or ``prompt``, guided
+    with w = ``guidance``, or the null condition's when none is given."""
     which = list(FIGURES) if not which else which
     unknown = set(which) - set(FIGURES)
     if unknown:
@@ -159,8 +160,9 @@ def make_figures(
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
-    index = check_request(cfg, class_name, guidance)
-    model = for_class(wrap_network(model, dev, precision), cfg, class_name, guidance)
+    index = check_request(cfg, class_name, guidance, prompt)
+    network = wrap_network(model, dev, precision)
+    model = for_request(network, cfg, class_name, guidance, prompt, checkpoint)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     T = diffusion.num_timesteps
     out = Path(out_dir)
@@ -212,6 +214,7 @@ def make_figures(
         "weights": weights,
         "precision": precision,
         **({"class": index, "guidance": guidance} if index is not None else {}),
+        **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         **written,
     }
     write_json(out / "figures.json", info)

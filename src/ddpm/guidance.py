@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from .text import TextEncoding
+
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -26,7 +28,8 @@ def guided(
     """``model`` guided towards ``cond`` and away from ``null`` (the unconditional condition, or a
     negative prompt's) with scale ``scale`` (w).
 
-    - ``cond`` / ``null``: a condition per example ([B, ...]) or one for all (an int class id);
+    - ``cond`` / ``null``: a condition per example ([B, ...] class ids or a TextEncoding of B texts) or one
+      for all (an int class id, or a TextEncoding of one text: a negative prompt's as the null);
     - ``channels``: with a learned variance, how many leading output channels are guided (the prediction);
       the variance channels come from the conditional branch;
     - ``interval``: (lowest, highest) model timestep at which to guide (Kynkaanniemi et al. 2024); outside
@@ -36,9 +39,16 @@ def guided(
     if not (scale >= 0 and scale == scale):
         raise ValueError(f"the guidance scale must be a number >= 0, got {scale}")
 
-    def per_example(c, x: torch.Tensor) -> torch.Tensor:
+    def per_example(c, x: torch.Tensor):
+        if isinstance(c, TextEncoding):
+            return c.repeat_to(x.shape[0])
         c = torch.as_tensor(c, device=x.device)
         return c.expand(x.shape[0], *c.shape) if c.ndim == 0 else c
+
+    def both(c, n):  # the conditional and the null condition, as one batch
+        if isinstance(c, TextEncoding):
+            return TextEncoding.cat([c, n])
+        return torch.cat([c, n])
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = per_example(cond, x)
@@ -47,8 +57,8 @@ def guided(
             inside = inside and bool(((t >= interval[0]) & (t <= interval[1])).all())
         if not inside:
             return model(x, t, c)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, per_example(null, x)]))
-        conditional, unconditional = both.chunk(2)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both(c, per_example(null, x)))
+        conditional, unconditional = out.chunk(2)
         k = conditional.shape[1] if channels is None else channels
         pred = conditional[:, :k] + scale * (conditional[:, :k] - unconditional[:, :k])
         if rescale > 0:

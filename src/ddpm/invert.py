@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .build import load_model
-from .conditions import check_request, for_class
+from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
@@ -32,19 +32,20 @@ def invert_to_dir(
     data_dir: str | None = None,
     class_name: str | int | None = None,
     guidance: float = 0.0,
+    prompt: str | None = None,
 ) -> dict:
     """Invert ``num`` images (the first of a samples.npz / its folder, or of the run's test split) to
     latents with DDIM on ``steps`` timesteps, regenerate them from those latents, and write latents.npy
     (float32 N,C,H,W), reconstruction.png (originals above, reconstructions below) and invert.json with
-    the round-trip error on the 0..255 scale. Class-conditional runs invert and regenerate under
-    ``class_name`` (guided with w = ``guidance``), or the null class when none is given."""
+    the round-trip error on the 0..255 scale. Conditional runs invert and regenerate under ``class_name``
+    or ``prompt`` (guided with w = ``guidance``), or the null condition when none is given."""
     if num <= 0 or batch_size <= 0:
         raise ConfigError("--num and --batch-size must be positive")
     dev = resolve_device(device)
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
     if cfg.model.kind != "unet":
         raise ConfigError("inversion is for image models")
-    index = check_request(cfg, class_name, guidance)
+    index = check_request(cfg, class_name, guidance, prompt)
     if images is not None:
         originals = load_samples(images)[:num]
     else:
@@ -54,7 +55,7 @@ def invert_to_dir(
     if tuple(originals.shape[1:]) != expected:
         raise DataError(f"images have shape {tuple(originals.shape[1:])}; the model takes {expected}")
     chain = sampling_chain(diffusion, "ddim", steps, spacing)
-    network = for_class(wrap_network(model, dev, precision), cfg, class_name, guidance)
+    network = for_request(wrap_network(model, dev, precision), cfg, class_name, guidance, prompt, checkpoint)
     latents, recon = [], []
     for start in range(0, len(originals), batch_size):
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)
@@ -77,6 +78,7 @@ def invert_to_dir(
         "spacing": spacing,
         "precision": precision,
         **({"class": index, "guidance": guidance} if index is not None else {}),
+        **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         "rmse_0_255": round(diff.pow(2).mean().sqrt().item(), 3),
         "max_abs_error_0_255": int(diff.abs().max().item()),
         "latent_mean": round(latents.mean().item(), 4),

@@ -17,7 +17,7 @@ import torch
 
 from .build import load_model
 from .checkpoint import Checkpoint
-from .conditions import check_request, for_class
+from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
@@ -43,11 +43,13 @@ def evaluate_nll(
     progress: bool = True,
     var_type: str | None = None,
     class_name: str | int | None = None,
+    prompt: str | None = None,
 ) -> dict:
     """Bound on the NLL of the first ``num_images`` images of ``split``; writes nll.json, per_t.csv,
     rate_distortion.csv and rate_distortion.png into ``out_dir`` and returns the summary.
     Class-conditional runs: with ``class_name`` the bound on log p(x | class) over the split's images of
-    that class; without, the null class's (the unconditional branch's) over all of them."""
+    that class; without, the null class's (the unconditional branch's) over all of them. Text-conditional
+    runs: with ``prompt`` the bound on log p(x | prompt), else the empty text's."""
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
@@ -55,7 +57,7 @@ def evaluate_nll(
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
     if batch_size <= 0 or (num_images is not None and num_images <= 0):
         raise ConfigError("--num and --batch-size must be positive")
-    index = check_request(cfg, class_name)
+    index = check_request(cfg, class_name, prompt=prompt)
     data_cfg = DataConfig(**{**cfg.data.__dict__, "split": split, "root": data_dir or cfg.data.root})
     dataset = load_dataset(data_cfg)
     images = dataset.data if index is None else dataset.data[dataset.labels == index]
@@ -69,7 +71,9 @@ def evaluate_nll(
             raise ConfigError(f"--estimate-steps must be in 2..{T}")
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
-    net = for_class(wrap_network(model, dev, precision), cfg, class_name)
+    net = for_request(
+        wrap_network(model, dev, precision), cfg, class_name, prompt=prompt, checkpoint=checkpoint
+    )
 
     totals, priors, vb_sum, mse_sum, kept, weights = [], [], None, None, None, None
     batches = range(math.ceil(len(images) / batch_size))
@@ -112,6 +116,7 @@ def evaluate_nll(
         "dataset": cfg.data.dataset,
         "split": split,
         **({"class": index, "class_name": cfg.data.class_names[index]} if index is not None else {}),
+        **({"prompt": prompt} if prompt is not None else {}),
         "num_images": n,
         "nll_bpd": round(total.mean().item(), 5),
         "nll_bpd_stderr": round((total.std() / math.sqrt(n)).item(), 5) if n > 1 else None,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .build import load_model
 from .checkpoint import Checkpoint
-from .conditions import balanced_classes, check_request, class_index, guided_network
+from .conditions import balanced_classes, check_request, grid_prompts, guided_network
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
 from .files import OutputFolder, write_json
@@ -52,6 +52,10 @@ class SampleOptions:
     guidance: float = 0.0  # classifier-free guidance, Ho and Salimans' w (0: plain conditional sampling)
     guidance_interval: tuple[int, int] | None = None  # guide only at model timesteps lo..hi
     guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), 0 (off) to 1
+    # Text-conditional runs: the prompts (equal blocks, a grid row each; default: one per class where the
+    # data has classes) and a negative prompt, the null branch of guidance (default: the empty text).
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str | None = None
 
 
 @torch.inference_mode()
@@ -160,15 +164,28 @@ def sample_to_dir(
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
-    network, labels = _conditioned(network, cfg, opts, diffusion.num_timesteps)
+    network, labels, cond, conditions = _conditioned(
+        network, cfg, opts, diffusion.num_timesteps, ckpt, device
+    )
     clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
     if not procs.is_main:  # under torchrun: draw this process's batches for the main one to write
-        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, labels)
+        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, cond)
         return None
     out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
     try:
         info = _sample_into(
-            out.staging, ckpt, network, diffusion, cfg, opts, clip_denoised, device, procs, labels
+            out.staging,
+            ckpt,
+            network,
+            diffusion,
+            cfg,
+            opts,
+            clip_denoised,
+            device,
+            procs,
+            labels,
+            cond,
+            conditions,
         )
         stale = out.stale(sorted(p.name for p in out.staging.iterdir()))
         if stale:  # e.g. images/ of an earlier image model beside this model's points
@@ -181,32 +198,53 @@ def sample_to_dir(
     return info
 
 
-def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int):
-    """For a class-conditional run: the guided ``network(x, t, class_ids)`` and a class id per sample
-    (the requested class, or every class in equal blocks). Unconditional runs: the network, None."""
-    index = check_request(cfg, opts.class_name, opts.guidance)
-    if cfg.model.num_classes == 0:
+def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device):
+    """For a conditional run: the guided ``network(x, t, cond)``, each sample's row (class id, or the
+    index of its prompt), the conditions to feed (class ids, or the prompts' encodings) and how they were
+    chosen, for samples.json. Unconditional runs: the network, None, None, {}."""
+    text = cfg.model.context_dim > 0
+    if (opts.prompts or opts.negative_prompt is not None) and not text:
+        kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
+        raise ConfigError(f"--prompt and --negative-prompt need a text-conditional run; this one is {kind}")
+    if text and opts.class_name is not None:
+        raise ConfigError("this model is text-conditional: give --prompt, not --class")
+    index = None if text else check_request(cfg, opts.class_name, opts.guidance)
+    if not (text or cfg.model.num_classes):
         if opts.guidance_interval is not None or opts.guidance_rescale:
-            raise ConfigError("this model is unconditional: guidance options need a class-conditional run")
-        return network, None
+            raise ConfigError("this model is unconditional: guidance options need a conditional run")
+        return network, None, None, {}
     interval = opts.guidance_interval
     if interval is not None and not (0 <= interval[0] <= interval[1] < num_timesteps):
         raise ConfigError(f"--guidance-interval must be LO HI with 0 <= LO <= HI < {num_timesteps}")
-    guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale)
-    if index is None:
-        return guided, balanced_classes(opts.num, cfg.model.num_classes)
-    return guided, torch.full((opts.num,), index)
-
-
-def _conditions_info(cfg, opts: SampleOptions) -> dict:
-    """How a class-conditional run's samples were conditioned, for samples.json."""
-    classes = "balanced" if opts.class_name is None else class_index(cfg, opts.class_name)
-    info = {"classes": classes, "class_names": list(cfg.data.class_names), "guidance": opts.guidance}
-    if opts.guidance_interval is not None:
-        info["guidance_interval"] = list(opts.guidance_interval)
+    info = {"guidance": opts.guidance}
+    if interval is not None:
+        info["guidance_interval"] = list(interval)
     if opts.guidance_rescale:
         info["guidance_rescale"] = opts.guidance_rescale
-    return info
+    if text:
+        from .encoders import run_text_encoder
+
+        prompts = list(opts.prompts or grid_prompts(cfg))
+        if not prompts:
+            raise ConfigError("this model is text-conditional: give --prompt")
+        encoder = run_text_encoder(cfg, ckpt.path.parent)
+        null = encoder.encode([opts.negative_prompt or ""]).to(device)  # the negative prompt is the null
+        guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale, null)
+        labels = balanced_classes(opts.num, len(prompts))
+        info = {"prompts": prompts, "negative_prompt": opts.negative_prompt, **info}
+        if not opts.prompts and cfg.data.class_names:  # a prompt per class, in class order
+            info = {"classes": "balanced", "class_names": list(cfg.data.class_names), **info}
+        return guided, labels, encoder.encode(prompts)[labels], info
+    guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale)
+    labels = (
+        balanced_classes(opts.num, cfg.model.num_classes) if index is None else torch.full((opts.num,), index)
+    )
+    info = {
+        "classes": "balanced" if index is None else index,
+        "class_names": list(cfg.data.class_names),
+        **info,
+    }
+    return guided, labels, labels, info
 
 
 def _shape(cfg) -> tuple[int, ...]:
@@ -215,7 +253,7 @@ def _shape(cfg) -> tuple[int, ...]:
     return (cfg.data.channels,)
 
 
-def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, labels):
+def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, cond):
     return generate(
         network,
         diffusion,
@@ -232,16 +270,27 @@ def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, devic
         opts.eta,
         opts.spacing,
         procs,
-        labels,
+        cond,
     )
 
 
 def _sample_into(
-    folder: Path, ckpt, network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, labels
+    folder: Path,
+    ckpt,
+    network,
+    diffusion,
+    cfg,
+    opts: SampleOptions,
+    clip_denoised,
+    device,
+    procs,
+    labels,
+    cond,
+    conditions: dict,
 ) -> dict:
     is_image = cfg.model.kind == "unet"
     start = time.time()
-    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, labels)
+    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, cond)
     out = folder
     if is_image:
         images = to_uint8(samples)
@@ -250,7 +299,9 @@ def _sample_into(
         else:
             save_class_grid(images, labels, out / "grid.png")
         save_pngs(images, out / "images")
-        save_npz(images, out / "samples.npz", labels)
+        # each sample's class, where its row is one (eval fid then scores class agreement)
+        class_ids = labels if "classes" in conditions else None
+        save_npz(images, out / "samples.npz", class_ids)
     else:
         np.save(out / "points.npy", samples.numpy())
         plot_points(samples, out / "points.png")
@@ -264,7 +315,6 @@ def _sample_into(
         "seed": opts.seed,
         "sampler": opts.sampler,
         **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
-        **(_conditions_info(cfg, opts) if labels is not None else {}),
         "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
         "var_type": cfg.diffusion.var_type,
         "steps": opts.steps or diffusion.num_timesteps,
@@ -273,6 +323,7 @@ def _sample_into(
         **({"channels_last": True} if opts.channels_last else {}),
         **({"compile": True} if opts.compile else {}),
         **({"processes": procs.world_size} if procs.distributed else {}),
+        **conditions,
         "seconds": round(time.time() - start, 2),
     }
     return info

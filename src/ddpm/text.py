@@ -24,6 +24,29 @@ class TextEncoding:
     def to(self, device) -> TextEncoding:
         return TextEncoding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
 
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, rows) -> TextEncoding:
+        """The encodings of ``rows`` (a slice or an index tensor), as a TextEncoding."""
+        return TextEncoding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+    def repeat_to(self, n: int) -> TextEncoding:
+        """One encoding (a batch of 1) for ``n`` examples; a batch of ``n`` is returned as it is."""
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"{len(self)} text encodings for a batch of {n}")
+        return TextEncoding(self.tokens.expand(n, -1, -1), self.mask.expand(n, -1), self.pooled.expand(n, -1))
+
+    @staticmethod
+    def cat(encodings: list[TextEncoding]) -> TextEncoding:
+        return TextEncoding(
+            torch.cat([e.tokens for e in encodings]),
+            torch.cat([e.mask for e in encodings]),
+            torch.cat([e.pooled for e in encodings]),
+        )
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, a start (256) and an end (257) token and padding (258): every

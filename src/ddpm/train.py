@@ -23,7 +23,7 @@ from torch import nn
 
 from .build import build_diffusion, build_model
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, load_optimizer_state, save_checkpoint
-from .conditions import balanced_classes
+from .conditions import balanced_classes, grid_prompts
 from .config import Config, validate
 from .data import BatchOrder, Dataset, load_dataset
 from .diffusion import GaussianDiffusion
@@ -133,6 +133,9 @@ class Trainer:
             if cfg.data.labels == "classes" and not cfg.model.num_classes:  # resolved from the data, too
                 cfg.model.num_classes = saved.get("model", {}).get("num_classes", 0)
                 cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
+            if cfg.data.labels == "captions" and not cfg.model.context_dim:  # from the text encoder
+                cfg.model.context_dim = saved.get("model", {}).get("context_dim", 0)
+                cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
             check_resume_changes(ckpt.config, cfg)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
@@ -181,6 +184,8 @@ class Trainer:
                 self.run.remove_temporary_files()
                 self.run.keep_metrics_up_to(self.step)
                 write_json(self.run_dir / "config.json", cfg.to_dict())
+                if self.captions is not None:
+                    self._keep_text_encoder()
             except (ConfigError, OSError) as e:
                 self.run.unlock()
                 problem = e
@@ -191,13 +196,10 @@ class Trainer:
         """The training data: in memory with its batch order, or shards streamed as training goes."""
         self.streamed = cfg.data.dataset == "shards"
         self.stream = None  # the shard stream, opened at the step training starts from
-        self.labels = None  # class ids of a class-conditional run
+        self.labels = None  # class ids (or caption rows) of a conditional run
+        self.captions = None  # a text-conditional run's caption encodings
         if self.streamed and cfg.data.labels != "none":
             raise DataError("shards carry no class labels (yet); train on them with data.labels=none")
-        if cfg.data.labels == "captions":
-            raise ConfigError(
-                "text-conditional training is not built yet (issue 11): use data.labels=classes"
-            )
         if self.streamed:
             from .shards import ShardIndex
 
@@ -213,7 +215,9 @@ class Trainer:
             self.is_image = self.dataset.is_image
             self.order = BatchOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
             self.data = self.dataset.data.to(self.device)
-            if self.dataset.labels is not None:  # class-conditional: as many classes as the data has
+            if cfg.data.labels == "captions":
+                self._open_captions(cfg)
+            elif self.dataset.labels is not None:  # class-conditional: as many classes as the data has
                 names = self.dataset.class_names
                 if cfg.data.class_names and tuple(cfg.data.class_names) != tuple(names):
                     raise ConfigError(f"the data's classes {names} are not the run's {cfg.data.class_names}")
@@ -221,6 +225,38 @@ class Trainer:
                     raise ConfigError(f"model.num_classes={cfg.model.num_classes}; the data has {len(names)}")
                 cfg.model.num_classes, cfg.data.class_names = len(names), tuple(names)
                 self.labels = self.dataset.labels
+
+    def _open_captions(self, cfg: Config) -> None:
+        """Encode every distinct caption once with the frozen text encoder (the run's own copy when
+        resuming); a step then only looks its captions up."""
+        from .encoders import CaptionCache, run_text_encoder
+
+        self.text_encoder = run_text_encoder(cfg, self.run_dir)
+        if cfg.model.context_dim not in (0, self.text_encoder.width):
+            raise ConfigError(
+                f"model.context_dim={cfg.model.context_dim}; the text encoder gives {self.text_encoder.width}"
+            )
+        cfg.model.context_dim = self.text_encoder.width
+        self.captions = CaptionCache(self.text_encoder, self.dataset.captions).to(self.device)
+        self.labels = self.captions.ids
+        if self.dataset.class_names:  # kept for the grids' prompts and for evaluation
+            cfg.data.class_names = tuple(self.dataset.class_names)
+
+    def _keep_text_encoder(self) -> None:
+        """A copy of a domain text encoder in the run (RUN/text-encoder), so that the run alone can
+        sample; copied aside and renamed into place. Pretrained encoders are recorded by name."""
+        import shutil
+
+        from .encoders import RUN_COPY, DomainTextEncoder
+
+        copy = self.run_dir / RUN_COPY
+        if not isinstance(self.text_encoder, DomainTextEncoder) or (copy / "config.json").is_file():
+            return
+        aside = self.run_dir / f".{RUN_COPY}.tmp"
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.copytree(self.text_encoder.source["path"], aside)
+        shutil.rmtree(copy, ignore_errors=True)
+        aside.rename(copy)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
@@ -261,9 +297,10 @@ class Trainer:
         share = B // self.procs.world_size
         mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
         y = None
-        if self.labels is not None:  # condition dropout: some examples train the null class
+        if self.labels is not None:  # condition dropout: some examples train the null class (or text "")
+            null = self.captions.null if self.captions is not None else self.cfg.model.num_classes
             drop = torch.rand(B, generator=g) < self.cfg.train.cond_dropout
-            y = torch.where(drop, self.cfg.model.num_classes, self.labels[indices])[mine].to(self.device)
+            y = torch.where(drop, null, self.labels[indices])[mine].to(self.device)
         if self.streamed:
             x = self.next_streamed_batch(step, share).to(self.device)
         else:
@@ -312,7 +349,10 @@ class Trainer:
         ys = y.chunk(accum) if y is not None else [None] * accum
         micro_batches = zip(x0.chunk(accum), t.chunk(accum), noise.chunk(accum), ys, strict=True)
         for i, (x_i, t_i, noise_i, y_i) in enumerate(micro_batches):
-            network = self.network if y_i is None else functools.partial(_with_classes, self.network, y_i)
+            network = self.network
+            if y_i is not None:  # class ids, or rows of the caption cache
+                cond = y_i if self.captions is None else self.captions.rows(y_i)
+                network = functools.partial(_with_condition, self.network, cond)
             # Gradients are exchanged once per step, with the last micro-batch's backward pass.
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
@@ -449,7 +489,13 @@ class Trainer:
         ema_model = self.ema.model_copy(self.model)
         shape = self.example_shape
         num_classes = self.cfg.model.num_classes
-        labels = balanced_classes(t_cfg.num_sample_images, num_classes) if num_classes else None
+        labels = cond = None
+        if self.captions is not None:  # a row per prompt: one per class where the data has classes
+            prompts = grid_prompts(self.cfg, self.captions.texts)
+            labels = balanced_classes(t_cfg.num_sample_images, len(prompts))
+            cond = self.text_encoder.encode(prompts)[labels]
+        elif num_classes:
+            labels = cond = balanced_classes(t_cfg.num_sample_images, num_classes)
         samples = generate(
             ema_model,
             self.diffusion,
@@ -462,7 +508,7 @@ class Trainer:
             clip_denoised=self.is_image,  # 2-D points are not bounded to [-1, 1]
             precision=t_cfg.precision,
             procs=self.procs,
-            cond=labels,
+            cond=cond,
         )
         if samples is None:
             return None
@@ -477,8 +523,8 @@ class Trainer:
         return path
 
 
-def _with_classes(network, y, x, t):
-    return network(x, t, y)
+def _with_condition(network, cond, x, t):
+    return network(x, t, cond)
 
 
 def _catch_stop_signals(trainer: Trainer) -> dict:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .text import TextEncoding
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer-style sinusoidal embedding of the integer timesteps t (shape [B]): [sin, cos]."""
@@ -85,15 +87,40 @@ class AttnBlock(nn.Module):
         self.k = conv(ch, ch, kernel=1, padding=0)
         self.v = conv(ch, ch, kernel=1, padding=0)
         self.proj_out = conv(ch, ch, kernel=1, padding=0, scale=ZERO)
+        self.cross: CrossAttention | None = None  # text-conditional U-Nets attach one after construction
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: TextEncoding | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         # [B, 1 head, H*W, C]; the default scale of SDPA is C^-0.5, as in the paper.
         q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(2, 3) for p in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        x = x + self.proj_out(h)
+        return x if self.cross is None else self.cross(x, text)
+
+
+class CrossAttention(nn.Module):
+    """Attention from the image positions to text tokens (with the text's padding mask), residual, as
+    the text-conditional U-Nets of GLIDE / Stable Diffusion add after self-attention. Heads of 32 channels."""
+
+    def __init__(self, ch: int, context_dim: int, num_groups: int):
+        super().__init__()
+        self.heads = max(1, ch // 32)
+        self.norm = group_norm(ch, num_groups)
+        self.q = conv(ch, ch, kernel=1, padding=0)
+        self.k = linear(context_dim, ch)
+        self.v = linear(context_dim, ch)
+        self.proj_out = conv(ch, ch, kernel=1, padding=0, scale=ZERO)
+
+    def forward(self, x: torch.Tensor, text: TextEncoding) -> torch.Tensor:
+        B, C, H, W = x.shape
+        heads, d = self.heads, C // self.heads
+        q = self.q(self.norm(x)).reshape(B, heads, d, H * W).transpose(2, 3)  # [B, heads, HW, d]
+        tokens = text.tokens.to(x.dtype)
+        k, v = (p(tokens).reshape(B, -1, heads, d).transpose(1, 2) for p in (self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask[:, None, None, :])
+        return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
@@ -158,6 +185,7 @@ class UNet(nn.Module):
         resamp_with_conv: bool = True,
         num_groups: int = 32,
         num_classes: int = 0,
+        context_dim: int = 0,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -215,8 +243,20 @@ class UNet(nn.Module):
         # Made last, so that every other weight is initialised as in the unconditional network.
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes > 0 else None
+        if num_classes and context_dim:
+            raise ValueError("a U-Net is conditioned on classes or on text, not both")
+        # Text: cross-attention after every self-attention, and the pooled text embedding added to the
+        # time embedding. Also made last, in the order of the attention blocks.
+        self.context_dim = context_dim
+        self.text_pool = linear(context_dim, temb_ch) if context_dim else None
+        if context_dim:
+            for block in self.modules():
+                if isinstance(block, AttnBlock):
+                    block.cross = CrossAttention(block.q.in_channels, context_dim, num_groups)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextEncoding | None = None
+    ) -> torch.Tensor:
         if x.shape[-2:] != (self.resolution, self.resolution):
             # Attention placement was fixed for `resolution`; another size would silently move it.
             raise ValueError(
@@ -226,28 +266,37 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
+        text = None
         if self.class_embed is not None:
             if y is None:  # no condition: the null class
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             elif y.ndim == 0:
                 y = y.expand(x.shape[0])
             temb = temb + self.class_embed(y).to(temb.dtype)
+        elif self.text_pool is not None:
+            if not isinstance(y, TextEncoding):  # the null text is the encoder's "", which only it knows
+                raise ValueError('this U-Net is text-conditional: give a TextEncoding (of "" for none)')
+            text = y.repeat_to(x.shape[0])
+            temb = temb + self.text_pool(text.pooled.to(temb.dtype))
         elif y is not None:
-            raise ValueError("this U-Net is unconditional; it takes no class ids")
+            raise ValueError("this U-Net is unconditional; it takes no condition")
+
+        def attend(attn, h):
+            return attn(h) if text is None or isinstance(attn, nn.Identity) else attn(h, text)
 
         hs = [self.conv_in(x)]
         for level in self.down:
             for block, attn in zip(level.blocks, level.attns, strict=True):
-                hs.append(attn(block(hs[-1], temb)))
+                hs.append(attend(attn, block(hs[-1], temb)))
             if level.resample is not None:
                 hs.append(level.resample(hs[-1]))
 
         h = hs[-1]
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        h = self.mid_block2(attend(self.mid_attn, self.mid_block1(h, temb)), temb)
 
         for level in self.up:
             for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
+                h = attend(attn, block(torch.cat([h, hs.pop()], dim=1), temb))
             if level.resample is not None:
                 h = level.resample(h)
         assert not hs

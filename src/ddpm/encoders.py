@@ -1,0 +1,147 @@
+"""Frozen text encoders behind one interface, and the cache of a run's caption encodings.
+
+An encoder has ``width`` (the size of its token states) and ``encode(texts) -> TextEncoding``. Two kinds:
+
+- the domain CLIP pair's text tower (a folder written by `ddpm train-text-encoder`);
+- a pretrained model loaded with `transformers` from a local folder or a hub name: a CLIP text model
+  (pooled = its projected end-token embedding when it has a projection, else its pooler output) or a
+  T5 encoder (pooled = the mean of the real tokens' states). Nothing is downloaded unless the name is
+  not a local folder and the hub is reachable.
+
+The null condition is the encoding of the empty text "", as in GLIDE and Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .text import TextEncoding
+
+
+class DomainTextEncoder:
+    """The text tower of a domain CLIP pair."""
+
+    def __init__(self, folder: str | Path):
+        from .clip import load_clip
+
+        self.clip, self.info = load_clip(folder)
+        self.width = self.clip.config.width
+        self.source = {"kind": "domain-clip", "path": str(folder)}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> TextEncoding:
+        return self.clip.encode_text(list(texts))
+
+
+class PretrainedTextEncoder:
+    """A transformers CLIP text model or T5 encoder with its tokenizer, frozen."""
+
+    def __init__(self, name: str, max_length: int = 77):
+        try:
+            import transformers
+        except ImportError:
+            raise DataError("pretrained text encoders need transformers: pip install transformers") from None
+        try:
+            config = transformers.AutoConfig.from_pretrained(name)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            if config.model_type in ("clip", "clip_text_model"):
+                with_projection = getattr(config, "projection_dim", None) is not None
+                cls = (
+                    transformers.CLIPTextModelWithProjection
+                    if with_projection
+                    else transformers.CLIPTextModel
+                )
+                self.kind = "clip"
+            elif config.model_type in ("t5", "mt5", "umt5"):
+                cls, self.kind = transformers.T5EncoderModel, "t5"
+            else:
+                raise DataError(f"{name}: a {config.model_type!r} model; text encoders are CLIP or T5")
+            self.model = cls.from_pretrained(name).eval()
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot load text encoder {name!r}: {first}") from None
+        text_config = getattr(config, "text_config", config)
+        self.width = getattr(text_config, "hidden_size", None) or text_config.d_model
+        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length))
+        self.source = {"kind": f"transformers-{self.kind}", "path": name}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> TextEncoding:
+        batch = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        tokens, mask = out.last_hidden_state, batch["attention_mask"].bool()
+        if self.kind == "clip":
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        else:
+            pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return TextEncoding(tokens.float(), mask, pooled.float())
+
+
+RUN_COPY = "text-encoder"  # a run keeps its domain encoder here, so that the run alone can sample
+
+
+def run_text_encoder(cfg, run_dir: str | Path):
+    """The text encoder of a text-conditional run: its own copy, else the one its config names."""
+    copy = Path(run_dir) / RUN_COPY
+    encoder = (
+        DomainTextEncoder(copy)
+        if (copy / "config.json").is_file()
+        else load_text_encoder(cfg.model.text_encoder)
+    )
+    if cfg.model.context_dim and encoder.width != cfg.model.context_dim:
+        raise DataError(
+            f"text encoder {encoder.source['path']} gives {encoder.width}-wide states; the run was trained "
+            f"on {cfg.model.context_dim}"
+        )
+    return encoder
+
+
+def load_text_encoder(spec: str | Path):
+    """The encoder named by ``spec``: a folder from `ddpm train-text-encoder`, or a transformers CLIP / T5
+    model (a local folder or a hub name)."""
+    path = Path(spec)
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            is_domain = json.loads(config.read_text()).get("format") == "ddpm-text-encoder"
+        except (OSError, ValueError):
+            is_domain = False
+        if is_domain:
+            return DomainTextEncoder(path)
+    elif path.exists():
+        raise DataError(f"{path} holds no text encoder (no config.json)")
+    return PretrainedTextEncoder(str(spec))
+
+
+class CaptionCache:
+    """Every distinct caption of a run encoded once (the encoder is frozen), plus the null text "" as
+    the last row. ``ids[i]`` is caption i's row; ``rows(ids)`` gives the encodings of rows."""
+
+    def __init__(self, encoder, captions: list[str], batch_size: int = 256):
+        distinct = list(dict.fromkeys(captions))
+        texts = [*distinct, ""]
+        row = {c: i for i, c in enumerate(distinct)}
+        self.ids = torch.tensor([row[c] for c in captions], dtype=torch.long)
+        self.null = len(distinct)
+        parts = [encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        encoding = TextEncoding.cat(parts)
+        length = int(encoding.mask.sum(1).max())  # padding beyond the longest text is never attended
+        self.encoding = TextEncoding(encoding.tokens[:, :length], encoding.mask[:, :length], encoding.pooled)
+        self.texts = texts
+
+    def rows(self, ids: torch.Tensor) -> TextEncoding:
+        return self.encoding[ids.to(self.encoding.tokens.device)]
+
+    def to(self, device) -> CaptionCache:
+        self.encoding = self.encoding.to(device)
+        return self
