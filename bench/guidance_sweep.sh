@@ -36,14 +36,16 @@ import matplotlib.pyplot as plt
 run, scales = sys.argv[1], sys.argv[2:]
 rows = [json.load(open(f"{run}/guidance/w{w}/fid-domain-fashion-mnist-cnn-v1-test.json")) for w in scales]
 ws = [float(w) for w in scales]
-fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
 ax.plot(ws, [r["fid"] for r in rows], "o-", color="tab:blue")
 ax.set_xlabel("guidance scale w (Ho and Salimans; 0 = conditional)")
 ax.set_ylabel("domain FID (1,000 samples)", color="tab:blue")
 right = ax.twinx()
 right.plot(ws, [100 * r["class_agreement"]["overall"] for r in rows], "s--", color="tab:red")
-right.axhline(100 * rows[0]["extractor_test_accuracy"], color="tab:red", lw=0.8, ls=":")
-right.set_ylabel("class agreement (%); dotted: real test images", color="tab:red")
+accuracy = 100 * rows[0]["extractor_test_accuracy"]
+right.axhline(accuracy, color="tab:red", lw=0.8, ls=":")
+right.annotate("real test images", (ws[0], accuracy), (0, 3), textcoords="offset points", color="tab:red")
+right.set_ylabel("class agreement (%)", color="tab:red")
 fig.tight_layout()
 fig.savefig(f"{run}/guidance/guidance.png")
 PY

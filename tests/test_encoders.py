@@ -79,7 +79,9 @@ def test_the_domain_encoder_is_the_clip_pairs_text_tower(tmp_path):
     out = encoder.encode(["a coat", "a bag"])
     with torch.no_grad():
         expected = encoder.clip.text(*encoder.clip.tokenizer(["a coat", "a bag"]))
-    assert torch.equal(out.pooled, expected.pooled) and out.tokens.shape == (2, 40, 32)
+    assert out.tokens.shape == (2, 8, 32)  # cut to the longest text (causal: the rest is padding)
+    torch.testing.assert_close(out.pooled, expected.pooled)
+    torch.testing.assert_close(out.tokens, expected.tokens[:, :8])
 
 
 @pytest.mark.parametrize("make", [tiny_clip_text, tiny_t5], ids=["clip", "t5"])

@@ -38,3 +38,17 @@ def test_the_pooled_embedding_is_the_end_tokens_and_padding_never_reaches_it():
         other = tower(*tok(["shop", "bag"]))
     assert not torch.allclose(other.pooled[0], out.pooled[0])  # the text matters
     assert torch.allclose(other.pooled[1], out.pooled[1], atol=1e-6)  # and each row is its own
+
+
+def test_encodings_of_different_lengths_join_with_the_padding_masked():
+    from ddpm.text import TextEncoding
+
+    a = TextEncoding(torch.ones(1, 2, 4), torch.tensor([[True, True]]), torch.ones(1, 3))
+    b = TextEncoding(torch.full((2, 5, 4), 2.0), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 3))
+    both = TextEncoding.cat([a, b])
+    assert both.tokens.shape == (3, 5, 4) and both.mask[0].tolist() == [True, True, False, False, False]
+    assert both.tokens[0, 2:].abs().sum() == 0 and torch.equal(both.tokens[1:], b.tokens)
+    assert len(both) == 3 and torch.equal(both[1:].pooled, b.pooled)
+    assert len(a.repeat_to(4)) == 4
+    with pytest.raises(ValueError, match="2 text encodings for a batch of 3"):
+        b.repeat_to(3)

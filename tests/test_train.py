@@ -222,6 +222,7 @@ def test_memory_stays_flat_over_a_long_run(idx_dir, tmp_path):
     trainer.train()
     middle = rss_mib()
     trainer.cfg.train.steps = 2000
-    assert trainer.train()["step"] == 2000
+    result = trainer.train()
+    assert result["step"] == 2000, result
     growth = rss_mib() - middle
     assert growth < 50, f"resident memory grew {growth:.1f} MiB over steps 1000-2000"

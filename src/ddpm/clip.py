@@ -82,8 +82,9 @@ class DomainClip(nn.Module):
 
     def encode_text(self, texts: list[str]) -> TextEncoding:
         ids, mask = self.tokenizer(texts)
+        length = int(mask.sum(1).max())  # causal: the padding beyond the longest text changes nothing
         device = self.logit_scale.device
-        return self.text(ids.to(device), mask.to(device))
+        return self.text(ids[:, :length].to(device), mask[:, :length].to(device))
 
     def encode_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.image(to_model_range(images_uint8).to(self.logit_scale.device))
@@ -97,10 +98,11 @@ def contrastive_loss(model: DomainClip, images_uint8: torch.Tensor, captions: li
     """CLIP's symmetric cross-entropy, with every pair that shares a caption counted as a match (the
     made captions repeat: a batch holds several "a photo of a coat")."""
     image = normalized(model.encode_images(images_uint8))
-    text = normalized(model.encode_text(captions).pooled)
+    distinct = list(dict.fromkeys(captions))  # each text encoded once
+    ids = {c: i for i, c in enumerate(distinct)}
+    caption_ids = torch.tensor([ids[c] for c in captions], device=image.device)
+    text = normalized(model.encode_text(distinct).pooled)[caption_ids]
     logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    caption_ids = torch.tensor([ids[c] for c in captions], device=logits.device)
     same = (caption_ids[:, None] == caption_ids[None]).float()
     targets = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

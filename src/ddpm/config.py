@@ -181,6 +181,19 @@ def _preset_fashion_mnist_class() -> Config:
     return cfg
 
 
+def _preset_fashion_mnist_text() -> Config:
+    """The fashion-mnist preset conditioned on captions ("a photo of a large dark coat") through the
+    frozen domain text encoder that `ddpm train-text-encoder --out runs/text-encoder` trains first
+    (cross-attention at 7x7 and in the middle, the pooled text added to the time embedding); a 10 x 10
+    training grid, a row per class prompt."""
+    cfg = _preset_fashion_mnist()
+    cfg.name = "fashion-mnist-text"
+    cfg.data.labels = "captions"
+    cfg.model.text_encoder = "runs/text-encoder"
+    cfg.train.num_sample_images = 100
+    return cfg
+
+
 def _preset_toy2d() -> Config:
     """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
     return Config(
@@ -208,6 +221,7 @@ PRESETS = {
     "lsun256": lambda: _preset_256("lsun256", 2_400_000),
     "fashion-mnist": _preset_fashion_mnist,
     "fashion-mnist-class": _preset_fashion_mnist_class,
+    "fashion-mnist-text": _preset_fashion_mnist_text,
     "toy2d": _preset_toy2d,
 }
 

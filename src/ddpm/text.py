@@ -41,9 +41,11 @@ class TextEncoding:
 
     @staticmethod
     def cat(encodings: list[TextEncoding]) -> TextEncoding:
+        """One batch of several; shorter ones padded (masked out) to the longest."""
+        length = max(e.tokens.shape[1] for e in encodings)
         return TextEncoding(
-            torch.cat([e.tokens for e in encodings]),
-            torch.cat([e.mask for e in encodings]),
+            torch.cat([F.pad(e.tokens, (0, 0, 0, length - e.tokens.shape[1])) for e in encodings]),
+            torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])) for e in encodings]),
             torch.cat([e.pooled for e in encodings]),
         )
 
