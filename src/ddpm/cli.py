@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or folder")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     _add(p, "--seed", "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))

@@ -130,7 +130,7 @@ def zero_shot_accuracy(
 
 def train_clip(
     data: DataConfig,
-    steps: int = 1500,
+    steps: int = 600,
     batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
