@@ -47,7 +47,9 @@ def test_captions_name_the_class_with_varied_templates_and_the_measured_words(id
         assert caption.endswith(name) or caption.endswith(f"{name}, grayscale")
         assert all(w in caption.split() for w in attrs)
     used = {t for t in TEMPLATES for c in data.captions if c.startswith(t.split("{")[0]) and t.split("{")[0]}
-    assert len(used) >= 3  # varied
+    assert len(used) >= 2  # varied
+    assert len({c.split()[0] for c in data.captions}) >= 3
+    assert not any(" a ankle" in f" {c}" for c in data.captions)  # "an ankle boot"
     again = make_captions(data.data, data.labels, data.class_names)
     assert again == data.captions  # seeded: the same captions every time
     assert make_captions(data.data, data.labels, data.class_names, seed=1) != data.captions

@@ -66,3 +66,14 @@ def test_with_a_learned_variance_only_the_prediction_is_guided():
         out = guided_network(net, cfg, 2.0)(x, t, torch.tensor([0, 2]))
     torch.testing.assert_close(out[:, :1], 3 * cond[:, :1] - 2 * null[:, :1])
     torch.testing.assert_close(out[:, 1:], cond[:, 1:])
+
+
+def test_grid_prompts_name_each_class_or_take_the_first_captions():
+    from ddpm.conditions import grid_prompts
+
+    cfg = class_config()
+    cfg.data.class_names = ("Cat", "Ankle boot")
+    assert grid_prompts(cfg) == ["a photo of a cat", "a photo of an ankle boot"]
+    cfg.data.class_names = ()
+    captions = ["b", "", "a", "b"] + [str(i) for i in range(10)]
+    assert grid_prompts(cfg, captions) == ["b", "a", "0", "1", "2", "3", "4", "5"]

@@ -19,13 +19,18 @@ from .rng import SEED_CAPTIONS, generator
 
 FOREGROUND = 24  # 0..255: a pixel brighter than this belongs to the object (the backgrounds are ~0)
 TEMPLATES = (
-    "a {attrs}{name}",
-    "a photo of a {attrs}{name}",
-    "a picture of a {attrs}{name}",
-    "a {attrs}{name}, grayscale",
-    "a small photo of a {attrs}{name}",
+    "{a} {attrs}{name}",
+    "a photo of {a} {attrs}{name}",
+    "a picture of {a} {attrs}{name}",
+    "{a} {attrs}{name}, grayscale",
+    "a small photo of {a} {attrs}{name}",
     "{attrs}{name}",
 )
+
+
+def article(phrase: str) -> str:
+    """ "an" before a vowel ("an ankle boot"), else "a"."""
+    return "an" if phrase[:1].lower() in "aeiou" else "a"
 
 
 def measure(images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,14 +67,14 @@ def make_captions(
     images_uint8: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], seed: int = 0
 ) -> list[str]:
     """One caption per image: a template chosen from (seed, image index), the class name in lower case
-    and the image's attribute words, e.g. "a photo of a large dark ankle boot"."""
+    and the image's attribute words, e.g. "a photo of a large dark ankle boot", "an ankle boot"."""
     words = attribute_words(images_uint8, labels)
     choices = torch.randint(len(TEMPLATES), (len(labels),), generator=generator(seed, SEED_CAPTIONS, 0))
     choices = choices.tolist()
     captions = []
     for label, attrs, choice in zip(labels.tolist(), words, choices, strict=True):
-        prefix = "".join(w + " " for w in attrs)
-        captions.append(TEMPLATES[choice].format(attrs=prefix, name=class_names[label].lower()))
+        prefix, name = "".join(w + " " for w in attrs), class_names[label].lower()
+        captions.append(TEMPLATES[choice].format(a=article(prefix + name), attrs=prefix, name=name))
     return captions
 
 

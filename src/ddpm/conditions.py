@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .captions import article
 from .diffusion import VarType, parse_option
 from .errors import ConfigError
 from .guidance import guided
@@ -47,10 +48,10 @@ def check_request(
 
 
 def grid_prompts(cfg, captions: list[str] | None = None) -> list[str]:
-    """The prompts of a text-conditional run's grids, a row each: "a photo of a {class}" for each class
+    """The prompts of a text-conditional run's grids, a row each: "a photo of a(n) {class}" for each class
     where the data has classes, else its first 8 distinct (non-empty) captions."""
     if cfg.data.class_names:
-        return [f"a photo of a {name.lower()}" for name in cfg.data.class_names]
+        return [f"a photo of {article(name)} {name.lower()}" for name in cfg.data.class_names]
     return [c for c in dict.fromkeys(captions or []) if c][:8]
 
 
