@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .captions import article
 from .config import DataConfig
 from .data import BatchOrder, load_dataset
 from .errors import DataError
@@ -116,7 +117,7 @@ def zero_shot_accuracy(
     default all) is their own class."""
     model.eval()
     classes = list(range(len(class_names))) if classes is None else list(classes)
-    prompts = [f"a photo of a {class_names[c].lower()}" for c in classes]
+    prompts = [f"a photo of {article(class_names[c])} {class_names[c].lower()}" for c in classes]
     text = normalized(model.encode_text(prompts).pooled)
     keep = torch.isin(labels, torch.tensor(classes))
     images_uint8, labels = images_uint8[keep], labels[keep]
