@@ -23,7 +23,7 @@ TEMPLATES = (
     "a photo of {a} {attrs}{name}",
     "a picture of {a} {attrs}{name}",
     "{a} {attrs}{name}, grayscale",
-    "a small photo of {a} {attrs}{name}",
+    "a low resolution photo of {a} {attrs}{name}",  # not "a small photo": "small" is an attribute
     "{attrs}{name}",
 )
 

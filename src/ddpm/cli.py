@@ -327,6 +327,23 @@ def cmd_eval_nll(args) -> int:
     return _print(out_dir=str(out), **summary)
 
 
+def cmd_eval_text(args) -> int:
+    from .text_metrics import evaluate_text
+
+    path, result = evaluate_text(
+        args.source,
+        per_prompt=args.per_prompt,
+        sampling=_sample_options(args),
+        domain_clip=args.domain_clip,
+        clip=args.clip_model,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    return _print(out=str(path), **{k: v for k, v in result.items() if k != "sampling"})
+
+
 def cmd_train_classifier(args) -> int:
     from .metrics import classifier_path, save_classifier, train_classifier
 
@@ -509,6 +526,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(e, "--prompt", prompt=dict(help="text-conditional runs: the bound on log p(x | this text)"))
     e.set_defaults(func=cmd_eval_nll)
+
+    e = eval_sub.add_parser(
+        "text", help="prompt following: class agreement, attribute shift, domain CLIP and CLIP scores"
+    )
+    e.add_argument(
+        "source", help="a text-conditional run directory / checkpoint to sample from, or its samples' folder"
+    )
+    e.add_argument(
+        "--per-prompt",
+        type=int,
+        default=20,
+        help="with a run: samples per prompt (default 20; the prompts: --prompt, else for each class "
+        "'a photo of a CLASS' and its dark / light / small / large variants)",
+    )
+    e.add_argument(
+        "--domain-clip",
+        metavar="FOLDER",
+        help="the domain CLIP pair to score with (default: the run's own text encoder, when it is one)",
+    )
+    e.add_argument(
+        "--clip-model",
+        metavar="PATH",
+        help="a transformers CLIP model (local folder or hub name) for the standard CLIP score",
+    )
+    _add_sampling_flags(e)
+    e.add_argument("--out", help="result JSON (default: text-eval.json beside the samples)")
+    _add(e, "--cache-dir", "--data-dir", "--no-progress")
+    e.set_defaults(func=cmd_eval_text)
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
     p.add_argument("--dataset", default="fashion-mnist")
