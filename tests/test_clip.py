@@ -69,6 +69,31 @@ def test_training_learns_the_classes_zero_shot_and_the_folder_round_trips(tmp_pa
         load_clip(tmp_path)
 
 
+def test_a_bpe_tower_learns_as_well_and_keeps_its_tokenizer_in_the_folder(tmp_path):
+    data = DataConfig(root=str(bars_dir(tmp_path / "bars")), image_size=8)
+    config = ClipConfig(**TINY, tokenizer="bpe")
+    model, info = train_clip(data, steps=120, batch_size=64, lr=3e-3, config=config, progress=False)
+    assert info["zero_shot_test_accuracy"] >= 0.9, info
+    assert (
+        model.tokenizer.vocab_size < 1000
+        and model.text.token_embedding.num_embeddings == model.tokenizer.vocab_size
+    )
+    save_clip(model, info, tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["tokenizer"] == "bpe"
+    loaded, _ = load_clip(tmp_path / "enc")
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.similarity(images, ["a bar", "zebra"]), model.similarity(images, ["a bar", "zebra"])
+        )
+    (tmp_path / "enc" / "tokenizer.json").write_text("{junk")
+    with pytest.raises(DataError, match="text encoder .* is damaged"):
+        load_clip(tmp_path / "enc")
+    (tmp_path / "enc" / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="text encoder .* is damaged"):
+        load_clip(tmp_path / "enc")
+
+
 def test_the_cli_trains_into_a_folder_and_refuses_bad_input(tmp_path, capsys):
     from ddpm.cli import main
 
@@ -79,6 +104,15 @@ def test_the_cli_trains_into_a_folder_and_refuses_bad_input(tmp_path, capsys):
     assert printed["steps"] == 3 and "zero_shot_test_accuracy" in printed
     model, info = load_clip(tmp_path / "enc")
     assert info["dataset"] == "fashion-mnist" and info["model"]["max_length"] == 77
+    assert info["tokenizer"] == "bytes" and not (tmp_path / "enc" / "tokenizer.json").exists()
+    assert (
+        main([*argv, "--steps", "3", "--tokenizer", "bpe", "--out", str(tmp_path / "bpe"), "--no-progress"])
+        == 0
+    )
+    assert (
+        load_clip(tmp_path / "bpe")[1]["tokenizer"] == "bpe"
+        and (tmp_path / "bpe" / "tokenizer.json").is_file()
+    )
     assert main([*argv, "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "steps and batch size must be positive" in capsys.readouterr().err
     assert not list((tmp_path / "bad").glob("*.safetensors"))

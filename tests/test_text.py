@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpm.text import ByteTokenizer, TextTransformer
+from ddpm.text import BpeTokenizer, ByteTokenizer, TextTransformer
 
 
 def test_any_string_tokenizes_and_decodes_back():
@@ -52,3 +52,22 @@ def test_encodings_of_different_lengths_join_with_the_padding_masked():
     assert len(a.repeat_to(4)) == 4
     with pytest.raises(ValueError, match="2 text encodings for a batch of 3"):
         b.repeat_to(3)
+
+
+def test_bpe_learns_the_captions_words_and_still_tokenizes_any_string():
+    captions = [
+        f"a photo of a {a}{c}" for a in ("", "dark ", "large ") for c in ("coat", "bag", "ankle boot")
+    ] * 5
+    tok = BpeTokenizer.train(captions, vocab_size=400, max_length=12)
+    ids, mask = tok(["a photo of a dark ankle boot", "", "naïve ✓ zebra"])
+    assert ids[0, 0] == BpeTokenizer.BOS and mask[1].sum() == 2 and ids[1, 1] == BpeTokenizer.EOS
+    # frequent words are single tokens: far fewer than the 28 bytes
+    assert 2 < mask[0].sum() <= 2 + 7
+    assert tok.decode(ids[0]) == "a photo of a dark ankle boot"
+    assert mask[2].all() and ids[2, -1] == BpeTokenizer.EOS  # cut to fit, the end token kept
+    wide = BpeTokenizer.from_json(tok.to_json(), 40)
+    assert wide.decode(wide(["naïve ✓ zebra"])[0][0]) == "naïve ✓ zebra"  # unseen characters, as bytes
+    again = BpeTokenizer.from_json(tok.to_json(), 12)
+    assert torch.equal(again(["a dark bag"])[0], tok(["a dark bag"])[0])
+    with pytest.raises(ValueError, match="not a tokenizers JSON"):
+        BpeTokenizer.from_json("{junk", 12)

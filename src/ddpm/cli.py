@@ -356,7 +356,7 @@ def cmd_train_classifier(args) -> int:
 
 
 def cmd_train_text_encoder(args) -> int:
-    from .clip import save_clip, train_clip
+    from .clip import ClipConfig, save_clip, train_clip
     from .config import DataConfig
     from .files import OutputFolder
 
@@ -365,8 +365,9 @@ def cmd_train_text_encoder(args) -> int:
     )
     out = OutputFolder(args.out, last="config.json")  # refused before training if it is not ours
     try:
+        config = ClipConfig(tokenizer=args.tokenizer)
         model, info = train_clip(
-            data, args.steps, args.batch_size, args.lr, args.seed, progress=not args.no_progress
+            data, args.steps, args.batch_size, args.lr, args.seed, config, progress=not args.no_progress
         )
         save_clip(model, info, out.staging)
         out.publish()
@@ -574,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--tokenizer",
+        choices=("bytes", "bpe"),
+        default="bytes",
+        help="bytes (default): UTF-8 bytes; bpe: byte-level BPE trained on the captions with `tokenizers`",
+    )
     _add(p, "--seed", "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
     p.set_defaults(func=cmd_train_text_encoder)
 

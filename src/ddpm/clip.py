@@ -3,8 +3,9 @@ dataset's image-caption pairs (`ddpm train-text-encoder`). Its text tower, froze
 encoder of a text-conditional run; the pair scores how well samples agree with their prompts (the domain
 CLIP score, labelled as such: like the domain FID it is not comparable with scores of OpenAI's CLIP).
 
-Saved as a folder: ``model.safetensors`` (both towers) and ``config.json`` (the architecture, the
-tokenizer, how it was trained and its zero-shot accuracy), no pickle.
+Saved as a folder: ``model.safetensors`` (both towers), ``config.json`` (the architecture, the
+tokenizer, how it was trained and its zero-shot accuracy) and, for a BPE tokenizer, its ``tokenizer.json``;
+no pickle.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from .data import BatchOrder, load_dataset
 from .errors import DataError
 from .files import atomic_write, write_json
 from .images import to_model_range
-from .text import ByteTokenizer, TextEncoding, TextTransformer, normalized
+from .text import BpeTokenizer, ByteTokenizer, TextEncoding, TextTransformer, normalized
 
 FORMAT = "ddpm-text-encoder"
-MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+TOKENIZERS = ("bytes", "bpe")
+BPE_VOCAB_SIZE = 1000  # at most: BPE stops merging when the captions have no more pairs to join
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ClipConfig:
     embed_dim: int = 128  # the shared image-text space
     image_channels: int = 1
     image_width: int = 32
+    tokenizer: str = "bytes"  # "bytes" (UTF-8 bytes) or "bpe" (byte-level BPE trained on the captions)
 
 
 class ImageTower(nn.Module):
@@ -66,12 +70,16 @@ class ImageTower(nn.Module):
 class DomainClip(nn.Module):
     """Text tower + image tower + CLIP's learned temperature (initialised at 1 / 0.07)."""
 
-    def __init__(self, config: ClipConfig):
+    def __init__(self, config: ClipConfig, tokenizer: ByteTokenizer | BpeTokenizer | None = None):
         super().__init__()
+        if config.tokenizer not in TOKENIZERS:
+            raise DataError(f"tokenizer {config.tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+        if config.tokenizer == "bpe" and tokenizer is None:
+            raise DataError("a BPE text tower needs its trained tokenizer")
         self.config = config
-        self.tokenizer = ByteTokenizer(config.max_length)
+        self.tokenizer = tokenizer or ByteTokenizer(config.max_length)
         self.text = TextTransformer(
-            ByteTokenizer.vocab_size,
+            self.tokenizer.vocab_size,
             config.width,
             config.layers,
             config.heads,
@@ -138,16 +146,20 @@ def train_clip(
     config: ClipConfig | None = None,
     progress: bool = True,
 ) -> tuple[DomainClip, dict]:
-    """Train the pair on ``data``'s captions (data.labels is set to "captions"); report the zero-shot
-    class accuracy on the test split when the data has class labels."""
+    """Train the pair on ``data``'s captions (data.labels is set to "captions"), with ``config``'s
+    tokenizer (a BPE one is first trained on the captions); report the zero-shot class accuracy on the
+    test split when the data has class labels."""
     if steps <= 0 or batch_size <= 0:
         raise DataError("text encoder steps and batch size must be positive")
     train_cfg = DataConfig(**{**data.__dict__, "labels": "captions", "split": "train"})
     dataset = load_dataset(train_cfg)
     config = config or ClipConfig()
     config.image_channels = dataset.channels
+    tokenizer = None
+    if config.tokenizer == "bpe":
+        tokenizer = BpeTokenizer.train(dataset.captions, BPE_VOCAB_SIZE, config.max_length)
     torch.manual_seed(seed)
-    model = DomainClip(config)
+    model = DomainClip(config, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     order = BatchOrder(len(dataset), batch_size, seed)
     iterator = range(steps)
@@ -194,7 +206,11 @@ def save_clip(model: DomainClip, info: dict, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
-    write_json(folder / CONFIG_FILE, {**info, "model": asdict(model.config), "tokenizer": "bytes"})
+    if isinstance(model.tokenizer, BpeTokenizer):
+        atomic_write(folder / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(model.tokenizer.to_json()))
+    write_json(
+        folder / CONFIG_FILE, {**info, "model": asdict(model.config), "tokenizer": model.config.tokenizer}
+    )
 
 
 def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
@@ -211,7 +227,11 @@ def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
         info = json.loads((folder / CONFIG_FILE).read_text())
         if info.get("format") != FORMAT:
             raise ValueError(f"format {info.get('format')!r}, expected {FORMAT!r}")
-        model = DomainClip(ClipConfig(**info["model"]))
+        config = ClipConfig(**info["model"])
+        tokenizer = None
+        if config.tokenizer == "bpe":
+            tokenizer = BpeTokenizer.from_json((folder / TOKENIZER_FILE).read_text(), config.max_length)
+        model = DomainClip(config, tokenizer)
         model.load_state_dict(load_file(str(folder / MODEL_FILE)))
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"text encoder {folder} is damaged ({e})") from None

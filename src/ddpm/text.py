@@ -76,6 +76,69 @@ class ByteTokenizer:
         return bytes(i for i in ids.tolist() if i < 256).decode("utf-8", errors="replace")
 
 
+class BpeTokenizer:
+    """Byte-level BPE (as GPT-2 and CLIP use) trained with `tokenizers` on a dataset's captions: the 256
+    byte symbols are in the vocabulary, so every string still has a tokenization, and frequent words
+    become single tokens (shorter sequences than bytes). Same interface as ``ByteTokenizer``; saved as
+    the `tokenizers` JSON."""
+
+    PAD, BOS, EOS = 0, 1, 2
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+
+    def __init__(self, tokenizer, max_length: int = 64):
+        if max_length < 3:
+            raise ValueError("max_length must be at least 3 (start, one token, end)")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @staticmethod
+    def _module():
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError("the BPE tokenizer needs tokenizers: pip install tokenizers") from None
+        return tokenizers
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int = 1000, max_length: int = 64) -> BpeTokenizer:
+        tk = cls._module()
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(cls.SPECIALS),  # ids 0, 1, 2 in this order
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer, max_length)
+
+    @classmethod
+    def from_json(cls, text: str, max_length: int) -> BpeTokenizer:
+        try:
+            tokenizer = cls._module().Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
+            raise ValueError(f"not a tokenizers JSON ({str(e).splitlines()[0] if str(e) else e})") from None
+        return cls(tokenizer, max_length)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, max_length] (int64) and the mask of real tokens [B, max_length] (bool)."""
+        ids = torch.full((len(texts), self.max_length), self.PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, encoding in enumerate(self.tokenizer.encode_batch([str(t) for t in texts])):
+            row = [self.BOS, *encoding.ids[: self.max_length - 2], self.EOS]
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        return ids, mask
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode([i for i in ids.tolist() if i > self.EOS])
+
+
 class TextTransformer(nn.Module):
     """A small CLIP-like text tower: token + learned position embeddings, pre-norm transformer layers
     with causal attention (so padding after the end token never reaches a real token), a final norm.
