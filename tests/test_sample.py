@@ -417,3 +417,78 @@ def test_a_prompt_for_a_class_conditional_or_unconditional_run_is_refused(class_
     assert "--prompt needs a text-conditional run; this one is class-conditional: use --class" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("mode", ["finetune", "scratch"])
+def test_a_run_can_train_its_text_tower_with_the_denoiser(text_run, mode, tmp_path, capsys):
+    from conftest import text_config
+
+    from ddpm.checkpoint import Checkpoint
+    from ddpm.cli import main
+    from ddpm.clip import load_clip
+
+    _, data, encoder = text_run
+    trained = {f"text.{k}": v for k, v in load_clip(encoder)[0].text.state_dict().items()}
+
+    def config(steps):
+        cfg = text_config(data, encoder, steps=steps, lr=2e-2)
+        cfg.model.text_tower = mode
+        return cfg
+
+    ddpm.Trainer(config(4), tmp_path / "a", progress=False).train()
+    ddpm.Trainer(config(2), tmp_path / "b", progress=False).train()
+    ddpm.Trainer(config(4), tmp_path / "b", resume=True, progress=False).train()
+    a, b = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    for name, value in a.model.items():
+        assert torch.equal(b.model[name], value), name
+    # the tower is part of the model, and training moved it (from the encoder's weights, or from new ones)
+    tower = {k: v for k, v in a.model.items() if k.startswith("text.")}
+    assert tower.keys() == trained.keys() and any(k.startswith("denoiser.") for k in a.model)
+    assert not torch.equal(tower["text.token_embedding.weight"], trained["text.token_embedding.weight"])
+    if mode == "scratch":  # even the untouched position table is new
+        assert not torch.equal(tower["text.position_embedding"], trained["text.position_embedding"])
+    model, _, cfg = ddpm.load_model(tmp_path / "a")
+    assert cfg.model.text_tower == mode and torch.equal(
+        model.text.token_embedding.weight, a.ema["text.token_embedding.weight"]
+    )
+    flags = ["--num", "4", "--steps", "3", "--no-progress", "--prompt", "a coat", "--prompt", "a bag"]
+    assert main(["sample", str(tmp_path / "a"), *flags, "--guidance", "2", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "nll",
+                str(tmp_path / "a"),
+                "--num",
+                "2",
+                "--estimate-steps",
+                "3",
+                "--prompt",
+                "a coat",
+                "--data-dir",
+                str(data),
+                "--no-progress",
+                "--out",
+                str(tmp_path / "nll"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_only_a_domain_encoder_can_train_its_tower(text_run, tmp_path, capsys):
+    from conftest import text_config
+    from test_encoders import tiny_clip_text
+
+    from ddpm.errors import ConfigError, DataError
+
+    _, data, encoder = text_run
+    cfg = text_config(data, tiny_clip_text(tmp_path / "clip"), steps=1)
+    cfg.model.text_tower = "finetune"
+    with pytest.raises(DataError, match="trains the text tower of a `ddpm train-text-encoder` folder"):
+        ddpm.Trainer(cfg, tmp_path / "run", progress=False)
+    cfg = text_config(data, encoder, steps=1)
+    cfg.model.text_tower = "jointly"
+    with pytest.raises(ConfigError, match="model.text_tower must be frozen, finetune, scratch"):
+        ddpm.Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

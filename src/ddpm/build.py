@@ -13,6 +13,7 @@ from .diffusion import GaussianDiffusion, VarType, parse_option
 from .errors import CheckpointError, ConfigError
 from .mlp import MLPDenoiser
 from .schedules import make_betas
+from .text import TextTowerDenoiser
 from .unet import UNet
 
 
@@ -22,15 +23,16 @@ def build_diffusion(cfg: Config) -> GaussianDiffusion:
     return GaussianDiffusion(betas, d.mean_type, d.var_type, d.loss_type, d.hybrid_lambda)
 
 
-def build_model(cfg: Config, channels: int) -> nn.Module:
+def build_model(cfg: Config, channels: int, text_tower: nn.Module | None = None) -> nn.Module:
     """The denoiser for data with ``channels`` channels (2 for 2-D points); output channels are
-    doubled when the variance is learned."""
+    doubled when the variance is learned. A run that trains its text tower (model.text_tower finetune /
+    scratch) gets the U-Net and ``text_tower`` as one ``TextTowerDenoiser``."""
     learned = parse_option(VarType, cfg.diffusion.var_type, "variance type").learned
     out = channels * (2 if learned else 1)
     m = cfg.model
     if m.kind == "mlp":
         return MLPDenoiser(dim=channels, hidden=m.mlp_hidden, layers=m.mlp_layers, out_dim=out)
-    return UNet(
+    unet = UNet(
         in_channels=channels,
         out_channels=out,
         ch=m.ch,
@@ -44,6 +46,13 @@ def build_model(cfg: Config, channels: int) -> nn.Module:
         num_classes=m.num_classes,
         context_dim=m.context_dim,
     )
+    if m.text_tower == "frozen":
+        return unet
+    if text_tower is None:
+        raise ConfigError(
+            f"model.text_tower={m.text_tower}: give the text tower to train (the run's encoder's)"
+        )
+    return TextTowerDenoiser(unet, text_tower)
 
 
 def load_model(
@@ -64,7 +73,12 @@ def load_model(
             raise ConfigError(f"only fixedsmall and fixedlarge can replace each other, not {var_type!r}")
         cfg.diffusion.var_type = var_type
     validate(cfg)
-    model = build_model(cfg, cfg.data.channels)
+    tower = None
+    if cfg.model.text_tower != "frozen":  # its architecture (the weights are the checkpoint's)
+        from .encoders import run_text_encoder
+
+        tower = run_text_encoder(cfg, ckpt.path.parent).tower(fresh=True)
+    model = build_model(cfg, cfg.data.channels, tower)
     weights = ckpt.weights(use_ema)
     load_weights(model, weights, "checkpoint weights do not fit its config")
     broken = [

@@ -18,6 +18,7 @@ else:
 
 from .errors import ConfigError
 
+TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 PRECISIONS = ("fp32", "bf16")  # the network's: fp32, or bf16 autocast (see ddpm.runtime.wrap_network)
 
 
@@ -40,6 +41,9 @@ class ModelConfig:
     # data.labels=captions: a `ddpm train-text-encoder` folder, or a transformers CLIP / T5 model
     text_encoder: str = ""
     context_dim: int = 0  # > 0: text-conditional (set from the text encoder's width)
+    # frozen: the text encoder is fixed; finetune / scratch: a domain encoder's text tower is trained with
+    # the denoiser (GLIDE), starting from its weights / from random ones
+    text_tower: str = "frozen"
     mlp_hidden: int = 128  # MLP denoiser only
     mlp_layers: int = 3
 
@@ -403,6 +407,12 @@ def validate(cfg: Config) -> None:
         )
     if m.text_encoder and m.kind != "unet":
         raise ConfigError("text conditioning needs the U-Net (model.kind=unet)")
+    if m.text_tower not in TEXT_TOWERS:
+        raise ConfigError(f"model.text_tower must be {', '.join(TEXT_TOWERS)}, got {m.text_tower!r}")
+    if m.text_tower != "frozen" and not m.text_encoder:
+        raise ConfigError(
+            f"model.text_tower={m.text_tower} needs a text-conditional run (model.text_encoder)"
+        )
     if data.loader_workers < 0:
         raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .text import TextEncoding
+from .text import TextEncoding, TextTransformer, TokenIds
 
 
 class DomainTextEncoder:
@@ -35,6 +35,32 @@ class DomainTextEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str]) -> TextEncoding:
         return self.clip.encode_text(list(texts))
+
+
+class TrainedTowerEncoder(DomainTextEncoder):
+    """A domain encoder whose text tower trains with the denoiser (model.text_tower finetune / scratch):
+    the tower is then part of the model, so encoding a text here is tokenizing it."""
+
+    def __init__(self, folder: str | Path, mode: str):
+        super().__init__(folder)
+        self.source = {**self.source, "text_tower": mode}
+
+    def encode(self, texts: list[str]) -> TokenIds:
+        ids, mask = self.clip.tokenizer(list(texts))
+        return TokenIds(ids, mask).truncate(int(mask.sum(1).max()))
+
+    def tower(self, fresh: bool) -> TextTransformer:
+        """The text tower to train: a copy of the trained one, or (``fresh``) the same architecture with
+        new random weights (from torch's global generator)."""
+        import copy
+
+        trained = self.clip.text
+        if not fresh:
+            return copy.deepcopy(trained)
+        c = self.clip.config
+        return TextTransformer(
+            trained.token_embedding.num_embeddings, c.width, c.layers, c.heads, c.max_length, c.embed_dim
+        )
 
 
 class PretrainedTextEncoder:
@@ -91,13 +117,22 @@ RUN_COPY = "text-encoder"  # a run keeps its domain encoder here, so that the ru
 
 
 def run_text_encoder(cfg, run_dir: str | Path):
-    """The text encoder of a text-conditional run: its own copy, else the one its config names."""
+    """The text encoder of a text-conditional run: its own copy, else the one its config names; for a
+    run that trains its text tower, a ``TrainedTowerEncoder`` (it tokenizes; the model encodes)."""
     copy = Path(run_dir) / RUN_COPY
     encoder = (
         DomainTextEncoder(copy)
         if (copy / "config.json").is_file()
         else load_text_encoder(cfg.model.text_encoder)
     )
+    mode = getattr(cfg.model, "text_tower", "frozen")
+    if mode != "frozen":
+        if not isinstance(encoder, DomainTextEncoder):
+            raise DataError(
+                f"model.text_tower={mode} trains the text tower of a `ddpm train-text-encoder` folder; "
+                f"{encoder.source['path']} is a pretrained model (use it frozen)"
+            )
+        encoder = TrainedTowerEncoder(encoder.source["path"], mode)
     if cfg.model.context_dim and encoder.width != cfg.model.context_dim:
         raise DataError(
             f"text encoder {encoder.source['path']} gives {encoder.width}-wide states; the run was trained "
@@ -124,8 +159,8 @@ def load_text_encoder(spec: str | Path):
 
 
 class CaptionCache:
-    """Every distinct caption of a run encoded once (the encoder is frozen), plus the null text "" as
-    the last row. ``ids[i]`` is caption i's row; ``rows(ids)`` gives the encodings of rows."""
+    """Every distinct caption of a run encoded once (the encoder is frozen; a trained tower's captions are
+    tokenized once), plus the null text "" as the last row. ``ids[i]`` is caption i's row; ``rows(ids)`` gives the encodings of rows."""
 
     def __init__(self, encoder, captions: list[str], batch_size: int = 256):
         distinct = list(dict.fromkeys(captions))
@@ -134,13 +169,12 @@ class CaptionCache:
         self.ids = torch.tensor([row[c] for c in captions], dtype=torch.long)
         self.null = len(distinct)
         parts = [encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-        encoding = TextEncoding.cat(parts)
-        length = int(encoding.mask.sum(1).max())  # padding beyond the longest text is never attended
-        self.encoding = TextEncoding(encoding.tokens[:, :length], encoding.mask[:, :length], encoding.pooled)
+        encoding = type(parts[0]).cat(parts)
+        self.encoding = encoding.truncate(int(encoding.mask.sum(1).max()))  # the padding is never attended
         self.texts = texts
 
-    def rows(self, ids: torch.Tensor) -> TextEncoding:
-        return self.encoding[ids.to(self.encoding.tokens.device)]
+    def rows(self, ids: torch.Tensor) -> TextEncoding | TokenIds:
+        return self.encoding[ids.to(self.encoding.mask.device)]
 
     def to(self, device) -> CaptionCache:
         self.encoding = self.encoding.to(device)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .text import TextEncoding
+from .text import TEXT_CONDITIONS
 
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,8 +28,8 @@ def guided(
     """``model`` guided towards ``cond`` and away from ``null`` (the unconditional condition, or a
     negative prompt's) with scale ``scale`` (w).
 
-    - ``cond`` / ``null``: a condition per example ([B, ...] class ids or a TextEncoding of B texts) or one
-      for all (an int class id, or a TextEncoding of one text: a negative prompt's as the null);
+    - ``cond`` / ``null``: a condition per example ([B, ...] class ids, or a TextEncoding / TokenIds of B
+      texts) or one for all (an int class id, or the encoding of one text: a negative prompt's as the null);
     - ``channels``: with a learned variance, how many leading output channels are guided (the prediction);
       the variance channels come from the conditional branch;
     - ``interval``: (lowest, highest) model timestep at which to guide (Kynkaanniemi et al. 2024); outside
@@ -40,14 +40,14 @@ def guided(
         raise ValueError(f"the guidance scale must be a number >= 0, got {scale}")
 
     def per_example(c, x: torch.Tensor):
-        if isinstance(c, TextEncoding):
+        if isinstance(c, TEXT_CONDITIONS):
             return c.repeat_to(x.shape[0])
         c = torch.as_tensor(c, device=x.device)
         return c.expand(x.shape[0], *c.shape) if c.ndim == 0 else c
 
     def both(c, n):  # the conditional and the null condition, as one batch
-        if isinstance(c, TextEncoding):
-            return TextEncoding.cat([c, n])
+        if isinstance(c, TEXT_CONDITIONS):
+            return type(c).cat([c, n])
         return torch.cat([c, n])
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

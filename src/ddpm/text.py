@@ -49,6 +49,51 @@ class TextEncoding:
             torch.cat([e.pooled for e in encodings]),
         )
 
+    def truncate(self, length: int) -> TextEncoding:
+        """The first ``length`` token positions (padding beyond the longest text is never attended)."""
+        return TextEncoding(self.tokens[:, :length], self.mask[:, :length], self.pooled)
+
+
+@dataclass
+class TokenIds:
+    """Texts as token ids [B, L] (int64) with the mask of real tokens [B, L], for a denoiser that encodes
+    them with its own text tower (``TextTowerDenoiser``). Batches like a TextEncoding."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device) -> TokenIds:
+        return TokenIds(self.ids.to(device), self.mask.to(device))
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows) -> TokenIds:
+        return TokenIds(self.ids[rows], self.mask[rows])
+
+    def repeat_to(self, n: int) -> TokenIds:
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"{len(self)} texts for a batch of {n}")
+        return TokenIds(self.ids.expand(n, -1), self.mask.expand(n, -1))
+
+    def truncate(self, length: int) -> TokenIds:
+        return TokenIds(self.ids[:, :length], self.mask[:, :length])
+
+    @staticmethod
+    def cat(items: list[TokenIds]) -> TokenIds:
+        """One batch of several; shorter ones padded (masked out; the tower is causal, so the padding
+        after a text never reaches it) to the longest."""
+        length = max(i.ids.shape[1] for i in items)
+        return TokenIds(
+            torch.cat([F.pad(i.ids, (0, length - i.ids.shape[1])) for i in items]),
+            torch.cat([F.pad(i.mask, (0, length - i.mask.shape[1])) for i in items]),
+        )
+
+
+TEXT_CONDITIONS = (TextEncoding, TokenIds)  # what a text-conditional network takes as its condition
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, a start (256) and an end (257) token and padding (258): every
@@ -173,6 +218,21 @@ class TextTransformer(nn.Module):
         last = mask.long().sum(1) - 1  # the end token: the last real one
         pooled = self.projection(x[torch.arange(len(ids), device=ids.device), last])
         return TextEncoding(x, mask, pooled)
+
+
+class TextTowerDenoiser(nn.Module):
+    """A text-conditional denoiser and the text tower trained with it (as GLIDE trains its text
+    transformer with the diffusion model): given token ids, the tower encodes them and the denoiser
+    attends to the encoding."""
+
+    def __init__(self, denoiser: nn.Module, tower: TextTransformer):
+        super().__init__()
+        self.denoiser, self.text = denoiser, tower
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: TokenIds | TextEncoding) -> torch.Tensor:
+        if isinstance(y, TokenIds):
+            y = self.text(y.ids, y.mask)
+        return self.denoiser(x, t, y)
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,10 @@ class Trainer:
         if cfg.data.channels is None:
             cfg.data.channels = self.example_shape[0]
         torch.manual_seed(cfg.train.seed)  # the initial weights
-        self.model = build_model(cfg, self.example_shape[0]).to(self.device)
+        tower = None
+        if cfg.model.text_tower != "frozen":  # trained with the denoiser, from its weights or from scratch
+            tower = self.text_encoder.tower(fresh=cfg.model.text_tower == "scratch")
+        self.model = build_model(cfg, self.example_shape[0], tower).to(self.device)
         if t.channels_last:  # before DistributedDataParallel registers the parameters' layout
             self.model.to(memory_format=torch.channels_last)
         self.ddp = None
@@ -228,7 +231,8 @@ class Trainer:
 
     def _open_captions(self, cfg: Config) -> None:
         """Encode every distinct caption once with the frozen text encoder (the run's own copy when
-        resuming); a step then only looks its captions up."""
+        resuming), or tokenize it once when the run trains its text tower; a step then only looks its
+        captions up."""
         from .encoders import CaptionCache, run_text_encoder
 
         self.text_encoder = run_text_encoder(cfg, self.run_dir)
