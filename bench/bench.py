@@ -32,6 +32,7 @@ from ddpm.config import preset
 from ddpm.convert import diffusers_unet_config
 from ddpm.runtime import wrap_network
 from ddpm.sample import generate
+from ddpm.text import TextEncoding
 
 NETS = {  # name -> (preset, CPU batch, GPU batch)
     "fashion-mnist preset (1.1M)": ("fashion-mnist", 64, 256),
@@ -83,11 +84,14 @@ def matmul_peak(device, dtype, n=2048, repeats=10) -> float:
 # ---- the two implementations behind one call signature: net(x, t) -> eps ----
 
 
-def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=False, num_classes=0):
-    """``impl`` "ours", "diffusers" (UNet2DModel) or "diffusers-condition" (UNet2DConditionModel, only
-    for class conditioning); with ``num_classes`` the forward takes class ids: ``forward(x, t, y)``."""
+def make_net(
+    impl: str, preset_name: str, device, channels_last=False, compile_=False, num_classes=0, context_dim=0
+):
+    """``impl`` "ours", "diffusers" (UNet2DModel) or "diffusers-condition" (UNet2DConditionModel, for
+    class or text conditioning); with ``num_classes`` the forward takes class ids, with ``context_dim``
+    a TextEncoding: ``forward(x, t, y)``."""
     cfg = preset(preset_name)
-    cfg.model.num_classes = num_classes
+    cfg.model.num_classes, cfg.model.context_dim = num_classes, context_dim
     size, channels = cfg.data.image_size, cfg.data.channels or (1 if "mnist" in preset_name else 3)
     torch.manual_seed(0)
     if impl == "ours":
@@ -108,9 +112,32 @@ def make_net(impl: str, preset_name: str, device, channels_last=False, compile_=
                 attention_head_dim=tuple(widths),
                 cross_attention_dim=widths[-1],
             )
+            if context_dim:
+                # Text: its transformer blocks (self-attention, cross-attention to the tokens, a
+                # feed-forward) where ours has self-attention then cross-attention, heads of 32 channels
+                # as ours (diffusers reads attention_head_dim as the head count here), and the pooled
+                # embedding projected into the time embedding as our text_pool.
+                cross = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D"}
+                config.update(
+                    down_block_types=tuple(cross.get(b, b) for b in config["down_block_types"]),
+                    up_block_types=tuple(cross.get(b, b) for b in config["up_block_types"]),
+                    mid_block_type="UNetMidBlock2DCrossAttn",
+                    attention_head_dim=tuple(w // 32 for w in widths),
+                    cross_attention_dim=context_dim,
+                    class_embed_type="projection",
+                    projection_class_embeddings_input_dim=context_dim,
+                )
             module = UNet2DConditionModel(**config)
 
             def forward(x, t, y):
+                if context_dim:
+                    return module(
+                        x,
+                        t,
+                        encoder_hidden_states=y.tokens,
+                        encoder_attention_mask=y.mask,
+                        class_labels=y.pooled,
+                    ).sample
                 return module(x, t, encoder_hidden_states=None, class_labels=y).sample
 
         else:
@@ -131,10 +158,19 @@ class TrainStep:
     """Algorithm 1 for either network: q_sample, eps MSE, Adam with grad clip."""
 
     def __init__(
-        self, impl, preset_name, batch, device, precision, channels_last=False, compile_=False, num_classes=0
+        self,
+        impl,
+        preset_name,
+        batch,
+        device,
+        precision,
+        channels_last=False,
+        compile_=False,
+        num_classes=0,
+        context_dim=0,
     ):
         self.module, self.forward, cfg, shape = make_net(
-            impl, preset_name, device, channels_last, compile_, num_classes
+            impl, preset_name, device, channels_last, compile_, num_classes, context_dim
         )
         self.diffusion = build_diffusion(cfg)
         self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-4)
@@ -149,6 +185,11 @@ class TrainStep:
             y = torch.randint(0, num_classes, (batch,), generator=g)
             y[torch.rand(batch, generator=g) < 0.1] = num_classes
             self.net = partial(_with_classes, self.net, y.to(device))
+        if context_dim:  # frozen-encoder states of captions of 6 to 16 tokens (the padding masked)
+            tokens = torch.randn(batch, 16, context_dim, generator=g)
+            mask = torch.arange(16)[None] < torch.randint(6, 17, (batch, 1), generator=g)
+            text = TextEncoding(tokens, mask, torch.randn(batch, context_dim, generator=g)).to(device)
+            self.net = partial(_with_classes, self.net, text)
 
     def __call__(self):
         self.module.train()
@@ -305,22 +346,27 @@ def bench_conditioning(device, quick, results):
     """Class conditioning on the fashion-mnist net: a conditional training step against the same
     unconditional one (target: at most 10% dearer) and against diffusers' class-conditional UNets
     (UNet2DModel with the same parameters, and UNet2DConditionModel as near as it can be configured);
-    then guided sampling (w = 2, both branches in one batched forward) against unguided (target: at most
+    text conditioning (cross-attention to 16 token states of width 128) against UNet2DConditionModel with
+    cross-attention at the same resolutions; then guided sampling (w = 2, both branches in one batched forward) against unguided (target: at most
     2.1x the time)."""
     from ddpm.conditions import guided_network
 
     batch = 256 if device.type == "cuda" else 64
     repeats = 3 if quick else 6
-    variants = {
-        "ours unconditional": ("ours", 0),
-        "ours class": ("ours", 10),
-        "diffusers UNet2DModel class": ("diffusers", 10),
-        "diffusers UNet2DConditionModel class": ("diffusers-condition", 10),
+    variants = {  # (implementation, classes, text width)
+        "ours unconditional": ("ours", 0, 0),
+        "ours class": ("ours", 10, 0),
+        "diffusers UNet2DModel class": ("diffusers", 10, 0),
+        "diffusers UNet2DConditionModel class": ("diffusers-condition", 10, 0),
+        "ours text": ("ours", 0, 128),
+        "diffusers UNet2DConditionModel text": ("diffusers-condition", 0, 128),
     }
     for precision in ("fp32", "bf16"):
         steps = {}
-        for name, (impl, classes) in variants.items():
-            steps[name] = TrainStep(impl, "fashion-mnist", batch, device, precision, num_classes=classes)
+        for name, (impl, classes, width) in variants.items():
+            steps[name] = TrainStep(
+                impl, "fashion-mnist", batch, device, precision, num_classes=classes, context_dim=width
+            )
             steps[name](), steps[name]()
         seconds = {name: [] for name in steps}
         for _ in range(repeats):  # interleaved
@@ -473,19 +519,23 @@ def report(results):
             )
     if results.get("conditioning"):
         print(
-            "\n| class conditioning, fashion-mnist net, training step | params | images/s | "
-            "vs ours unconditional | vs diffusers UNet2DModel class |"
+            "\n| conditioning, fashion-mnist net, training step | params | images/s | "
+            "vs ours unconditional | vs diffusers (class: UNet2DModel; text: UNet2DConditionModel) |"
         )
         print("|---|---|---|---|---|")
         for key, rows in results["conditioning"].items():
             if not key.startswith("training"):
                 continue
-            base, peer = rows["ours unconditional"], rows["diffusers UNet2DModel class"]
+            base = rows["ours unconditional"]
             for name, r in rows.items():
+                # text rows against diffusers' text UNet2DConditionModel, class rows against UNet2DModel
+                peer = rows.get(
+                    "diffusers UNet2DConditionModel text" if "text" in name else "diffusers UNet2DModel class"
+                )
+                versus = f"{r['images_per_s'] / peer['images_per_s']:.2f}x" if peer else ""
                 print(
                     f"| {name}, {key.split()[1]} | {r['params']:,} | {r['images_per_s']:.1f} | "
-                    f"{base['images_per_s'] / r['images_per_s']:.3f}x the time | "
-                    f"{r['images_per_s'] / peer['images_per_s']:.2f}x |"
+                    f"{base['images_per_s'] / r['images_per_s']:.3f}x the time | {versus} |"
                 )
         g = results["conditioning"]["guided sampling"]
         print(
