@@ -347,8 +347,8 @@ def bench_conditioning(device, quick, results):
     unconditional one (target: at most 10% dearer) and against diffusers' class-conditional UNets
     (UNet2DModel with the same parameters, and UNet2DConditionModel as near as it can be configured);
     text conditioning (cross-attention to 16 token states of width 128) against UNet2DConditionModel with
-    cross-attention at the same resolutions; then guided sampling (w = 2, both branches in one batched forward) against unguided (target: at most
-    2.1x the time)."""
+    cross-attention at the same resolutions; then guided sampling (w = 2, both branches in one batched
+    forward) against unguided (target: at most 2.1x the time)."""
     from ddpm.conditions import guided_network
 
     batch = 256 if device.type == "cuda" else 64

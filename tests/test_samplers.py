@@ -5,7 +5,7 @@ from conftest import gaussian_optimal_eps, linear
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
-from ddpm.samplers import ddim_sample_loop, p_sample, timestep_subset
+from ddpm.samplers import SAMPLERS, ddim_sample_loop, p_sample, timestep_subset
 from ddpm.schedules import make_betas
 
 
@@ -107,6 +107,8 @@ def test_deterministic_ddim_recovers_the_toy_gaussian():
         ("ddim", 100, 1.0, 0.15),
         ("dpm++2m", 10, 0.0, 0.03),
         ("dpm++2m", 25, 0.0, 0.02),
+        ("sde-dpm++2m", 20, 0.0, 0.05),
+        ("sde-dpm++2m", 50, 0.0, 0.03),
     ],
 )
 def test_every_sampler_recovers_the_toy_gaussian(sampler, steps, eta, tol):
@@ -145,6 +147,41 @@ def test_dpm_solver_matches_diffusers_multistep_scheduler():
         chain = d.respaced(solver_timesteps(1000, steps, spacing))
         ours = dpm_solver_pp_2m_sample_loop(chain, model, tuple(x_T.shape), clip_denoised=False, x_start=x_T)
         torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+
+def test_sde_dpm_solver_matches_diffusers_given_the_same_noise():
+    """The whole SDE-DPM-Solver++(2M) loop equals diffusers' DPMSolverMultistepScheduler
+    (sde-dpmsolver++, order 2, midpoint) when both draw each step's noise from the same generator."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpm.samplers import sde_dpm_solver_pp_2m_sample_loop, solver_timesteps
+
+    d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedsmall")
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for spacing, steps in (("linspace", 10), ("trailing", 20)):
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            algorithm_type="sde-dpmsolver++",
+            solver_order=2,
+            timestep_spacing=spacing,
+        )
+        sched.set_timesteps(steps)
+        x, g = x_T.clone(), torch.Generator().manual_seed(1)
+        for t in sched.timesteps:
+            x = sched.step(model(x, t.repeat(len(x))), t, x, generator=g).prev_sample
+        chain = d.respaced(solver_timesteps(1000, steps, spacing))
+        ours = sde_dpm_solver_pp_2m_sample_loop(
+            chain,
+            model,
+            tuple(x_T.shape),
+            clip_denoised=False,
+            x_start=x_T,
+            generator=torch.Generator().manual_seed(1),
+        )
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+        ode = SAMPLERS["dpm++2m"].loop(chain, model, tuple(x_T.shape), clip_denoised=False, x_start=x_T)
+        assert not torch.allclose(ours, ode, atol=1e-3)  # the noise matters
 
 
 def test_logsnr_spacing_is_even_in_log_snr_and_distinct():
@@ -258,8 +295,13 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
 
     from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, sampling_chain, solver_timesteps
 
-    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m"}
-    assert DEFAULT_SPACING == {"ancestral": "linspace", "ddim": "linspace", "dpm++2m": "logsnr"}
+    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m"}
+    assert DEFAULT_SPACING == {
+        "ancestral": "linspace",
+        "ddim": "linspace",
+        "dpm++2m": "logsnr",
+        "sde-dpm++2m": "logsnr",
+    }
     expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress"]
     d = linear(T=100)
     model = gaussian_optimal_eps(d, 0.3, 0.2)

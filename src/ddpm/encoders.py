@@ -160,7 +160,8 @@ def load_text_encoder(spec: str | Path):
 
 class CaptionCache:
     """Every distinct caption of a run encoded once (the encoder is frozen; a trained tower's captions are
-    tokenized once), plus the null text "" as the last row. ``ids[i]`` is caption i's row; ``rows(ids)`` gives the encodings of rows."""
+    tokenized once), plus the null text "" as the last row. ``ids[i]`` is caption i's row; ``rows(ids)``
+    gives the encodings of rows."""
 
     def __init__(self, encoder, captions: list[str], batch_size: int = 256):
         distinct = list(dict.fromkeys(captions))
