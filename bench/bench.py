@@ -30,7 +30,7 @@ import torch
 from ddpm.build import build_diffusion, build_model
 from ddpm.config import preset
 from ddpm.convert import diffusers_unet_config
-from ddpm.runtime import wrap_network
+from ddpm.runtime import keep_freed_memory, wrap_network
 from ddpm.sample import generate
 from ddpm.text import TextEncoding
 
@@ -420,6 +420,7 @@ def _memory_child(queue, impl, preset_name, batch, device_name, precision):
     from diffusers import UNet2DModel  # noqa: F401  (diffusers loads model code lazily: import it on
     # both sides before the baseline, so its ~70 MiB of code is not counted against diffusers)
 
+    keep_freed_memory()  # as the CLI does
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -573,6 +574,7 @@ def main(argv=None):
     )
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the CLI does; both implementations run under it
     device = torch.device(args.device)
     results = {
         "machine": machine(),

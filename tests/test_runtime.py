@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -66,3 +69,38 @@ def test_precisions_are_checked():
     assert PRECISIONS == ("fp32", "bf16")
     with pytest.raises(ConfigError, match="precision must be fp32 or bf16, got 'fp16'"):
         wrap_network(small_unet(), precision="fp16")
+
+
+HEAP_AFTER_FREE = """
+import ctypes, sys, torch
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    from ddpm.runtime import keep_freed_memory
+    assert keep_freed_memory()
+x = torch.ones(16 << 20)  # 64 MiB, above glibc's largest automatic mmap threshold (32 MiB)
+del x
+print(libc.mallinfo2().fordblks)  # free bytes the heap holds on to
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap():
+    import ctypes
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc older than 2.33")
+    free = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", HEAP_AFTER_FREE, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "keep")
+    }
+    assert free["keep"] >= 64 << 20  # kept for the next step's activations
+    assert free["default"] < 16 << 20  # unmapped: the next step page-faults it in again

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import PRECISIONS
 from .errors import DDPMError
-from .runtime import finish_processes
+from .runtime import finish_processes, keep_freed_memory
 from .sample import SampleOptions
 from .samplers import SAMPLERS, SPACINGS
 
@@ -611,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun every process meets the same error: rank 0 alone says it.
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    keep_freed_memory()  # ~20% faster sampling on the CPU (see its docstring)
     try:
         code = args.func(args)
         finish_processes()  # under torchrun: after every process is done
