@@ -14,6 +14,7 @@ from .data import load_dataset
 from .diffusion import GaussianDiffusion, LossType, MeanType, VarType
 from .errors import CheckpointError, ConfigError, DataError, DDPMError
 from .images import save_grid, to_model_range, to_uint8
+from .pipeline import Pipeline
 from .runtime import wrap_network
 from .sample import SampleOptions, generate, sample_to_dir
 from .samplers import SAMPLERS, sampling_chain
@@ -33,6 +34,7 @@ __all__ = [
     "GaussianDiffusion",
     "LossType",
     "MeanType",
+    "Pipeline",
     "SAMPLERS",
     "SampleOptions",
     "Trainer",

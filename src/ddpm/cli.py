@@ -154,6 +154,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--negative-prompt", help="text-conditional runs: guide away from this text (default: the empty text)"
     )
+    p.add_argument(
+        "--low-res",
+        metavar="SAMPLES",
+        help="super-resolution stages: the low-resolution images to upsample (samples.npz or its folder, "
+        "e.g. a base model's `ddpm sample` output; larger images are downsampled first)",
+    )
+    p.add_argument(
+        "--low-res-noise",
+        type=int,
+        metavar="LEVEL",
+        help="super-resolution stages: the augmentation noise level of the low-resolution input "
+        "(0 = clean; default the stage's model.low_res_noise)",
+    )
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
 
@@ -187,6 +200,8 @@ def _sample_options(args):
         guidance_rescale=args.guidance_rescale,
         prompts=tuple(args.prompts) if args.prompts else None,
         negative_prompt=args.negative_prompt,
+        low_res=args.low_res,
+        low_res_noise=args.low_res_noise,
     )
 
 
@@ -240,6 +255,47 @@ def cmd_sample(args) -> int:
     out = _output_dir(args, "samples-out")
     info = sample_to_dir(args.checkpoint, out, _sample_options(args))
     return 0 if info is None else _print(out_dir=str(out), **info)  # None: not the main process
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import PIPELINE_FILE, Pipeline
+
+    pipeline = Pipeline.write(args.folder, args.generator, args.decoder, args.text_encoder)
+    return _print(
+        pipeline=str(Path(args.folder) / PIPELINE_FILE), parts=[p.describe() for p in pipeline.parts]
+    )
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import generate_to_dir
+
+    def stage(steps, sampler, batch_size):
+        return SampleOptions(
+            steps=steps,
+            sampler=sampler,
+            batch_size=batch_size,
+            device=args.device,
+            precision=args.precision,
+            progress=not args.no_progress,
+            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+            negative_prompt=args.negative_prompt,
+        )
+
+    decoder = stage(args.decoder_steps, args.decoder_sampler, args.batch_size)
+    decoder.guidance_interval, decoder.negative_prompt, decoder.low_res_noise = None, None, args.low_res_noise
+    out = Path(args.out or Path(args.pipeline) / "generated")
+    record = generate_to_dir(
+        args.pipeline,
+        out,
+        prompts=args.prompts,
+        class_name=args.class_name,
+        guidance=args.guidance,
+        num=args.num,
+        seed=args.seed,
+        generator_options=stage(args.steps, args.sampler, args.batch_size),
+        decoder_options=decoder,
+    )
+    return _print(out_dir=str(out), **record)
 
 
 def cmd_invert(args) -> int:
@@ -441,6 +497,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add(p, "--no-progress")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "pipeline", help="assemble a text-to-image pipeline folder from trained parts (nothing is retrained)"
+    )
+    p.add_argument("folder", help="the pipeline folder (pipeline.json is written there)")
+    p.add_argument(
+        "--generator", required=True, help="the run that makes the small images (text, class or none)"
+    )
+    p.add_argument("--decoder", required=True, help="a super-resolution stage run (model.low_res)")
+    p.add_argument(
+        "--text-encoder",
+        help="the text encoder folder (checked to be the one the generator was trained with; default: the "
+        "generator's own copy)",
+    )
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser(
+        "generate", help="run a pipeline: prompt -> text encoder -> generator -> decoder -> images"
+    )
+    p.add_argument("pipeline", help="a pipeline folder (see `ddpm pipeline`)")
+    p.add_argument("--out", help="output directory (default PIPELINE/generated)")
+    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        help="a prompt (repeatable: equal blocks, a grid row each; default one per class of the data)",
+    )
+    p.add_argument("--negative-prompt", help="guide away from this text (default: the empty text)")
+    _add(p, "--class", "--guidance", "--seed", "--batch-size", "--device", "--precision", "--no-progress")
+    p.add_argument(
+        "--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"), help="guide only at timesteps LO..HI"
+    )
+    p.add_argument(
+        "--sampler", choices=tuple(SAMPLERS), default="ddim", help="the generator's sampler (default ddim)"
+    )
+    p.add_argument("--steps", type=int, default=50, help="the generator's sampling steps (default 50)")
+    p.add_argument(
+        "--decoder-sampler", choices=tuple(SAMPLERS), default="ddim", help="the decoder's (default ddim)"
+    )
+    p.add_argument("--decoder-steps", type=int, default=50, help="the decoder's sampling steps (default 50)")
+    p.add_argument(
+        "--low-res-noise",
+        type=int,
+        metavar="LEVEL",
+        help="the decoder's augmentation level (default its own)",
+    )
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
     _add_checkpoint(p, "inversion")

@@ -44,6 +44,12 @@ class ModelConfig:
     # frozen: the text encoder is fixed; finetune / scratch: a domain encoder's text tower is trained with
     # the denoiser (GLIDE), starting from its weights / from random ones
     text_tower: str = "frozen"
+    # > 0: a super-resolution stage of a cascade, conditioned on the image at this size (upsampled to
+    # data.image_size) noised to a random augmentation level in 0..low_res_noise_max - 1 during training
+    # and to low_res_noise at sampling (level s noises like x_{s-1} of the schedule; 0 is clean)
+    low_res: int = 0
+    low_res_noise_max: int = 250
+    low_res_noise: int = 50
     mlp_hidden: int = 128  # MLP denoiser only
     mlp_layers: int = 3
 
@@ -198,6 +204,29 @@ def _preset_fashion_mnist_text() -> Config:
     return cfg
 
 
+def _preset_fashion_mnist_text_14() -> Config:
+    """The base of the cascaded text-to-image pipeline: fashion-mnist-text at 14x14 (U-Net levels 14 and
+    7, attention and cross-attention at 7x7); fashion-mnist-sr takes its samples to 28x28."""
+    cfg = _preset_fashion_mnist_text()
+    cfg.name = "fashion-mnist-text-14"
+    cfg.data.image_size = 14
+    cfg.model.ch_mult = (1, 2)
+    cfg.train.steps = 4000
+    cfg.train.checkpoint_every, cfg.train.sample_every = 500, 2000
+    return cfg
+
+
+def _preset_fashion_mnist_sr() -> Config:
+    """The cascade's super-resolution stage, 14x14 -> 28x28 (Ho et al. 2022): the fashion-mnist U-Net with
+    the 14x14 image, upsampled (bilinear) and noise-augmented, as a second input channel and its
+    augmentation level embedded into the time embedding. Trained on real pairs with no text: levels drawn
+    from 0..249 of the schedule, sampled at level 50."""
+    cfg = _preset_fashion_mnist()
+    cfg.name = "fashion-mnist-sr"
+    cfg.model.low_res = 14
+    return cfg
+
+
 def _preset_toy2d() -> Config:
     """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
     return Config(
@@ -226,6 +255,8 @@ PRESETS = {
     "fashion-mnist": _preset_fashion_mnist,
     "fashion-mnist-class": _preset_fashion_mnist_class,
     "fashion-mnist-text": _preset_fashion_mnist_text,
+    "fashion-mnist-text-14": _preset_fashion_mnist_text_14,
+    "fashion-mnist-sr": _preset_fashion_mnist_sr,
     "toy2d": _preset_toy2d,
 }
 
@@ -413,6 +444,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.text_tower={m.text_tower} needs a text-conditional run (model.text_encoder)"
         )
+    if m.low_res:
+        if m.kind != "unet" or m.num_classes or m.text_encoder:
+            raise ConfigError(
+                "a super-resolution stage (model.low_res) is an unconditional U-Net: the cascade's classes "
+                "or text condition its base model"
+            )
+        if not 0 < m.low_res < data.image_size:
+            raise ConfigError(
+                f"model.low_res must be in 1..{data.image_size - 1} (data.image_size), got {m.low_res}"
+            )
+        if not 1 <= m.low_res_noise_max <= d.num_timesteps + 1:
+            raise ConfigError(f"model.low_res_noise_max must be in 1..{d.num_timesteps + 1}")
+        if not 0 <= m.low_res_noise <= d.num_timesteps:
+            raise ConfigError(f"model.low_res_noise must be in 0..{d.num_timesteps}")
     if data.loader_workers < 0:
         raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -157,4 +157,12 @@ class OutputFolder:
 
 
 # Every name an OutputFolder of samples may hold; earlier ones the new results lack are stale.
-PUBLISHED = {"grid.png", "images", "samples.npz", "points.npy", "points.png", "model.safetensors"}
+PUBLISHED = {
+    "grid.png",
+    "images",
+    "samples.npz",
+    "points.npy",
+    "points.png",
+    "model.safetensors",
+    "low-res-grid.png",
+}

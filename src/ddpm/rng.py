@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # Purposes for derived_seed, so that no two random streams share a seed.
-SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING, SEED_CAPTIONS = 1, 2, 3, 4, 5
+SEED_BATCH_ORDER, SEED_STEP, SEED_DROPOUT, SEED_SAMPLING, SEED_CAPTIONS, SEED_AUGMENTATION = 1, 2, 3, 4, 5, 6
 
 
 def derived_seed(*keys: int) -> int:

@@ -25,7 +25,7 @@ from .rng import sampling_generator
 from .runtime import Processes, init_processes, resolve_device, wrap_network
 from .samplers import check_eta, get_sampler, sampling_chain
 
-__all__ = ["SampleOptions", "generate", "load_model", "sample_to_dir", "sampling_chain"]
+__all__ = ["Request", "SampleOptions", "generate", "load_model", "prepare", "sample_to_dir", "sampling_chain"]
 
 
 @dataclass
@@ -56,6 +56,10 @@ class SampleOptions:
     # data has classes) and a negative prompt, the null branch of guidance (default: the empty text).
     prompts: tuple[str, ...] | None = None
     negative_prompt: str | None = None
+    # Super-resolution stages: the low-resolution images (samples.npz or its folder, or uint8
+    # [N, C, H, W]; larger images are downsampled first) and their noise level (default: the stage's).
+    low_res: str | Path | torch.Tensor | None = None
+    low_res_noise: int | None = None
 
 
 @torch.inference_mode()
@@ -151,42 +155,16 @@ def sample_to_dir(
     points.npy and points.png. Under torchrun the processes share the batches and the main one
     writes; the others return None."""
     opts = dataclasses.replace(options or SampleOptions(), **overrides)
-    get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
-    check_eta(opts.sampler, opts.eta)
-    if opts.num <= 0 or opts.batch_size <= 0:
-        raise ConfigError("the number of samples and the batch size must be positive")
-    if not (math.isfinite(opts.guidance) and opts.guidance >= 0):
-        raise ConfigError(f"--guidance must be a finite number >= 0, got {opts.guidance}")
-    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
-        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
-    device = resolve_device(opts.device)
-    procs = init_processes(device)
-    ckpt = Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
-    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
-    network, labels, cond, conditions = _conditioned(
-        network, cfg, opts, diffusion.num_timesteps, ckpt, device
-    )
-    clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
-    if not procs.is_main:  # under torchrun: draw this process's batches for the main one to write
-        _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, cond)
+    request = prepare(checkpoint, opts)
+    if not request.procs.is_main:  # under torchrun: draw this process's batches for the main one to write
+        request.draw()
         return None
     out = OutputFolder(out_dir, last="samples.json")  # checked before the sampling, not after
     try:
-        info = _sample_into(
-            out.staging,
-            ckpt,
-            network,
-            diffusion,
-            cfg,
-            opts,
-            clip_denoised,
-            device,
-            procs,
-            labels,
-            cond,
-            conditions,
-        )
+        start = time.time()
+        samples = request.draw()
+        info = {**request.record(), "seconds": round(time.time() - start, 2)}
+        write_samples(out.staging, samples, request.labels, request.cfg, class_ids=request.class_ids)
         stale = out.stale(sorted(p.name for p in out.staging.iterdir()))
         if stale:  # e.g. images/ of an earlier image model beside this model's points
             info["removed_stale"] = stale
@@ -198,10 +176,129 @@ def sample_to_dir(
     return info
 
 
+@dataclass
+class Request:
+    """A checked sampling request: the loaded run, its network wrapped and conditioned as ``opts`` ask,
+    and what each sample is conditioned on. ``draw()`` samples; ``record()`` says how (samples.json)."""
+
+    ckpt: Checkpoint
+    cfg: object
+    diffusion: GaussianDiffusion
+    network: object
+    opts: SampleOptions
+    clip_denoised: bool
+    device: torch.device
+    procs: Processes
+    labels: torch.Tensor | None  # each sample's grid row (class id, or the index of its prompt)
+    cond: object  # what the network is conditioned on, per sample
+    conditions: dict  # how the conditions were chosen, for the record
+
+    @property
+    def class_ids(self) -> torch.Tensor | None:
+        """Each sample's class, where its row is one (eval fid then scores class agreement)."""
+        return self.labels if "classes" in self.conditions else None
+
+    def draw(self) -> torch.Tensor | None:
+        """The samples in the data range (None on the other processes under torchrun)."""
+        opts = self.opts
+        return generate(
+            self.network,
+            self.diffusion,
+            opts.num,
+            _shape(self.cfg),
+            opts.batch_size,
+            opts.seed,
+            opts.steps,
+            self.clip_denoised,
+            self.device,
+            opts.progress,
+            "fp32",  # the network is already wrapped for opts.precision
+            opts.sampler,
+            opts.eta,
+            opts.spacing,
+            self.procs,
+            self.cond,
+        )
+
+    def record(self) -> dict:
+        opts = self.opts
+        return {
+            "checkpoint": str(self.ckpt.path),
+            "dataset": self.cfg.data.dataset,
+            "step": self.ckpt.train_state.get("step"),
+            "weights": "ema" if opts.use_ema else "model",
+            "num_samples": opts.num,
+            "batch_size": opts.batch_size,
+            "seed": opts.seed,
+            "sampler": opts.sampler,
+            **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
+            "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
+            "var_type": self.cfg.diffusion.var_type,
+            "steps": opts.steps or self.diffusion.num_timesteps,
+            "clip_denoised": self.clip_denoised,
+            "precision": opts.precision,
+            **({"channels_last": True} if opts.channels_last else {}),
+            **({"compile": True} if opts.compile else {}),
+            **({"processes": self.procs.world_size} if self.procs.distributed else {}),
+            **self.conditions,
+        }
+
+
+def prepare(
+    checkpoint: str | Path | Checkpoint,
+    opts: SampleOptions,
+    device: torch.device | None = None,
+    procs: Processes | None = None,
+) -> Request:
+    """Check ``opts`` against the run at ``checkpoint`` and get its network ready (one-line errors for
+    bad input, before anything is sampled or written)."""
+    get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
+    check_eta(opts.sampler, opts.eta)
+    if opts.num <= 0 or opts.batch_size <= 0:
+        raise ConfigError("the number of samples and the batch size must be positive")
+    if not (math.isfinite(opts.guidance) and opts.guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {opts.guidance}")
+    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
+        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
+    device = device or resolve_device(opts.device)
+    procs = procs or init_processes(device)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
+    sampling_chain(diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
+    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
+    network, labels, cond, conditions = _conditioned(
+        network, cfg, opts, diffusion.num_timesteps, ckpt, device
+    )
+    clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
+    return Request(
+        ckpt, cfg, diffusion, network, opts, clip_denoised, device, procs, labels, cond, conditions
+    )
+
+
+def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=None) -> None:
+    """What `ddpm sample` writes: grid.png (a row per class or prompt where ``labels`` give them),
+    images/NNNNNN.png and samples.npz (with ``class_ids``); for 2-D points, points.npy and points.png."""
+    if cfg.model.kind == "unet":
+        images = to_uint8(samples)
+        if labels is None:
+            save_grid(images, folder / "grid.png")
+        else:
+            save_class_grid(images, labels, folder / "grid.png")
+        save_pngs(images, folder / "images")
+        save_npz(images, folder / "samples.npz", class_ids)
+    else:
+        np.save(folder / "points.npy", samples.numpy())
+        plot_points(samples, folder / "points.png")
+
+
 def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device):
     """For a conditional run: the guided ``network(x, t, cond)``, each sample's row (class id, or the
     index of its prompt), the conditions to feed (class ids, or the prompts' encodings) and how they were
     chosen, for samples.json. Unconditional runs: the network, None, None, {}."""
+    if cfg.model.low_res:
+        return _super_resolution(network, cfg, opts)
+    if opts.low_res is not None or opts.low_res_noise is not None:
+        raise ConfigError("--low-res and --low-res-noise need a super-resolution stage (model.low_res)")
     text = cfg.model.context_dim > 0
     if (opts.prompts or opts.negative_prompt is not None) and not text:
         kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
@@ -247,83 +344,33 @@ def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, de
     return guided, labels, labels, info
 
 
+def _super_resolution(network, cfg, opts: SampleOptions):
+    """A super-resolution stage's conditions: the first ``opts.num`` low-resolution images, noised."""
+    from .build import build_diffusion
+    from .images import load_samples
+    from .superres import conditions_for
+
+    if opts.class_name is not None or opts.prompts or opts.negative_prompt is not None or opts.guidance:
+        raise ConfigError("this run is a super-resolution stage: it takes --low-res, not a class or prompt")
+    if opts.low_res is None:
+        raise ConfigError(
+            "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
+        )
+    images = opts.low_res if isinstance(opts.low_res, torch.Tensor) else load_samples(opts.low_res)
+    if len(images) < opts.num:
+        raise ConfigError(f"--low-res holds {len(images)} images; {opts.num} samples were asked for")
+    if images.shape[1] != cfg.data.channels:
+        raise ConfigError(f"--low-res images have {images.shape[1]} channels; the stage {cfg.data.channels}")
+    alphas = build_diffusion(cfg).np["alphas_cumprod"]
+    cond = conditions_for(
+        images[: opts.num], cfg.model, cfg.data.image_size, alphas, opts.seed, opts.low_res_noise
+    )
+    source = "tensor" if isinstance(opts.low_res, torch.Tensor) else str(opts.low_res)
+    info = {"low_res": source, "low_res_size": cfg.model.low_res, "low_res_noise": int(cond.level[0])}
+    return network, None, cond, info
+
+
 def _shape(cfg) -> tuple[int, ...]:
     if cfg.model.kind == "unet":
         return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     return (cfg.data.channels,)
-
-
-def _generate(network, diffusion, cfg, opts: SampleOptions, clip_denoised, device, procs, cond):
-    return generate(
-        network,
-        diffusion,
-        opts.num,
-        _shape(cfg),
-        opts.batch_size,
-        opts.seed,
-        opts.steps,
-        clip_denoised,
-        device,
-        opts.progress,
-        "fp32",  # the network is already wrapped for opts.precision
-        opts.sampler,
-        opts.eta,
-        opts.spacing,
-        procs,
-        cond,
-    )
-
-
-def _sample_into(
-    folder: Path,
-    ckpt,
-    network,
-    diffusion,
-    cfg,
-    opts: SampleOptions,
-    clip_denoised,
-    device,
-    procs,
-    labels,
-    cond,
-    conditions: dict,
-) -> dict:
-    is_image = cfg.model.kind == "unet"
-    start = time.time()
-    samples = _generate(network, diffusion, cfg, opts, clip_denoised, device, procs, cond)
-    out = folder
-    if is_image:
-        images = to_uint8(samples)
-        if labels is None:
-            save_grid(images, out / "grid.png")
-        else:
-            save_class_grid(images, labels, out / "grid.png")
-        save_pngs(images, out / "images")
-        # each sample's class, where its row is one (eval fid then scores class agreement)
-        class_ids = labels if "classes" in conditions else None
-        save_npz(images, out / "samples.npz", class_ids)
-    else:
-        np.save(out / "points.npy", samples.numpy())
-        plot_points(samples, out / "points.png")
-    info = {
-        "checkpoint": str(ckpt.path),
-        "dataset": cfg.data.dataset,
-        "step": ckpt.train_state.get("step"),
-        "weights": "ema" if opts.use_ema else "model",
-        "num_samples": opts.num,
-        "batch_size": opts.batch_size,
-        "seed": opts.seed,
-        "sampler": opts.sampler,
-        **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
-        "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
-        "var_type": cfg.diffusion.var_type,
-        "steps": opts.steps or diffusion.num_timesteps,
-        "clip_denoised": clip_denoised,
-        "precision": opts.precision,
-        **({"channels_last": True} if opts.channels_last else {}),
-        **({"compile": True} if opts.compile else {}),
-        **({"processes": procs.world_size} if procs.distributed else {}),
-        **conditions,
-        "seconds": round(time.time() - start, 2),
-    }
-    return info

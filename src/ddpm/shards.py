@@ -147,16 +147,19 @@ class ShardIndex:
         return images
 
 
-def load_all_shards(root: str | None, image_size: int, channels: int | None) -> torch.Tensor:
-    """Every image of every shard, in index and tar order, as one uint8 [N, C, H, W] tensor (for
-    evaluation and figures on small shard sets; training streams them)."""
+def load_all_shards(
+    root: str | None, image_size: int, channels: int | None, limit: int | None = None
+) -> torch.Tensor:
+    """Every image of every shard (or the first ``limit``), in index and tar order, as one uint8
+    [N, C, H, W] tensor (for evaluation and figures on small shard sets; training streams them)."""
     index = ShardIndex.load(root)
     channels = channels or index.channels
-    images = [
-        image_array(decode_image(io.BytesIO(data), name)[0], image_size, channels)
-        for shard in range(len(index.shards))
-        for name, data in index.read(shard)
-    ]
+    images = []
+    for shard in range(len(index.shards)):
+        for name, data in index.read(shard)[: None if limit is None else limit - len(images)]:
+            images.append(image_array(decode_image(io.BytesIO(data), name)[0], image_size, channels))
+        if limit is not None and len(images) >= limit:
+            break
     return torch.from_numpy(np.stack(images))
 
 

@@ -34,6 +34,7 @@ from .rng import seed_dropout, step_generator
 from .rundir import RunDirectory
 from .runtime import init_processes, resolve_device, wrap_network
 from .sample import generate
+from .superres import conditions_for, downsample, low_res_condition
 
 # With train.on_nonfinite = "skip", this many skipped steps in a row stop the run all the same.
 MAX_CONSECUTIVE_SKIPS = 100
@@ -288,9 +289,10 @@ class Trainer:
     # ---- one training step (Algorithm 1) ----
 
     def batch(self, step: int, g: torch.Generator):
-        """This process's share of step ``step``'s batch: (x0, t, noise, class ids or None). The randoms
-        of the whole global batch are drawn (flips, t, noise, then condition dropout) and sliced, so they
-        do not depend on the process count; an unconditional run draws exactly what it always did."""
+        """This process's share of step ``step``'s batch: (x0, t, noise, condition or None): class ids,
+        caption rows, or a super-resolution stage's LowResImage. The randoms of the whole global batch are
+        drawn (flips, t, noise, then condition dropout or augmentation levels and noise) and sliced, so
+        they do not depend on the process count; an unconditional run draws exactly what it always did."""
         B = self.cfg.train.batch_size
         indices = None if self.streamed else self.order.indices(step)
         flip = None
@@ -305,14 +307,24 @@ class Trainer:
             null = self.captions.null if self.captions is not None else self.cfg.model.num_classes
             drop = torch.rand(B, generator=g) < self.cfg.train.cond_dropout
             y = torch.where(drop, null, self.labels[indices])[mine].to(self.device)
+        low_res = self.cfg.model.low_res
+        if low_res:  # noise-conditioning augmentation: a random level per example
+            level = torch.randint(0, self.cfg.model.low_res_noise_max, (B,), generator=g)[mine]
+            augmentation = torch.randn((B, *self.example_shape), generator=g)[mine]
         if self.streamed:
             x = self.next_streamed_batch(step, share).to(self.device)
         else:
             x = self.data[indices[mine].to(self.device)]
         if self.is_image:
+            low = to_model_range(downsample(x, low_res)) if low_res else None
             x = to_model_range(x)
             if flip is not None:
-                x = torch.where(flip[mine].to(self.device)[:, None, None, None], x.flip(3), x)
+                flipped = flip[mine].to(self.device)[:, None, None, None]
+                x = torch.where(flipped, x.flip(3), x)
+                low = torch.where(flipped, low.flip(3), low) if low_res else None
+            if low_res:
+                alphas = self.diffusion.np["alphas_cumprod"]
+                y = low_res_condition(low, x.shape[-1], level, augmentation.to(self.device), alphas)
         return x, t[mine].to(self.device), noise[mine].to(self.device), y
 
     def next_streamed_batch(self, step: int, share: int) -> torch.Tensor:
@@ -482,6 +494,22 @@ class Trainer:
             state,
         )
 
+    def low_res_examples(self, n: int):
+        """A super-resolution stage's conditions for its grids: the first ``n`` training images (or of the
+        stream), downsampled and noised to the sampling level with a fixed generator."""
+        if self.streamed:
+            from .shards import load_all_shards
+
+            d = self.cfg.data
+            images = load_all_shards(d.root, d.image_size, self.example_shape[0], limit=n)
+        else:
+            images = self.data[:n]
+        images = images.to(self.device)
+        if len(images) < n:
+            images = images.repeat((n + len(images) - 1) // len(images), 1, 1, 1)[:n]
+        alphas = self.diffusion.np["alphas_cumprod"]
+        return conditions_for(images, self.cfg.model, images.shape[-1], alphas, self.cfg.train.seed)
+
     def sample_path(self, step: int) -> Path:
         return self.run_dir / "samples" / f"step_{step:07d}.png"
 
@@ -500,6 +528,8 @@ class Trainer:
             cond = self.text_encoder.encode(prompts)[labels]
         elif num_classes:
             labels = cond = balanced_classes(t_cfg.num_sample_images, num_classes)
+        elif self.cfg.model.low_res:  # the first training images, downsampled (a fixed set)
+            cond = self.low_res_examples(t_cfg.num_sample_images)
         samples = generate(
             ema_model,
             self.diffusion,

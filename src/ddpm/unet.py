@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .superres import LowResImage
 from .text import TextEncoding
 
 
@@ -170,7 +171,11 @@ class UNet(nn.Module):
     With ``num_classes`` > 0 it is class-conditional: ``model(x, t, y)`` with class ids y [B] in
     0..num_classes, where id ``num_classes`` is the reserved "null" class (no condition; what condition
     dropout trains and classifier-free guidance contrasts with). The class embedding is added to the time
-    embedding. With num_classes = 0 (the default) the network is exactly the paper's."""
+    embedding. With num_classes = 0 (the default) the network is exactly the paper's.
+
+    With ``low_res_channels`` > 0 it is a super-resolution stage of a cascade: ``model(x, t, low)`` with a
+    ``LowResImage`` whose (upsampled, noised) image is concatenated to x and whose augmentation level is
+    embedded like a timestep and added to the time embedding."""
 
     def __init__(
         self,
@@ -186,6 +191,7 @@ class UNet(nn.Module):
         num_groups: int = 32,
         num_classes: int = 0,
         context_dim: int = 0,
+        low_res_channels: int = 0,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -194,7 +200,7 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
         self.temb_dense0 = linear(ch, temb_ch)
         self.temb_dense1 = linear(temb_ch, temb_ch)
-        self.conv_in = conv(in_channels, ch)
+        self.conv_in = conv(in_channels + low_res_channels, ch)
 
         def res(i, o):
             return ResBlock(i, o, temb_ch, dropout, num_groups)
@@ -253,6 +259,12 @@ class UNet(nn.Module):
             for block in self.modules():
                 if isinstance(block, AttnBlock):
                     block.cross = CrossAttention(block.q.in_channels, context_dim, num_groups)
+        self.low_res_channels = low_res_channels
+        self.level_embed = None
+        if low_res_channels:
+            if num_classes or context_dim:
+                raise ValueError("a super-resolution U-Net takes no class or text condition")
+            self.level_embed = nn.Sequential(linear(ch, temb_ch), nn.SiLU(), linear(temb_ch, temb_ch))
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextEncoding | None = None
@@ -278,6 +290,16 @@ class UNet(nn.Module):
                 raise ValueError('this U-Net is text-conditional: give a TextEncoding (of "" for none)')
             text = y.repeat_to(x.shape[0])
             temb = temb + self.text_pool(text.pooled.to(temb.dtype))
+        elif self.level_embed is not None:
+            if not isinstance(y, LowResImage):
+                raise ValueError("this U-Net is a super-resolution stage: give a LowResImage")
+            if y.image.shape[1] != self.low_res_channels or y.image.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"a low-resolution condition of shape {tuple(y.image.shape)} for inputs {tuple(x.shape)}"
+                )
+            x = torch.cat([x, y.image.to(x.dtype)], dim=1)
+            level = timestep_embedding(y.level.expand(x.shape[0]), self.ch).to(temb.dtype)
+            temb = temb + self.level_embed(level)
         elif y is not None:
             raise ValueError("this U-Net is unconditional; it takes no condition")
 

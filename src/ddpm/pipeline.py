@@ -1,0 +1,285 @@
+"""The three-part text-to-image pipeline: a text encoder, a generator that makes a small image, and a
+decoder that turns it into the full image, each trained on its own by its own command.
+
+A pipeline is a folder with a ``pipeline.json`` that names its parts in order, by path (relative to the
+folder, or absolute):
+
+    {"format": "ddpm-pipeline",
+     "parts": [{"role": "text-encoder", "path": "../text-encoder"},
+               {"role": "generator", "path": "../fm-text-14"},
+               {"role": "decoder", "kind": "super-resolution", "path": "../fm-sr"}]}
+
+Swapping a decoder (or a generator with the encoder it was trained with) is an edit of that file. Loading
+checks that the parts fit together and names the part that does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import ConfigError, DDPMError
+from .files import write_json
+from .images import to_uint8
+from .sample import SampleOptions, prepare
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT = "ddpm-pipeline"
+ROLES = ("text-encoder", "generator", "decoder")
+DECODER_KINDS = ("super-resolution",)
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # uint8 [N, C, H, W] at the decoder's size
+    low_res: torch.Tensor  # the generator's images (uint8, its size)
+    labels: torch.Tensor | None  # each image's grid row (its prompt or class), where there are rows
+    record: dict  # every part and setting
+
+
+@dataclass
+class Part:
+    role: str
+    path: Path
+    kind: str | None = None  # decoders: super-resolution
+
+    def describe(self) -> dict:
+        return {"role": self.role, "path": str(self.path), **({"kind": self.kind} if self.kind else {})}
+
+
+class Pipeline:
+    """``Pipeline.load(folder)(prompts, guidance=w).images``: uint8 [N, C, H, W] at the decoder's size.
+
+    ``generator`` and ``decoder`` are checked runs (their checkpoints); ``text_encoder`` is the folder of
+    the encoder the generator was trained with."""
+
+    def __init__(self, folder: Path, parts: list[Part]):
+        self.folder, self.parts = folder, parts
+        by_role = {p.role: p for p in parts}
+        self.generator = _checkpoint(by_role["generator"])
+        self.decoder = _checkpoint(by_role["decoder"])
+        self.text_encoder = by_role.get("text-encoder")
+        self._check()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Pipeline:
+        folder = Path(folder)
+        spec_path = folder / PIPELINE_FILE
+        if not spec_path.is_file():
+            raise ConfigError(
+                f"{folder} is not a pipeline (no {PIPELINE_FILE}); make one with `ddpm pipeline`"
+            )
+        try:
+            spec = json.loads(spec_path.read_text())
+            if spec.get("format") != FORMAT:
+                raise ValueError(f"format {spec.get('format')!r}, expected {FORMAT!r}")
+            parts = [Part(p["role"], _resolve(folder, p["path"]), p.get("kind")) for p in spec["parts"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{spec_path} is damaged ({e})") from None
+        return cls(folder, _checked_parts(parts, spec_path))
+
+    @staticmethod
+    def write(
+        folder: str | Path, generator: str | Path, decoder: str | Path, text_encoder: str | Path | None = None
+    ) -> Pipeline:
+        """Assemble a pipeline folder from trained parts (paths kept relative to the folder when they can
+        be), after checking that they fit together."""
+        folder = Path(folder)
+        parts = [Part("generator", Path(generator)), Part("decoder", Path(decoder), "super-resolution")]
+        if text_encoder is not None:
+            parts.insert(0, Part("text-encoder", Path(text_encoder)))
+        pipeline = Pipeline(folder, parts)  # checked before anything is written
+        folder.mkdir(parents=True, exist_ok=True)
+        described = [{**p.describe(), "path": _relative(p.path, folder)} for p in parts]
+        write_json(folder / PIPELINE_FILE, {"format": FORMAT, "parts": described})
+        return pipeline
+
+    def _check(self) -> None:
+        g, d = self.generator.config, self.decoder.config
+        g_data, d_model, d_data = g.get("data", {}), d.get("model", {}), d.get("data", {})
+        g_model = g.get("model", {})
+        if g_model.get("low_res"):
+            raise ConfigError(f"pipeline generator {self.generator.path.parent} is a super-resolution stage")
+        low_res = d_model.get("low_res", 0)
+        if not low_res:
+            raise ConfigError(
+                f"pipeline decoder {self.decoder.path.parent} is not a super-resolution stage (model.low_res)"
+            )
+        if low_res != g_data.get("image_size"):
+            raise ConfigError(
+                f"pipeline decoder {self.decoder.path.parent} upsamples {low_res}x{low_res} images; the "
+                f"generator makes {g_data.get('image_size')}x{g_data.get('image_size')}"
+            )
+        if d_data.get("channels") != g_data.get("channels"):
+            raise ConfigError(
+                f"pipeline decoder {self.decoder.path.parent} takes {d_data.get('channels')}-channel images; "
+                f"the generator makes {g_data.get('channels')}"
+            )
+        if self.text_encoder is not None:
+            self._check_text_encoder(g_model)
+
+    def _check_text_encoder(self, g_model: dict) -> None:
+        """The named encoder must be the one the generator was trained with: same width, same weights."""
+        from .encoders import RUN_COPY, load_text_encoder
+
+        path = self.text_encoder.path
+        if not g_model.get("context_dim"):
+            raise ConfigError(f"pipeline text encoder {path}: the generator is not text-conditional")
+        try:
+            encoder = load_text_encoder(path)
+        except DDPMError as e:
+            raise ConfigError(f"pipeline text encoder {path}: {e}") from None
+        if encoder.width != g_model["context_dim"]:
+            raise ConfigError(
+                f"pipeline text encoder {path} gives {encoder.width}-wide states; the generator was trained "
+                f"on {g_model['context_dim']}"
+            )
+        own = self.generator.path.parent / RUN_COPY
+        if (own / "config.json").is_file():
+            if _weights_digest(own) != _weights_digest(path):
+                raise ConfigError(
+                    f"pipeline text encoder {path} is not the one the generator was trained with ({own})"
+                )
+        elif Path(g_model.get("text_encoder", "")) != path:
+            raise ConfigError(
+                f"pipeline text encoder {path} is not the one the generator was trained with "
+                f"({g_model.get('text_encoder')})"
+            )
+
+    def __call__(self, **request) -> Generated:
+        """Run the pipeline; see ``prepare`` for the arguments."""
+        return self.prepare(**request)()
+
+    def prepare(
+        self,
+        prompts: list[str] | None = None,
+        guidance: float = 0.0,
+        num: int = 16,
+        seed: int = 0,
+        generator_options: SampleOptions | None = None,
+        decoder_options: SampleOptions | None = None,
+        class_name: str | int | None = None,
+    ):
+        """Check a request against both stages (one-line errors, nothing drawn) and return the function
+        that draws it: ``num`` images for ``prompts`` (equal blocks, in order; a text generator's
+        default: one per class) or ``class_name`` (a class generator), and the record of every part and
+        setting. ``*_options`` set each stage's sampler, steps, precision and so on."""
+        base = dataclasses.replace(
+            generator_options or SampleOptions(sampler="ddim", steps=50, progress=False),
+            num=num,
+            seed=seed,
+            guidance=guidance,
+            prompts=tuple(prompts) if prompts else None,
+            class_name=class_name,
+        )
+        first = prepare(self.generator, base)
+        second_opts = dataclasses.replace(
+            decoder_options or SampleOptions(sampler="ddim", steps=50, progress=False), num=num, seed=seed
+        )
+        g_data = self.generator.config["data"]
+        placeholder = torch.zeros(num, g_data["channels"], g_data["image_size"], g_data["image_size"])
+        prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder.to(torch.uint8)))
+        return functools.partial(self._draw, first, second_opts)
+
+    def _draw(self, first, second_opts: SampleOptions) -> Generated:
+        start = time.time()
+        low = to_uint8(first.draw())
+        middle = time.time()
+        second = prepare(
+            self.decoder, dataclasses.replace(second_opts, low_res=low), first.device, first.procs
+        )
+        images = to_uint8(second.draw())
+        record = {
+            "pipeline": str(self.folder),
+            "parts": [p.describe() for p in self.parts],
+            "generator": {**first.record(), "seconds": round(middle - start, 2)},
+            "decoder": {
+                **second.record(),
+                "low_res": "the generator's samples",
+                "seconds": round(time.time() - middle, 2),
+            },
+        }
+        return Generated(images, low, first.labels, record)
+
+
+def generate_to_dir(pipeline: str | Path | Pipeline, out_dir: str | Path, **request) -> dict:
+    """Run ``pipeline`` (``request``: Pipeline.__call__'s arguments) and write what `ddpm sample` writes
+    (grid.png, images/, samples.npz) plus the generator's images as low-res-grid.png and generate.json,
+    the record of every part and setting."""
+    from .files import OutputFolder
+    from .images import save_class_grid, save_grid, save_npz, save_pngs
+
+    if not isinstance(pipeline, Pipeline):
+        pipeline = Pipeline.load(pipeline)
+    draw = pipeline.prepare(**request)  # bad requests fail here, before anything is written
+    out = OutputFolder(out_dir, last="generate.json")
+    try:
+        made = draw()
+        if made.labels is None:
+            save_grid(made.images, out.staging / "grid.png")
+            save_grid(made.low_res, out.staging / "low-res-grid.png")
+        else:
+            save_class_grid(made.images, made.labels, out.staging / "grid.png")
+            save_class_grid(made.low_res, made.labels, out.staging / "low-res-grid.png")
+        save_pngs(made.images, out.staging / "images")
+        class_ids = made.labels if "classes" in made.record["generator"] else None
+        save_npz(made.images, out.staging / "samples.npz", class_ids)
+        write_json(out.staging / "generate.json", made.record)
+        out.publish()
+    except BaseException:
+        out.discard()
+        raise
+    return made.record
+
+
+def _checked_parts(parts: list[Part], where) -> list[Part]:
+    roles = [p.role for p in parts]
+    for role in roles:
+        if role not in ROLES:
+            raise ConfigError(f"{where}: unknown part {role!r}; parts are {', '.join(ROLES)}")
+    for role in ("generator", "decoder"):
+        if roles.count(role) != 1:
+            raise ConfigError(f"{where} must name one {role}")
+    if roles.count("text-encoder") > 1:
+        raise ConfigError(f"{where} names more than one text encoder")
+    if [r for r in ROLES if r in roles] != roles:
+        raise ConfigError(f"{where}: the parts must come in the order {' -> '.join(ROLES)}")
+    for p in parts:
+        if p.role == "decoder" and p.kind not in DECODER_KINDS:
+            raise ConfigError(f"{where}: decoder kind must be {', '.join(DECODER_KINDS)}, got {p.kind!r}")
+    return parts
+
+
+def _checkpoint(part: Part) -> Checkpoint:
+    try:
+        return Checkpoint(part.path)
+    except DDPMError as e:
+        raise ConfigError(f"pipeline {part.role} {part.path}: {e}") from None
+
+
+def _weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _resolve(folder: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(os.path.normpath(folder / p))
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), folder.resolve())
+    except ValueError:  # another drive
+        return str(path.resolve())
