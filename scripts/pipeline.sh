@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The three-part fashion-mnist text-to-image pipeline on CPU, each part trained by its own command:
-# the domain text encoder (4 minutes), the 14x14 text-conditional generator (fashion-mnist-text-14,
+# the domain text encoder (400 steps, about 3 minutes), the 14x14 text-conditional generator (fashion-mnist-text-14,
 # 7 minutes) and the 14 -> 28 super-resolution decoder (fashion-mnist-sr, 7 minutes; real pairs, no
 # text), then assembled as runs/pipeline-demo/pipeline and run on a few prompts. About 20 minutes on
 # 2 cores; an interrupted run continues where it stopped. Writes runs/pipeline-demo/generated/grid.png.
@@ -10,7 +10,7 @@ bash scripts/setup.sh --no-dev
 DDPM=.venv/bin/ddpm
 OUT=runs/pipeline-demo
 if [ ! -f "$OUT/text-encoder/config.json" ]; then
-    $DDPM train-text-encoder --out "$OUT/text-encoder" --steps 160
+    $DDPM train-text-encoder --out "$OUT/text-encoder" --steps 400
 fi
 MINUTES=7  # of training for each diffusion part
 train() {  # train RUN PRESET [flags]: start, or continue an interrupted run for the minutes it has left

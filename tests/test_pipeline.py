@@ -121,7 +121,7 @@ def test_a_class_generator_takes_classes_and_swapping_the_decoder_is_an_edit(par
         (lambda s, p: s["parts"][0].update(path=str(p / "encoder-16")), "gives 16-wide states"),
         (lambda s, p: s["parts"][0].update(path=str(p / "encoder-other")), "not the one the generator was"),
         (lambda s, p: s["parts"].reverse(), "must come in the order"),
-        (lambda s, p: s["parts"][2].update(kind="latent"), "decoder kind must be"),
+        (lambda s, p: s["parts"][2].update(kind="vq"), "decoder kind must be"),
         (lambda s, p: s.update(format="other"), "is damaged"),
     ],
 )

@@ -32,6 +32,16 @@ def build_model(cfg: Config, channels: int, text_tower: nn.Module | None = None)
     m = cfg.model
     if m.kind == "mlp":
         return MLPDenoiser(dim=channels, hidden=m.mlp_hidden, layers=m.mlp_layers, out_dim=out)
+    if m.kind == "autoencoder":
+        from .autoencoder import Autoencoder
+
+        return Autoencoder(
+            channels, m.ch, tuple(m.ch_mult), m.num_res_blocks, m.latent_channels, m.num_groups
+        )
+    resolution = cfg.data.image_size
+    if m.autoencoder:  # latent diffusion: the U-Net works on the autoencoder's latents
+        channels, resolution = m.latent_channels, m.latent_size
+        out = channels * (2 if learned else 1)
     unet = UNet(
         in_channels=channels,
         out_channels=out,
@@ -40,7 +50,7 @@ def build_model(cfg: Config, channels: int, text_tower: nn.Module | None = None)
         num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions),
         dropout=m.dropout,
-        resolution=cfg.data.image_size,
+        resolution=resolution,
         resamp_with_conv=m.resamp_with_conv,
         num_groups=m.num_groups,
         num_classes=m.num_classes,
@@ -100,3 +110,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], problem: str)
         raise CheckpointError(f"{problem} ({'; '.join(lines[:2]) or e})") from None
     if missing or unexpected:
         raise CheckpointError(f"{problem} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def require_pixel_diffusion(cfg: Config, what: str) -> None:
+    """``what`` (a command) works on a diffusion model of pixels: refuse autoencoders and latent runs."""
+    if cfg.model.kind == "autoencoder":
+        raise ConfigError(
+            f"{what} needs a diffusion run; this is an autoencoder (its reconstructions are in samples/)"
+        )
+    if cfg.model.autoencoder:
+        raise ConfigError(
+            f"{what} works in pixel space; this is a latent diffusion run (use ddpm sample or eval fid)"
+        )

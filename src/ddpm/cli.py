@@ -221,12 +221,16 @@ def _print(**result) -> int:
 # ---- the commands: parse, call, print one JSON line ----
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, kind: str | None = None) -> int:
+    """`ddpm train`; with ``kind`` (train-autoencoder) the config must build that kind of model."""
     from .checkpoint import CHECKPOINT_NAME, Checkpoint
     from .config import Config, resolve_config
+    from .errors import ConfigError
     from .train import Trainer
 
     values = _config_values(args)
+    if kind == "autoencoder" and not (args.resume or args.preset or args.config):
+        args.preset = "fashion-mnist-autoencoder"
     if args.resume:
         run_dir = Path(args.resume)
         base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
@@ -234,10 +238,20 @@ def cmd_train(args) -> int:
     else:
         cfg = resolve_config(None, args.preset, args.config, values, args.set)
         run_dir = Path(args.out or f"runs/{cfg.name}")
+    if kind is not None and cfg.model.kind != kind:
+        raise ConfigError(f"`ddpm train-{kind}` trains model.kind={kind}; this config's is {cfg.model.kind}")
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     result = trainer.train()
     if not trainer.procs.is_main:
         return 0
+    if kind == "autoencoder" and result["stopped"] in ("done", "time limit"):
+        from .files import write_json
+        from .latent import evaluate_reconstructions
+
+        result["reconstruction"] = evaluate_reconstructions(
+            run_dir, cache_dir=args.cache_dir, device=trainer.device, progress=not args.no_progress
+        )
+        write_json(run_dir / "reconstruction.json", result["reconstruction"])
     _print(run_dir=str(run_dir), **result)
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         print(
@@ -260,7 +274,7 @@ def cmd_sample(args) -> int:
 def cmd_pipeline(args) -> int:
     from .pipeline import PIPELINE_FILE, Pipeline
 
-    pipeline = Pipeline.write(args.folder, args.generator, args.decoder, args.text_encoder)
+    pipeline = Pipeline.write(args.folder, args.generator, args.decoder, args.text_encoder, args.decoder_kind)
     return _print(
         pipeline=str(Path(args.folder) / PIPELINE_FILE), parts=[p.describe() for p in pipeline.parts]
     )
@@ -484,6 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--no-progress")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "train-autoencoder",
+        help="train latent diffusion's KL autoencoder (default preset fashion-mnist-autoencoder), then "
+        "report its reconstruction error and domain FID on the test split",
+    )
+    _add_config_flags(p)
+    p.add_argument("--out", help="run directory (default runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    _add(p, "--no-progress", "--cache-dir")
+    p.set_defaults(func=lambda args: cmd_train(args, kind="autoencoder"))
+
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
     _add_checkpoint(p, "samples-out")
     p.add_argument(
@@ -505,7 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generator", required=True, help="the run that makes the small images (text, class or none)"
     )
-    p.add_argument("--decoder", required=True, help="a super-resolution stage run (model.low_res)")
+    p.add_argument(
+        "--decoder",
+        required=True,
+        help="a super-resolution stage run (model.low_res), or for a latent diffusion generator an "
+        "autoencoder (a train-autoencoder run or a diffusers AutoencoderKL folder)",
+    )
+    p.add_argument(
+        "--decoder-kind",
+        choices=("super-resolution", "latent"),
+        help="default: latent for a latent diffusion generator, else super-resolution",
+    )
     p.add_argument(
         "--text-encoder",
         help="the text encoder folder (checked to be the one the generator was trained with; default: the "

@@ -29,7 +29,14 @@ def check_precision(precision: str, what: str = "precision") -> None:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # "unet" for images, "mlp" for 2-D points
+    kind: str = "unet"  # "unet" for images, "mlp" for 2-D points, "autoencoder" for latent diffusion's
+    # autoencoder kind: latent channels and the KL weight (Rombach et al.'s KL-regularised first stage)
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+    # a latent diffusion run: the autoencoder whose latents it models (a `ddpm train-autoencoder` run or a
+    # diffusers AutoencoderKL folder); latent_size is set from it
+    autoencoder: str = ""
+    latent_size: int = 0
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
@@ -227,6 +234,30 @@ def _preset_fashion_mnist_sr() -> Config:
     return cfg
 
 
+def _preset_fashion_mnist_autoencoder() -> Config:
+    """Latent diffusion's first stage for Fashion-MNIST: a KL autoencoder from 1x28x28 to 4x7x7 latents
+    (levels of 32, 64, 64 channels, one residual block each), trained like the fashion-mnist preset."""
+    cfg = _preset_fashion_mnist()
+    cfg.name = "fashion-mnist-autoencoder"
+    cfg.model = ModelConfig(kind="autoencoder", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8)
+    cfg.model.latent_channels, cfg.model.kl_weight, cfg.model.dropout = 4, 1e-6, 0.0
+    cfg.train.steps = 4000
+    return cfg
+
+
+def _preset_fashion_mnist_latent_text() -> Config:
+    """The latent generator of the text-to-image pipeline: fashion-mnist-text on the 4x7x7 latents of the
+    autoencoder in runs/autoencoder (one U-Net level at 7x7 of 64 channels, two residual blocks,
+    self- and cross-attention); sampling decodes with it."""
+    cfg = _preset_fashion_mnist_text()
+    cfg.name = "fashion-mnist-latent-text"
+    cfg.model.autoencoder = "runs/autoencoder"
+    cfg.model.ch, cfg.model.ch_mult, cfg.model.num_res_blocks = 64, (1,), 2
+    cfg.train.steps = 4000
+    cfg.train.checkpoint_every, cfg.train.sample_every = 500, 2000
+    return cfg
+
+
 def _preset_toy2d() -> Config:
     """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
     return Config(
@@ -257,6 +288,8 @@ PRESETS = {
     "fashion-mnist-text": _preset_fashion_mnist_text,
     "fashion-mnist-text-14": _preset_fashion_mnist_text_14,
     "fashion-mnist-sr": _preset_fashion_mnist_sr,
+    "fashion-mnist-autoencoder": _preset_fashion_mnist_autoencoder,
+    "fashion-mnist-latent-text": _preset_fashion_mnist_latent_text,
     "toy2d": _preset_toy2d,
 }
 
@@ -464,20 +497,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:
         raise ConfigError(f"train.sample_steps must be in 1..{d.num_timesteps}")
-    if m.kind not in ("unet", "mlp"):
-        raise ConfigError(f"model.kind must be unet or mlp, got {m.kind!r}")
+    if m.kind not in ("unet", "mlp", "autoencoder"):
+        raise ConfigError(f"model.kind must be unet, mlp or autoencoder, got {m.kind!r}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.kind == "unet":
+    if m.autoencoder and (m.kind != "unet" or m.low_res):
+        raise ConfigError("latent diffusion (model.autoencoder) needs the U-Net and no model.low_res")
+    if m.kind == "autoencoder":
+        if m.num_classes or m.text_encoder or m.low_res or m.autoencoder or data.labels != "none":
+            raise ConfigError("an autoencoder is trained on images alone: no classes, text or low_res")
+        if m.latent_channels <= 0 or m.kl_weight < 0:
+            raise ConfigError("model.latent_channels must be positive and model.kl_weight >= 0")
+    if m.kind in ("unet", "autoencoder"):
         if not m.ch_mult or m.ch <= 0 or min(m.ch_mult) <= 0 or m.num_res_blocks <= 0:
             raise ConfigError("model.ch, model.ch_mult and model.num_res_blocks must be positive")
         if m.num_groups <= 0 or m.ch % m.num_groups:
             raise ConfigError(f"model.ch={m.ch} must be divisible by model.num_groups={m.num_groups}")
         factor = 2 ** (len(m.ch_mult) - 1)
-        if data.image_size <= 0 or data.image_size % factor:
+        # a latent run's U-Net works on latent_size, known once the autoencoder is loaded
+        size, what = (
+            (m.latent_size, "model.latent_size") if m.autoencoder else (data.image_size, "data.image_size")
+        )
+        if (size or not m.autoencoder) and (size <= 0 or size % factor):
             raise ConfigError(
-                f"data.image_size {data.image_size} must be a positive multiple of {factor} "
-                f"for {len(m.ch_mult)} U-Net levels"
+                f"{what} {size} must be a positive multiple of {factor} for {len(m.ch_mult)} "
+                f"{'autoencoder' if m.kind == 'autoencoder' else 'U-Net'} levels"
             )
         for mult in m.ch_mult:
             if (m.ch * mult) % m.num_groups:

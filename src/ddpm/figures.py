@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .build import load_model
+from .build import load_model, require_pixel_diffusion
 from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
@@ -158,6 +158,7 @@ def make_figures(
         raise ConfigError("--num and --frames must be at least 2")
     dev = resolve_device(device)
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
+    require_pixel_diffusion(cfg, "ddpm figures")
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
     index = check_request(cfg, class_name, guidance, prompt)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import load_model
+from .build import load_model, require_pixel_diffusion
 from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
@@ -43,6 +43,7 @@ def invert_to_dir(
         raise ConfigError("--num and --batch-size must be positive")
     dev = resolve_device(device)
     model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
+    require_pixel_diffusion(cfg, "ddpm invert")
     if cfg.model.kind != "unet":
         raise ConfigError("inversion is for image models")
     index = check_request(cfg, class_name, guidance, prompt)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .build import load_model
+from .build import load_model, require_pixel_diffusion
 from .checkpoint import Checkpoint
 from .conditions import check_request, for_request
 from .config import DataConfig
@@ -53,6 +53,7 @@ def evaluate_nll(
     dev = resolve_device(device)
     ckpt = Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
+    require_pixel_diffusion(cfg, "ddpm eval nll")
     if cfg.model.kind != "unet":
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
     if batch_size <= 0 or (num_images is not None and num_images <= 0):

@@ -35,13 +35,13 @@ from .sample import SampleOptions, prepare
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "ddpm-pipeline"
 ROLES = ("text-encoder", "generator", "decoder")
-DECODER_KINDS = ("super-resolution",)
+DECODER_KINDS = ("super-resolution", "latent")
 
 
 @dataclass
 class Generated:
     images: torch.Tensor  # uint8 [N, C, H, W] at the decoder's size
-    low_res: torch.Tensor  # the generator's images (uint8, its size)
+    low_res: torch.Tensor | None  # a super-resolution pipeline's generator images (uint8, its size)
     labels: torch.Tensor | None  # each image's grid row (its prompt or class), where there are rows
     record: dict  # every part and setting
 
@@ -59,16 +59,25 @@ class Part:
 class Pipeline:
     """``Pipeline.load(folder)(prompts, guidance=w).images``: uint8 [N, C, H, W] at the decoder's size.
 
-    ``generator`` and ``decoder`` are checked runs (their checkpoints); ``text_encoder`` is the folder of
-    the encoder the generator was trained with."""
+    Decoders: a super-resolution stage (a diffusion run with model.low_res that upsamples the generator's
+    images), or a latent decoder (an autoencoder: a `ddpm train-autoencoder` run or a diffusers
+    AutoencoderKL folder) that decodes a latent diffusion generator's latents in place of the one it was
+    trained with, e.g. a decoder fine-tuned on the same latent space. ``generator`` is a checked run (its
+    checkpoint); ``text_encoder`` is the part naming the encoder the generator was trained with."""
 
     def __init__(self, folder: Path, parts: list[Part]):
         self.folder, self.parts = folder, parts
         by_role = {p.role: p for p in parts}
         self.generator = _checkpoint(by_role["generator"])
-        self.decoder = _checkpoint(by_role["decoder"])
+        self.decoder_part = by_role["decoder"]
         self.text_encoder = by_role.get("text-encoder")
-        self._check()
+        if self.decoder_part.kind == "latent":
+            self.decoder = self._check_latent_decoder()
+        else:
+            self.decoder = _checkpoint(self.decoder_part)
+            self._check()
+        if self.text_encoder is not None:
+            self._check_text_encoder(self.generator.config.get("model", {}))
 
     @classmethod
     def load(cls, folder: str | Path) -> Pipeline:
@@ -89,12 +98,20 @@ class Pipeline:
 
     @staticmethod
     def write(
-        folder: str | Path, generator: str | Path, decoder: str | Path, text_encoder: str | Path | None = None
+        folder: str | Path,
+        generator: str | Path,
+        decoder: str | Path,
+        text_encoder: str | Path | None = None,
+        decoder_kind: str | None = None,
     ) -> Pipeline:
         """Assemble a pipeline folder from trained parts (paths kept relative to the folder when they can
-        be), after checking that they fit together."""
+        be), after checking that they fit together. ``decoder_kind``: super-resolution or latent (default:
+        latent for a latent diffusion generator)."""
         folder = Path(folder)
-        parts = [Part("generator", Path(generator)), Part("decoder", Path(decoder), "super-resolution")]
+        if decoder_kind is None:
+            latent = bool(_checkpoint(Part("generator", Path(generator))).config["model"].get("autoencoder"))
+            decoder_kind = "latent" if latent else "super-resolution"
+        parts = [Part("generator", Path(generator)), Part("decoder", Path(decoder), decoder_kind)]
         if text_encoder is not None:
             parts.insert(0, Part("text-encoder", Path(text_encoder)))
         pipeline = Pipeline(folder, parts)  # checked before anything is written
@@ -124,8 +141,35 @@ class Pipeline:
                 f"pipeline decoder {self.decoder.path.parent} takes {d_data.get('channels')}-channel images; "
                 f"the generator makes {g_data.get('channels')}"
             )
-        if self.text_encoder is not None:
-            self._check_text_encoder(g_model)
+
+    def _check_latent_decoder(self):
+        """The autoencoder that decodes a latent generator's samples: same latent channels, and the
+        generator's image size and channels out."""
+        from .latent import load_autoencoder
+
+        path = self.decoder_part.path
+        g_model, g_data = self.generator.config.get("model", {}), self.generator.config.get("data", {})
+        if not g_model.get("autoencoder"):
+            raise ConfigError(
+                f"pipeline decoder {path} is a latent decoder; the generator is not a latent run"
+            )
+        try:
+            ae = load_autoencoder(path)
+        except DDPMError as e:
+            raise ConfigError(f"pipeline decoder {path}: {e}") from None
+        if ae.latent_channels != g_model.get("latent_channels"):
+            raise ConfigError(
+                f"pipeline decoder {path} decodes {ae.latent_channels}-channel latents; the generator makes "
+                f"{g_model.get('latent_channels')}-channel ones"
+            )
+        size = ae.factor * g_model.get("latent_size", 0)
+        if size != g_data.get("image_size") or ae.channels != g_data.get("channels"):
+            raise ConfigError(
+                f"pipeline decoder {path} makes {ae.channels}x{size}x{size} images from the generator's "
+                f"latents; the generator was trained on {g_data.get('channels')}x{g_data.get('image_size')}x"
+                f"{g_data.get('image_size')}"
+            )
+        return ae
 
     def _check_text_encoder(self, g_model: dict) -> None:
         """The named encoder must be the one the generator was trained with: same width, same weights."""
@@ -185,13 +229,27 @@ class Pipeline:
         second_opts = dataclasses.replace(
             decoder_options or SampleOptions(sampler="ddim", steps=50, progress=False), num=num, seed=seed
         )
-        g_data = self.generator.config["data"]
-        placeholder = torch.zeros(num, g_data["channels"], g_data["image_size"], g_data["image_size"])
-        prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder.to(torch.uint8)))
+        if self.decoder_part.kind == "latent" and second_opts.low_res_noise is not None:
+            raise ConfigError(
+                "--low-res-noise is a super-resolution decoder's; this pipeline's decoder is latent"
+            )
+        if self.decoder_part.kind != "latent":  # the decoder's options, checked on stand-in images
+            g_data = self.generator.config["data"]
+            placeholder = torch.zeros(num, g_data["channels"], g_data["image_size"], g_data["image_size"])
+            prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder.to(torch.uint8)))
         return functools.partial(self._draw, first, second_opts)
 
     def _draw(self, first, second_opts: SampleOptions) -> Generated:
         start = time.time()
+        if self.decoder_part.kind == "latent":  # the generator's latents, decoded by this pipeline's decoder
+            first.autoencoder = self.decoder.to(first.device)
+            images = to_uint8(first.draw())
+            record = {
+                "pipeline": str(self.folder),
+                "parts": [p.describe() for p in self.parts],
+                "generator": {**first.record(), "seconds": round(time.time() - start, 2)},
+            }
+            return Generated(images, None, first.labels, record)
         low = to_uint8(first.draw())
         middle = time.time()
         second = prepare(
@@ -224,12 +282,12 @@ def generate_to_dir(pipeline: str | Path | Pipeline, out_dir: str | Path, **requ
     out = OutputFolder(out_dir, last="generate.json")
     try:
         made = draw()
-        if made.labels is None:
-            save_grid(made.images, out.staging / "grid.png")
-            save_grid(made.low_res, out.staging / "low-res-grid.png")
-        else:
-            save_class_grid(made.images, made.labels, out.staging / "grid.png")
-            save_class_grid(made.low_res, made.labels, out.staging / "low-res-grid.png")
+        grids = {"grid.png": made.images, "low-res-grid.png": made.low_res}
+        for name, images in grids.items():
+            if images is not None and made.labels is None:
+                save_grid(images, out.staging / name)
+            elif images is not None:
+                save_class_grid(images, made.labels, out.staging / name)
         save_pngs(made.images, out.staging / "images")
         class_ids = made.labels if "classes" in made.record["generator"] else None
         save_npz(made.images, out.staging / "samples.npz", class_ids)

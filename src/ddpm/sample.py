@@ -192,6 +192,7 @@ class Request:
     labels: torch.Tensor | None  # each sample's grid row (class id, or the index of its prompt)
     cond: object  # what the network is conditioned on, per sample
     conditions: dict  # how the conditions were chosen, for the record
+    autoencoder: object = None  # a latent diffusion run's (FrozenAutoencoder): decodes the samples
 
     @property
     def class_ids(self) -> torch.Tensor | None:
@@ -201,7 +202,7 @@ class Request:
     def draw(self) -> torch.Tensor | None:
         """The samples in the data range (None on the other processes under torchrun)."""
         opts = self.opts
-        return generate(
+        samples = generate(
             self.network,
             self.diffusion,
             opts.num,
@@ -219,6 +220,11 @@ class Request:
             self.procs,
             self.cond,
         )
+        if samples is None or self.autoencoder is None:
+            return samples
+        from .latent import decode_latents
+
+        return decode_latents(self.autoencoder, samples, self.device, opts.batch_size)
 
     def record(self) -> dict:
         opts = self.opts
@@ -240,6 +246,7 @@ class Request:
             **({"channels_last": True} if opts.channels_last else {}),
             **({"compile": True} if opts.compile else {}),
             **({"processes": self.procs.world_size} if self.procs.distributed else {}),
+            **({"autoencoder": self.autoencoder.source} if self.autoencoder is not None else {}),
             **self.conditions,
         }
 
@@ -264,14 +271,34 @@ def prepare(
     procs = procs or init_processes(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
+    if cfg.model.kind == "autoencoder":
+        raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
+    autoencoder = None
+    if cfg.model.autoencoder:
+        from .latent import load_autoencoder
+
+        autoencoder = load_autoencoder(cfg.model.autoencoder, device)
     sampling_chain(diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
     network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
     network, labels, cond, conditions = _conditioned(
         network, cfg, opts, diffusion.num_timesteps, ckpt, device
     )
-    clip_denoised = cfg.model.kind == "unet" if opts.clip_denoised is None else opts.clip_denoised
+    clip_denoised = opts.clip_denoised
+    if clip_denoised is None:  # images are bounded to [-1, 1]; 2-D points and latents are not
+        clip_denoised = cfg.model.kind == "unet" and autoencoder is None
     return Request(
-        ckpt, cfg, diffusion, network, opts, clip_denoised, device, procs, labels, cond, conditions
+        ckpt,
+        cfg,
+        diffusion,
+        network,
+        opts,
+        clip_denoised,
+        device,
+        procs,
+        labels,
+        cond,
+        conditions,
+        autoencoder,
     )
 
 
@@ -371,6 +398,8 @@ def _super_resolution(network, cfg, opts: SampleOptions):
 
 
 def _shape(cfg) -> tuple[int, ...]:
+    if cfg.model.autoencoder:
+        return (cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
     if cfg.model.kind == "unet":
         return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     return (cfg.data.channels,)

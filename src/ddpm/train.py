@@ -30,7 +30,7 @@ from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DataError
 from .files import write_json
 from .images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
-from .rng import seed_dropout, step_generator
+from .rng import sampling_generator, seed_dropout, step_generator
 from .rundir import RunDirectory
 from .runtime import init_processes, resolve_device, wrap_network
 from .sample import generate
@@ -163,6 +163,12 @@ class Trainer:
         trained = self.ddp or self.model
         self.network = wrap_network(trained, self.device, t.precision, t.channels_last, t.compile)
         self.diffusion: GaussianDiffusion = build_diffusion(cfg)
+        # what a step minimises: the diffusion's loss, or an autoencoder's (reconstruction + KL)
+        self.objective = self.diffusion
+        if cfg.model.kind == "autoencoder":
+            from .autoencoder import AutoencoderObjective
+
+            self.objective = AutoencoderObjective(cfg.model.kl_weight)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
             lr=t.lr,
@@ -229,6 +235,40 @@ class Trainer:
                     raise ConfigError(f"model.num_classes={cfg.model.num_classes}; the data has {len(names)}")
                 cfg.model.num_classes, cfg.data.class_names = len(names), tuple(names)
                 self.labels = self.dataset.labels
+        self.noise_shape = self.example_shape  # of the noise a step draws per example
+        self.latents = None  # a latent diffusion run's posteriors: (mean, logvar) [orientations, N, ...]
+        if cfg.model.kind == "autoencoder":  # the noise of the posterior sample, latent-shaped
+            if self.streamed:
+                raise DataError("an autoencoder trains on data in memory; it cannot stream shards (yet)")
+            factor = 2 ** (len(cfg.model.ch_mult) - 1)
+            channels, height, width = self.example_shape
+            self.noise_shape = (cfg.model.latent_channels, height // factor, width // factor)
+        if cfg.model.autoencoder:
+            if self.streamed:
+                raise DataError("latent diffusion encodes its dataset once; it cannot stream shards (yet)")
+            self._open_latents(cfg)
+
+    def _open_latents(self, cfg: Config) -> None:
+        """Encode every training image (and its mirror image, with flips on) once with the frozen
+        autoencoder: the posterior means and log-variances a step draws its latents from."""
+        from .latent import encode_images, load_autoencoder
+
+        ae = load_autoencoder(cfg.model.autoencoder, self.device)
+        channels, size = self.example_shape[0], cfg.data.image_size
+        if channels != ae.channels or size % ae.factor:
+            raise ConfigError(
+                f"autoencoder {cfg.model.autoencoder} takes {ae.channels}-channel images of a size divisible "
+                f"by {ae.factor}; the data has {channels} channels of {size}x{size}"
+            )
+        cfg.model.latent_channels, cfg.model.latent_size = ae.latent_channels, size // ae.factor
+        cfg.data.channels = channels  # of the images, not of the latents
+        validate(cfg)  # the U-Net's levels against the latent size
+        images = to_model_range(self.data)
+        sides = [images, images.flip(3)] if cfg.data.random_flip else [images]
+        encoded = [encode_images(ae, side) for side in sides]
+        self.latents = tuple(torch.stack(part) for part in zip(*encoded, strict=True))
+        self.autoencoder = ae
+        self.example_shape = self.noise_shape = (ae.latent_channels, size // ae.factor, size // ae.factor)
 
     def _open_captions(self, cfg: Config) -> None:
         """Encode every distinct caption once with the frozen text encoder (the run's own copy when
@@ -299,7 +339,7 @@ class Trainer:
         if self.is_image and self.cfg.data.random_flip:
             flip = torch.rand(B, generator=g) < 0.5
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)
-        noise = torch.randn((B, *self.example_shape), generator=g)
+        noise = torch.randn((B, *self.noise_shape), generator=g)
         share = B // self.procs.world_size
         mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
         y = None
@@ -311,6 +351,13 @@ class Trainer:
         if low_res:  # noise-conditioning augmentation: a random level per example
             level = torch.randint(0, self.cfg.model.low_res_noise_max, (B,), generator=g)[mine]
             augmentation = torch.randn((B, *self.example_shape), generator=g)[mine]
+        if self.latents is not None:  # a latent drawn from each image's (or its mirror image's) posterior
+            eps = torch.randn((B, *self.example_shape), generator=g)[mine].to(self.device)
+            rows = indices[mine].to(self.device)
+            side = flip[mine].long().to(self.device) if flip is not None else torch.zeros_like(rows)
+            mean, logvar = self.latents[0][side, rows], self.latents[1][side, rows]
+            x = (mean + torch.exp(0.5 * logvar) * eps) * self.autoencoder.scale
+            return x, t[mine].to(self.device), noise[mine].to(self.device), y
         if self.streamed:
             x = self.next_streamed_batch(step, share).to(self.device)
         else:
@@ -373,7 +420,7 @@ class Trainer:
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                micro = self.diffusion.training_losses(network, x_i, t_i, noise_i)["loss"].mean()
+                micro = self.objective.training_losses(network, x_i, t_i, noise_i)["loss"].mean()
                 if i == 0:
                     # Freed after the forward pass, not before: the backward pass then gets the old
                     # gradients' memory back (freed before the forward, a step ran ~5% slower here).
@@ -485,6 +532,14 @@ class Trainer:
             state["consecutive_skips"] = self.consecutive_skips
         if self.procs.distributed:
             state["world_size"] = self.procs.world_size
+        if self.cfg.model.kind == "autoencoder":  # recorded with the weights: what latent diffusion scales by
+            from .latent import LATENT_SCALE_SAMPLES, measure_scale
+
+            images = to_model_range(self.data[:LATENT_SCALE_SAMPLES])
+            ema_model = self.ema.model_copy(self.model)
+            state["latent_scale"] = measure_scale(
+                ema_model, images, sampling_generator(self.cfg.train.seed, 0)
+            )
         save_checkpoint(
             self.run_dir / CHECKPOINT_NAME,
             self.cfg.to_dict(),
@@ -510,6 +565,22 @@ class Trainer:
         alphas = self.diffusion.np["alphas_cumprod"]
         return conditions_for(images, self.cfg.model, images.shape[-1], alphas, self.cfg.train.seed)
 
+    @torch.no_grad()
+    def _write_reconstructions(self, ema_model) -> Path:
+        """An autoencoder's grid: the first training images, each above its reconstruction from the
+        posterior mean."""
+        n = max(self.cfg.train.num_sample_images // 2, 1)
+        images = to_model_range(self.data[:n])
+        reconstructions = ema_model.decode(ema_model.encode(images)[0]).clamp(-1, 1)
+        rows = max(int(n**0.5), 1)
+        pairs = [
+            part for i in range(0, n, rows) for part in (images[i : i + rows], reconstructions[i : i + rows])
+        ]
+        path = self.sample_path(self.step)
+        path.parent.mkdir(exist_ok=True)
+        save_grid(to_uint8(torch.cat(pairs)), path, nrow=rows)
+        return path
+
     def sample_path(self, step: int) -> Path:
         return self.run_dir / "samples" / f"step_{step:07d}.png"
 
@@ -519,6 +590,8 @@ class Trainer:
         draws its share and rank 0 writes (the others return None)."""
         t_cfg = self.cfg.train
         ema_model = self.ema.model_copy(self.model)
+        if self.cfg.model.kind == "autoencoder":
+            return self._write_reconstructions(ema_model) if self.procs.is_main else None
         shape = self.example_shape
         num_classes = self.cfg.model.num_classes
         labels = cond = None
@@ -539,13 +612,18 @@ class Trainer:
             seed=t_cfg.seed,
             steps=t_cfg.sample_steps,
             device=self.device,
-            clip_denoised=self.is_image,  # 2-D points are not bounded to [-1, 1]
+            # 2-D points and latents are not bounded to [-1, 1]
+            clip_denoised=self.is_image and self.latents is None,
             precision=t_cfg.precision,
             procs=self.procs,
             cond=cond,
         )
         if samples is None:
             return None
+        if self.latents is not None:
+            from .latent import decode_latents
+
+            samples = decode_latents(self.autoencoder, samples, self.device)
         path = self.sample_path(self.step)
         path.parent.mkdir(exist_ok=True)
         if self.is_image and labels is not None:

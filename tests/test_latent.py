@@ -1,0 +1,165 @@
+"""Latent diffusion: the frozen autoencoder behind one interface (ours and a tiny random diffusers
+AutoencoderKL), the dataset's latents drawn per step, sampling that decodes, the reconstruction report,
+and latent pipelines."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_idx_dir, tiny_config
+
+import ddpm
+from ddpm.checkpoint import Checkpoint
+from ddpm.cli import main
+from ddpm.config import DataConfig
+from ddpm.data import load_dataset
+from ddpm.errors import ConfigError
+from ddpm.images import load_samples, to_model_range, to_uint8
+from ddpm.latent import evaluate_reconstructions, load_autoencoder
+from ddpm.rng import step_generator
+from ddpm.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An autoencoder (8x8 -> 2x4x4) and a latent diffusion run on it."""
+    base = tmp_path_factory.mktemp("latent")
+    data = make_idx_dir(base / "idx")
+    cfg = tiny_config(data, steps=20)
+    cfg.model.kind, cfg.model.latent_channels = "autoencoder", 2
+    Trainer(cfg, base / "ae", progress=False).train()
+    cfg = tiny_config(data, steps=3)
+    cfg.model.autoencoder = str(base / "ae")
+    Trainer(cfg, base / "latent", progress=False).train()
+    return base, data
+
+
+def tiny_diffusers_autoencoder(path, latent_channels=2):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=8,
+        scaling_factor=0.5,
+    ).save_pretrained(path)
+    return path
+
+
+def test_our_autoencoder_loads_with_its_recorded_scale(runs):
+    base, _ = runs
+    ae = load_autoencoder(base / "ae")
+    assert ae.scale == Checkpoint(base / "ae").train_state["latent_scale"]
+    assert (ae.factor, ae.latent_channels, ae.channels) == (2, 2, 1)
+    with pytest.raises(ConfigError, match="not an autoencoder run"):
+        load_autoencoder(base / "latent")
+
+
+def test_a_diffusers_autoencoder_works_through_the_same_interface(tmp_path):
+    from diffusers import AutoencoderKL
+
+    path = tiny_diffusers_autoencoder(tmp_path / "vae")
+    ae = load_autoencoder(path)
+    assert (ae.scale, ae.factor, ae.latent_channels, ae.channels) == (0.5, 2, 2, 1)
+    reference = AutoencoderKL.from_pretrained(str(path)).eval()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    mean, logvar = ae.encode(x)
+    with torch.no_grad():
+        dist = reference.encode(x).latent_dist
+        assert torch.allclose(mean, dist.mean) and torch.allclose(logvar, dist.logvar)
+        assert torch.allclose(ae.decode(mean), reference.decode(dist.mean).sample)
+
+
+def test_a_step_draws_scaled_latents_from_each_images_posterior(runs, tmp_path):
+    base, data = runs
+    cfg = tiny_config(data, steps=3)
+    cfg.model.autoencoder = str(base / "ae")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.example_shape == (2, 4, 4) and cfg.model.latent_size == 4
+    step = 2
+    x, *_ = trainer.batch(step, step_generator(0, step))
+    g = step_generator(0, step)  # the trainer's draws: flips, t, noise, then the latents' noise
+    flip = torch.rand(4, generator=g) < 0.5
+    torch.randint(0, 50, (4,), generator=g), torch.randn((4, 2, 4, 4), generator=g)
+    eps = torch.randn((4, 2, 4, 4), generator=g)
+    ae = load_autoencoder(base / "ae")
+    images = to_model_range(trainer.data[trainer.order.indices(step)])
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    mean, logvar = ae.encode(images)
+    assert torch.allclose(x, (mean + torch.exp(0.5 * logvar) * eps) * ae.scale, atol=1e-5)
+
+
+def test_sampling_decodes_unclipped_latents(runs, tmp_path):
+    base, _ = runs
+    out = tmp_path / "s"
+    assert (
+        main(
+            ["sample", str(base / "latent"), "--num", "4", "--steps", "5", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
+    info = json.loads((out / "samples.json").read_text())
+    assert info["clip_denoised"] is False and info["autoencoder"]["kind"] == "ddpm"
+    images = load_samples(out)
+    assert images.shape == (4, 1, 8, 8)
+    # the same as decoding generate's latents by hand
+    model, diffusion, cfg = ddpm.load_model(base / "latent")
+    latents = ddpm.generate(model, diffusion, 4, (2, 4, 4), steps=5, clip_denoised=False)
+    ae = load_autoencoder(base / "ae")
+    assert torch.equal(images, to_uint8(ae.decode(latents / ae.scale).clamp(-1, 1)))
+    assert main(["figures", str(base / "latent"), "--out", str(tmp_path / "f")]) == 2
+
+
+def test_the_reconstruction_report_is_measured_on_the_split(runs, tmp_path):
+    base, data = runs
+    report = evaluate_reconstructions(base / "ae", num=6, cache_dir=tmp_path / "c", progress=False)
+    images = load_dataset(
+        DataConfig(dataset="fashion-mnist", root=str(data), image_size=8, split="test")
+    ).data[:6]
+    ae = load_autoencoder(base / "ae")
+    reconstructions = to_uint8(ae.decode(ae.encode(to_model_range(images))[0]).clamp(-1, 1))
+    expected = (reconstructions.float() - images.float()).abs().mean().item()
+    assert report["mean_absolute_error"] == pytest.approx(expected, abs=1e-3)
+    assert report["num_images"] == 6 and report["reconstruction_domain_fid"] >= 0
+
+
+def test_latent_pipelines_decode_with_their_decoder_and_check_it(runs, tmp_path, capsys):
+    base, _ = runs
+    pipe = tmp_path / "pipe"
+    assert (
+        main(["pipeline", str(pipe), "--generator", str(base / "latent"), "--decoder", str(base / "ae")]) == 0
+    )
+    spec = json.loads((pipe / "pipeline.json").read_text())
+    assert spec["parts"][-1]["kind"] == "latent"
+    args = ["--num", "4", "--steps", "5", "--sampler", "ancestral", "--no-progress"]
+    assert main(["generate", str(pipe), *args, "--out", str(tmp_path / "g")]) == 0
+    assert main(["sample", str(base / "latent"), *args, "--out", str(tmp_path / "s")]) == 0
+    assert torch.equal(load_samples(tmp_path / "g"), load_samples(tmp_path / "s"))
+    assert not (tmp_path / "g" / "low-res-grid.png").exists()
+    # a decoder for other latent channels is refused, naming it
+    vae = tiny_diffusers_autoencoder(tmp_path / "vae3", latent_channels=3)
+    capsys.readouterr()
+    assert (
+        main(["pipeline", str(tmp_path / "p3"), "--generator", str(base / "latent"), "--decoder", str(vae)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "decodes 3-channel latents; the generator makes 2-channel ones" in err
+        and not (tmp_path / "p3").exists()
+    )
+    # a diffusers decoder of the same latent space can replace ours
+    vae2 = tiny_diffusers_autoencoder(tmp_path / "vae2")
+    assert (
+        main(["pipeline", str(tmp_path / "p2"), "--generator", str(base / "latent"), "--decoder", str(vae2)])
+        == 0
+    )
+    assert main(["generate", str(tmp_path / "p2"), *args, "--out", str(tmp_path / "g2")]) == 0
+    assert load_samples(tmp_path / "g2").shape == (4, 1, 8, 8)
