@@ -5,6 +5,7 @@
 # encoder in runs/text-encoder. Each path: 1,000 samples prompted "a photo of a(n) CLASS" (100 per class),
 # w = 2, ancestral 50 steps (both stages), bf16, seed 1; domain FID and class agreement on the test split.
 # Usage: bash bench/decoder_paths.sh [OUT]   (default runs/decoder-paths); prints markdown rows.
+# AE_FLAGS / LATENT_FLAGS add --set flags to the autoencoder / latent generator (other latent shapes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/decoder-paths}
@@ -20,10 +21,10 @@ mkdir -p "$OUT"
 [ -f "$OUT/sr/checkpoint.safetensors" ] || $DDPM train --preset fashion-mnist-sr --out "$OUT/sr" \
     --time-limit "$SR_MIN" --set train.steps=100000 --no-progress
 [ -f "$OUT/ae/reconstruction.json" ] || $DDPM train-autoencoder --out "$OUT/ae" --time-limit "$AE_MIN" \
-    --set train.steps=100000 --no-progress
+    --set train.steps=100000 --no-progress ${AE_FLAGS:-}
 [ -f "$OUT/latent/checkpoint.safetensors" ] || $DDPM train --preset fashion-mnist-latent-text \
     --set model.text_encoder=$ENC --set model.autoencoder="$OUT/ae" --out "$OUT/latent" \
-    --time-limit "$LAT_MIN" --set train.steps=100000 --no-progress
+    --time-limit "$LAT_MIN" --set train.steps=100000 --no-progress ${LATENT_FLAGS:-}
 $DDPM pipeline "$OUT/cascade" --generator "$OUT/gen-14" --decoder "$OUT/sr" > /dev/null
 $DDPM pipeline "$OUT/latent-pipe" --generator "$OUT/latent" --decoder "$OUT/ae" > /dev/null
 FLAGS=(--num 1000 --batch-size 250 --seed 1 --precision bf16 --guidance 2 --sampler ancestral --steps 50

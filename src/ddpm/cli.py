@@ -283,20 +283,22 @@ def cmd_pipeline(args) -> int:
 def cmd_generate(args) -> int:
     from .pipeline import generate_to_dir
 
-    def stage(steps, sampler, batch_size):
+    def stage(steps, sampler, **extra):  # one stage's sampling options
         return SampleOptions(
             steps=steps,
             sampler=sampler,
-            batch_size=batch_size,
+            batch_size=args.batch_size,
             device=args.device,
             precision=args.precision,
             progress=not args.no_progress,
-            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-            negative_prompt=args.negative_prompt,
+            **extra,
         )
 
-    decoder = stage(args.decoder_steps, args.decoder_sampler, args.batch_size)
-    decoder.guidance_interval, decoder.negative_prompt, decoder.low_res_noise = None, None, args.low_res_noise
+    interval = tuple(args.guidance_interval) if args.guidance_interval else None
+    generator = stage(
+        args.steps, args.sampler, guidance_interval=interval, negative_prompt=args.negative_prompt
+    )
+    decoder = stage(args.decoder_steps, args.decoder_sampler, low_res_noise=args.low_res_noise)
     out = Path(args.out or Path(args.pipeline) / "generated")
     record = generate_to_dir(
         args.pipeline,
@@ -306,7 +308,7 @@ def cmd_generate(args) -> int:
         guidance=args.guidance,
         num=args.num,
         seed=args.seed,
-        generator_options=stage(args.steps, args.sampler, args.batch_size),
+        generator_options=generator,
         decoder_options=decoder,
     )
     return _print(out_dir=str(out), **record)
