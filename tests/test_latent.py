@@ -155,6 +155,11 @@ def test_latent_pipelines_decode_with_their_decoder_and_check_it(runs, tmp_path,
         "decodes 3-channel latents; the generator makes 2-channel ones" in err
         and not (tmp_path / "p3").exists()
     )
+    # an autoencoder is no generator
+    code = main(
+        ["pipeline", str(tmp_path / "p4"), "--generator", str(base / "ae"), "--decoder", str(base / "ae")]
+    )
+    assert code == 2 and "is an autoencoder, not a diffusion run" in capsys.readouterr().err
     # a diffusers decoder of the same latent space can replace ours
     vae2 = tiny_diffusers_autoencoder(tmp_path / "vae2")
     assert (

@@ -69,13 +69,17 @@ class Pipeline:
         self.folder, self.parts = folder, parts
         by_role = {p.role: p for p in parts}
         self.generator = _checkpoint(by_role["generator"])
+        if self.generator.config.get("model", {}).get("kind") == "autoencoder":
+            raise ConfigError(
+                f"pipeline generator {by_role['generator'].path} is an autoencoder, not a diffusion run"
+            )
         self.decoder_part = by_role["decoder"]
         self.text_encoder = by_role.get("text-encoder")
         if self.decoder_part.kind == "latent":
             self.decoder = self._check_latent_decoder()
         else:
             self.decoder = _checkpoint(self.decoder_part)
-            self._check()
+            self._check_super_resolution_decoder()
         if self.text_encoder is not None:
             self._check_text_encoder(self.generator.config.get("model", {}))
 
@@ -120,7 +124,7 @@ class Pipeline:
         write_json(folder / PIPELINE_FILE, {"format": FORMAT, "parts": described})
         return pipeline
 
-    def _check(self) -> None:
+    def _check_super_resolution_decoder(self) -> None:
         g, d = self.generator.config, self.decoder.config
         g_data, d_model, d_data = g.get("data", {}), d.get("model", {}), d.get("data", {})
         g_model = g.get("model", {})
