@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --no-dev
 DDPM=.venv/bin/ddpm
 OUT=runs/pipeline-demo
-if [ ! -f "$OUT/text-encoder/config.json" ]; then
+if [ -f "$OUT/text-encoder/checkpoint.safetensors" ]; then  # exported once its training finished
+    [ -f "$OUT/text-encoder/text-encoder.json" ] || $DDPM train-text-encoder --resume "$OUT/text-encoder"
+else
     $DDPM train-text-encoder --out "$OUT/text-encoder" --steps 400
 fi
 MINUTES=7  # of training for each diffusion part

@@ -66,9 +66,11 @@ def test_resolve_config_order_preset_file_values_overrides(tmp_path):
         ("train.precision", "fp16", "train.precision must be fp32 or bf16"),
         ("train.ema_decay", 1.0, "ema_decay must be in"),
         ("train.sample_steps", 5000, "sample_steps must be in 1..1000"),
-        ("model.kind", "transformer", "model.kind must be unet, mlp or autoencoder"),
+        ("model.kind", "transformer", "model.kind must be unet, mlp, autoencoder, text-encoder"),
         ("model.ch", 36, "divisible by model.num_groups"),
         ("data.image_size", 30, "multiple of 8"),
+        ("train.optimizer", "sgd", "train.optimizer must be adam or adamw"),
+        ("train.lr_schedule", "linear", "train.lr_schedule constant or cosine"),
         ("train.time_limit_minutes", 0, "time_limit_minutes must be positive"),
     ],
 )

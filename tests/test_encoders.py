@@ -144,5 +144,5 @@ def test_a_run_uses_its_own_copy_and_checks_the_width(tmp_path):
     cfg.model.context_dim = 64
     with pytest.raises(DataError, match="gives 32-wide states; the run was trained on 64"):
         run_text_encoder(cfg, run)
-    info = json.loads((run / "text-encoder" / "config.json").read_text())
+    info = json.loads((run / "text-encoder" / "text-encoder.json").read_text())
     assert info["format"] == "ddpm-text-encoder"

@@ -3,6 +3,7 @@ AutoencoderKL), the dataset's latents drawn per step, sampling that decodes, the
 and latent pipelines."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -168,3 +169,40 @@ def test_latent_pipelines_decode_with_their_decoder_and_check_it(runs, tmp_path,
     )
     assert main(["generate", str(tmp_path / "p2"), *args, "--out", str(tmp_path / "g2")]) == 0
     assert load_samples(tmp_path / "g2").shape == (4, 1, 8, 8)
+
+
+def test_a_latent_run_keeps_its_autoencoder_and_samples_without_the_original(runs, tmp_path, capsys):
+    base, data = runs
+    shutil.copytree(base / "ae", tmp_path / "ae")
+    cfg = tiny_config(data, steps=2)
+    cfg.model.autoencoder = str(tmp_path / "ae")
+    Trainer(cfg, tmp_path / "latent", progress=False).train()
+    copy = tmp_path / "latent" / "autoencoder"
+    assert sorted(p.name for p in copy.iterdir()) == ["checkpoint.safetensors", "config.json"]
+    args = ["--num", "4", "--steps", "3", "--sampler", "ancestral", "--no-progress"]
+    assert main(["sample", str(tmp_path / "latent"), *args, "--out", str(tmp_path / "before")]) == 0
+    shutil.rmtree(tmp_path / "ae")  # the original is gone: the run's copy samples, the same images
+    assert main(["sample", str(tmp_path / "latent"), *args, "--out", str(tmp_path / "after")]) == 0
+    assert torch.equal(load_samples(tmp_path / "before"), load_samples(tmp_path / "after"))
+    record = json.loads((tmp_path / "after" / "samples.json").read_text())["autoencoder"]
+    assert record["path"] == str(copy)
+    # a pipeline of a latent generator takes that copy as its decoder unless told otherwise
+    assert main(["pipeline", str(tmp_path / "pipe"), "--generator", str(tmp_path / "latent")]) == 0
+    spec = json.loads((tmp_path / "pipe" / "pipeline.json").read_text())
+    assert spec["parts"][-1]["kind"] == "latent" and spec["parts"][-1]["path"].endswith("latent/autoencoder")
+    assert main(["generate", str(tmp_path / "pipe"), *args, "--out", str(tmp_path / "g")]) == 0
+    assert torch.equal(load_samples(tmp_path / "g"), load_samples(tmp_path / "after"))
+    # a pixel generator has no decoder of its own
+    capsys.readouterr()
+    assert main(["pipeline", str(tmp_path / "p2"), "--generator", str(base / "ae")]) == 2
+    assert "name one (--decoder)" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_a_latent_run_on_a_diffusers_autoencoder_copies_its_folder(runs, tmp_path):
+    _, data = runs
+    vae = tiny_diffusers_autoencoder(tmp_path / "vae")
+    cfg = tiny_config(data, steps=1)
+    cfg.model.autoencoder = str(vae)
+    Trainer(cfg, tmp_path / "latent", progress=False).train()
+    copied = sorted(p.name for p in (tmp_path / "latent" / "autoencoder").iterdir())
+    assert copied == sorted(p.name for p in vae.iterdir() if p.is_file())

@@ -89,6 +89,43 @@ def test_existing_run_needs_resume(idx_dir, tmp_path):
         Trainer(tiny_config(idx_dir), tmp_path / "run", progress=False)
 
 
+def test_the_ema_of_every_tensor_at_once_is_bit_identical_to_one_lerp_per_tensor(idx_dir, tmp_path):
+    trainer = Trainer(tiny_config(idx_dir), tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in trainer.ema.shadow.items()}
+    trainer.train_step()  # updates the weights and, with torch._foreach_lerp_, the EMA
+    decay = trainer.ema.decay
+    for name, value in trainer.model.state_dict().items():
+        expected = before[name].lerp(value, 1.0 - decay) if value.is_floating_point() else value
+        assert torch.equal(trainer.ema.shadow[name], expected), name
+
+
+def test_the_fused_optimizer_follows_the_plain_loss_curve(idx_dir, tmp_path):
+    """train.fused_optimizer is a speed option: Adam's fused kernel does the same maths (up to float
+    rounding, here on the CPU; bench/gpu_check.py compares them on a GPU)."""
+    losses, weights = {}, {}
+    for fused in (False, True):
+        trainer = Trainer(tiny_config(idx_dir, fused_optimizer=fused), tmp_path / str(fused), progress=False)
+        assert trainer.optimizer.defaults["fused"] is (True if fused else None)
+        losses[fused] = torch.tensor([trainer.train_step()["loss"] for _ in range(5)])
+        weights[fused] = trainer.model.conv_in.weight.detach()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
+
+
+def test_no_clipping_and_the_cosine_schedule(idx_dir, tmp_path):
+    assert learning_rate(50, 1.0, 0, "cosine", 100) == pytest.approx(0.5)
+    assert learning_rate(100, 1.0, 0, "cosine", 100) == pytest.approx(0.0)
+    assert learning_rate(150, 1.0, 0, "cosine", 100) == pytest.approx(0.0)  # stays at 0 past the end
+    weights = {}
+    for clip in (0.0, 1e9, 1e-3):  # 0: no clipping, the same as a limit never reached
+        trainer = Trainer(tiny_config(idx_dir, grad_clip=clip), tmp_path / str(clip), progress=False)
+        trainer.train_step(), trainer.train_step()
+        weights[clip] = trainer.model.conv_in.weight.detach()
+    assert torch.equal(weights[0.0], weights[1e9]) and not torch.equal(weights[0.0], weights[1e-3])
+    with pytest.raises(ConfigError, match="train.compile_mode must be one of"):
+        Trainer(tiny_config(idx_dir, compile_mode="fast"), tmp_path / "bad", progress=False)
+
+
 def test_bf16_autocast_follows_the_fp32_loss_curve(idx_dir, tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):

@@ -78,6 +78,10 @@ def load_model(
     sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = Config.from_dict(ckpt.config)
+    if cfg.model.kind == "text-encoder":
+        raise ConfigError(
+            f"{ckpt.path.parent} is a text encoder run, not a diffusion model; name it as model.text_encoder"
+        )
     if var_type is not None and var_type != cfg.diffusion.var_type:
         fixed = ("fixedsmall", "fixedlarge")
         if var_type not in fixed or cfg.diffusion.var_type not in fixed:

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS
+from .config import COMPILE_MODES, PRECISIONS
 from .errors import DDPMError
 from .runtime import finish_processes, keep_freed_memory
 from .sample import SampleOptions
@@ -30,6 +30,7 @@ SHORTCUTS = {
     "device": "train.device",
     "precision": "train.precision",
     "time_limit": "train.time_limit_minutes",
+    "tokenizer": "model.tokenizer",
 }
 
 # Flags that several subcommands take, declared once: name -> argparse keywords.
@@ -169,6 +170,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile's mode with --compile: reduce-overhead replays CUDA graphs (default: default)",
+    )
 
 
 def _config_values(args) -> dict:
@@ -193,6 +200,7 @@ def _sample_options(args):
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        compile_mode=args.compile_mode,
         progress=not args.no_progress,
         class_name=args.class_name,
         guidance=args.guidance,
@@ -222,15 +230,16 @@ def _print(**result) -> int:
 
 
 def cmd_train(args, kind: str | None = None) -> int:
-    """`ddpm train`; with ``kind`` (train-autoencoder) the config must build that kind of model."""
+    """`ddpm train`; with ``kind`` (train-autoencoder, train-text-encoder) the config must build that kind of
+    model, and a finished autoencoder is scored, a finished text encoder exported."""
     from .checkpoint import CHECKPOINT_NAME, Checkpoint
     from .config import Config, resolve_config
     from .errors import ConfigError
     from .train import Trainer
 
     values = _config_values(args)
-    if kind == "autoencoder" and not (args.resume or args.preset or args.config):
-        args.preset = "fashion-mnist-autoencoder"
+    if kind is not None and not (args.resume or args.preset or args.config):
+        args.preset = f"fashion-mnist-{kind}"
     if args.resume:
         run_dir = Path(args.resume)
         base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
@@ -244,19 +253,28 @@ def cmd_train(args, kind: str | None = None) -> int:
     result = trainer.train()
     if not trainer.procs.is_main:
         return 0
-    if kind == "autoencoder" and result["stopped"] in ("done", "time limit"):
+    finished = result["stopped"] in ("done", "time limit")
+    if cfg.model.kind == "autoencoder" and finished:
         from .files import write_json
         from .latent import evaluate_reconstructions
 
         result["reconstruction"] = evaluate_reconstructions(
-            run_dir, cache_dir=args.cache_dir, device=trainer.device, progress=not args.no_progress
+            run_dir,
+            cache_dir=getattr(args, "cache_dir", None),
+            device=trainer.device,
+            progress=not args.no_progress,
         )
         write_json(run_dir / "reconstruction.json", result["reconstruction"])
+    if cfg.model.kind == "text-encoder" and finished:
+        from .clip import export_text_encoder
+
+        info = export_text_encoder(run_dir, trainer.device)
+        result.update({k: v for k, v in info.items() if k not in ("format", "class_names", "steps")})
     _print(run_dir=str(run_dir), **result)
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         print(
             f"ddpm: stopped by {result['stopped']} at step {result['step']} with a checkpoint; "
-            f"continue with: ddpm train --resume {run_dir}",
+            f"continue with: ddpm {args.command} --resume {run_dir}",
             file=sys.stderr,
         )
         return 128 + signal.Signals[result["stopped"]].value
@@ -427,28 +445,6 @@ def cmd_train_classifier(args) -> int:
     return _print(classifier=str(path), **info)
 
 
-def cmd_train_text_encoder(args) -> int:
-    from .clip import ClipConfig, save_clip, train_clip
-    from .config import DataConfig
-    from .files import OutputFolder
-
-    data = DataConfig(
-        dataset=args.dataset, root=args.data_dir, image_size=args.image_size, channels=args.channels
-    )
-    out = OutputFolder(args.out, last="config.json")  # refused before training if it is not ours
-    try:
-        config = ClipConfig(tokenizer=args.tokenizer)
-        model, info = train_clip(
-            data, args.steps, args.batch_size, args.lr, args.seed, config, progress=not args.no_progress
-        )
-        save_clip(model, info, out.staging)
-        out.publish()
-    except BaseException:
-        out.discard()
-        raise
-    return _print(out=str(args.out), **{k: v for k, v in info.items() if k != "class_names"})
-
-
 def cmd_figures(args) -> int:
     from .figures import make_figures
 
@@ -534,9 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decoder",
-        required=True,
         help="a super-resolution stage run (model.low_res), or for a latent diffusion generator an "
-        "autoencoder (a train-autoencoder run or a diffusers AutoencoderKL folder)",
+        "autoencoder (a train-autoencoder run or a diffusers AutoencoderKL folder; default: the "
+        "generator's own copy, GENERATOR/autoencoder)",
     )
     p.add_argument(
         "--decoder-kind",
@@ -707,23 +703,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-text-encoder",
-        help="train the domain CLIP pair (text and image towers) on a dataset's captions",
+        help="train the domain CLIP pair (text and image towers) on a dataset's captions (default preset "
+        "fashion-mnist-text-encoder), then export it with its zero-shot accuracy into the run",
     )
-    p.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or folder")
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    _add_config_flags(p)
+    p.add_argument("--out", help="run directory, and the text encoder folder (default runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
     p.add_argument(
         "--tokenizer",
         choices=("bytes", "bpe"),
-        default="bytes",
-        help="bytes (default): UTF-8 bytes; bpe: byte-level BPE trained on the captions with `tokenizers`",
+        help="bytes (the preset's): UTF-8 bytes; bpe: byte-level BPE trained on the captions (`tokenizers`)",
     )
-    _add(p, "--seed", "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
-    p.set_defaults(func=cmd_train_text_encoder)
+    _add(p, "--no-progress")
+    p.set_defaults(func=lambda args: cmd_train(args, kind="text-encoder"))
 
     p = sub.add_parser("figures", help="the paper's figures: forward process, progressive generation, ...")
     _add_checkpoint(p, "figures")
@@ -768,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ddpm: error: {e}; {advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = "; the last checkpoint is kept (continue with --resume)" if args.command == "train" else ""
+        trains = args.command in ("train", "train-autoencoder", "train-text-encoder")
+        kept = "; the last checkpoint is kept (continue with --resume)" if trains else ""
         say(f"ddpm: interrupted{kept}", file=sys.stderr)
         return 130
 

@@ -3,16 +3,18 @@ dataset's image-caption pairs (`ddpm train-text-encoder`). Its text tower, froze
 encoder of a text-conditional run; the pair scores how well samples agree with their prompts (the domain
 CLIP score, labelled as such: like the domain FID it is not comparable with scores of OpenAI's CLIP).
 
-Saved as a folder: ``model.safetensors`` (both towers), ``config.json`` (the architecture, the
-tokenizer, how it was trained and its zero-shot accuracy) and, for a BPE tokenizer, its ``tokenizer.json``;
-no pickle.
+`ddpm train-text-encoder` trains the pair through the same Trainer as every model (lock, resume, atomic
+checkpoints), then exports it into its run directory: ``model.safetensors`` (both towers),
+``text-encoder.json`` (the architecture, the tokenizer, how it was trained and its zero-shot accuracy) and,
+for a BPE tokenizer, its ``tokenizer.json``; no pickle. Those three files are the text encoder folder a
+text-conditional run copies; folders written before (``config.json`` in place of ``text-encoder.json``)
+still load.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,14 +24,14 @@ from torch import nn
 
 from .captions import article
 from .config import DataConfig
-from .data import BatchOrder, load_dataset
+from .data import load_dataset
 from .errors import DataError
 from .files import atomic_write, write_json
 from .images import to_model_range
 from .text import BpeTokenizer, ByteTokenizer, TextEncoding, TextTransformer, normalized
 
 FORMAT = "ddpm-text-encoder"
-MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+MODEL_FILE, INFO_FILE, TOKENIZER_FILE = "model.safetensors", "text-encoder.json", "tokenizer.json"
 TOKENIZERS = ("bytes", "bpe")
 BPE_VOCAB_SIZE = 1000  # at most: BPE stops merging when the captions have no more pairs to join
 
@@ -102,19 +104,84 @@ class DomainClip(nn.Module):
         """Cosine similarity of each image with each text, [N_images, N_texts]."""
         return normalized(self.encode_images(images_uint8)) @ normalized(self.encode_text(texts).pooled).T
 
+    def forward(self, images: torch.Tensor, captions: CaptionBatch) -> torch.Tensor:
+        """The training pass on images in [-1, 1]: CLIP's symmetric cross-entropy per image [B], with every
+        pair that shares a caption counted as a match (the made captions repeat: a batch holds several "a
+        photo of a coat"). Image i's loss is the mean of its row's and its column's cross-entropy, so the
+        batch mean is CLIP's loss."""
+        image = normalized(self.image(images))
+        text = normalized(self.text(captions.ids, captions.mask).pooled)[captions.index]
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
+        same = (captions.index[:, None] == captions.index[None]).float()
+        targets = same / same.sum(1, keepdim=True)
+        rows = F.cross_entropy(logits, targets, reduction="none")
+        columns = F.cross_entropy(logits.T, targets, reduction="none")
+        return (rows + columns) / 2
+
+
+@dataclass
+class CaptionBatch:
+    """The captions of a batch: each distinct one tokenized once ([D, L] ids and mask) and, per image, the
+    row of its caption (``index``, [B])."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    index: torch.Tensor
+
+
+class TokenizedCaptions:
+    """Every distinct caption of a dataset tokenized once; ``ids[i]`` is image i's caption row, and
+    ``batch(rows)`` the CaptionBatch of a batch's caption rows."""
+
+    def __init__(self, tokenizer, captions: list[str]):
+        distinct = list(dict.fromkeys(captions))
+        row = {c: i for i, c in enumerate(distinct)}
+        self.ids = torch.tensor([row[c] for c in captions], dtype=torch.long)
+        self.tokens, self.mask = tokenizer(distinct)
+
+    def to(self, device) -> TokenizedCaptions:
+        self.tokens, self.mask = self.tokens.to(device), self.mask.to(device)
+        return self
+
+    def batch(self, rows: torch.Tensor) -> CaptionBatch:
+        distinct, index = rows.to(self.tokens.device).unique(return_inverse=True)
+        mask = self.mask[distinct]
+        length = int(mask.sum(1).max())  # causal: the padding beyond the longest caption changes nothing
+        return CaptionBatch(self.tokens[distinct, :length], mask[:, :length], index)
+
+
+def clip_config(cfg, channels: int) -> ClipConfig:
+    """The pair's architecture from a run config's model section (model.kind = text-encoder)."""
+    m = cfg.model
+    return ClipConfig(
+        m.text_width,
+        m.text_layers,
+        m.text_heads,
+        m.text_max_length,
+        m.embed_dim,
+        channels,
+        m.image_width,
+        m.tokenizer,
+    )
+
+
+class ContrastiveObjective:
+    """The pair's training loss in the place of the diffusion's: ``training_losses(network, images, rows,
+    noise)["loss"]`` per image, with the images' caption rows in the place of the timesteps (the noise is
+    unused) and ``network(images, CaptionBatch)`` the pair's training pass."""
+
+    def __init__(self, captions: TokenizedCaptions):
+        self.captions = captions
+
+    def training_losses(self, network, x0: torch.Tensor, rows: torch.Tensor, noise: torch.Tensor) -> dict:
+        return {"loss": network(x0, self.captions.batch(rows))}
+
 
 def contrastive_loss(model: DomainClip, images_uint8: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy, with every pair that shares a caption counted as a match (the
-    made captions repeat: a batch holds several "a photo of a coat")."""
-    image = normalized(model.encode_images(images_uint8))
-    distinct = list(dict.fromkeys(captions))  # each text encoded once
-    ids = {c: i for i, c in enumerate(distinct)}
-    caption_ids = torch.tensor([ids[c] for c in captions], device=image.device)
-    text = normalized(model.encode_text(distinct).pooled)[caption_ids]
-    logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-    same = (caption_ids[:, None] == caption_ids[None]).float()
-    targets = same / same.sum(1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    """The pair's mean loss on images and their captions (see ``DomainClip.forward``)."""
+    tokenized = TokenizedCaptions(model.tokenizer, captions).to(model.logit_scale.device)
+    images = to_model_range(images_uint8).to(model.logit_scale.device)
+    return model(images, tokenized.batch(tokenized.ids)).mean()
 
 
 @torch.no_grad()
@@ -137,66 +204,91 @@ def zero_shot_accuracy(
     return hits / max(len(images_uint8), 1)
 
 
-def train_clip(
-    data: DataConfig,
-    steps: int = 600,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    config: ClipConfig | None = None,
-    progress: bool = True,
-) -> tuple[DomainClip, dict]:
-    """Train the pair on ``data``'s captions (data.labels is set to "captions"), with ``config``'s
-    tokenizer (a BPE one is first trained on the captions); report the zero-shot class accuracy on the
-    test split when the data has class labels."""
-    if steps <= 0 or batch_size <= 0:
-        raise DataError("text encoder steps and batch size must be positive")
-    train_cfg = DataConfig(**{**data.__dict__, "labels": "captions", "split": "train"})
-    dataset = load_dataset(train_cfg)
-    config = config or ClipConfig()
-    config.image_channels = dataset.channels
-    tokenizer = None
-    if config.tokenizer == "bpe":
-        tokenizer = BpeTokenizer.train(dataset.captions, BPE_VOCAB_SIZE, config.max_length)
-    torch.manual_seed(seed)
-    model = DomainClip(config, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    order = BatchOrder(len(dataset), batch_size, seed)
-    iterator = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
+def run_tokenizer(cfg, captions: list[str], run_dir: Path) -> ByteTokenizer | BpeTokenizer:
+    """A text-encoder run's tokenizer: bytes, or BPE trained on the captions once (the run keeps it in its
+    tokenizer.json, so that a resumed run has the same vocabulary)."""
+    m = cfg.model
+    if m.tokenizer == "bytes":
+        return ByteTokenizer(m.text_max_length)
+    kept = Path(run_dir) / TOKENIZER_FILE
+    if kept.is_file():
+        try:
+            return BpeTokenizer.from_json(kept.read_text(), m.text_max_length)
+        except (OSError, ValueError) as e:
+            raise DataError(f"the run's tokenizer {kept} is damaged ({e})") from None
+    return BpeTokenizer.train(captions, BPE_VOCAB_SIZE, m.text_max_length)
 
-        iterator = tqdm(iterator, desc="text encoder", unit="step")
-    start = time.time()
-    model.train()
-    for step in iterator:
-        for group in optimizer.param_groups:  # linear warm-up over 100 steps, then cosine decay
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = order.indices(step)
-        loss = contrastive_loss(model, dataset.data[idx], [dataset.captions[i] for i in idx.tolist()])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    model.eval()
+
+def keep_tokenizer(tokenizer, run_dir: Path) -> None:
+    if isinstance(tokenizer, BpeTokenizer) and not (Path(run_dir) / TOKENIZER_FILE).is_file():
+        atomic_write(Path(run_dir) / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(tokenizer.to_json()))
+
+
+def export_text_encoder(run_dir: str | Path, device="cpu") -> dict:
+    """Write a `train-text-encoder` run's (EMA) weights as a text encoder folder inside the run
+    (model.safetensors, text-encoder.json and, for BPE, tokenizer.json), with the zero-shot class accuracy
+    on the test split when the data has classes. Returns the folder's info."""
+    from .checkpoint import CHECKPOINT_NAME, Checkpoint
+    from .config import Config
+
+    run_dir = Path(run_dir)
+    ckpt = Checkpoint(run_dir / CHECKPOINT_NAME)
+    cfg = Config.from_dict(ckpt.config)
+    train = load_dataset(DataConfig(**{**cfg.data.__dict__, "split": "train"}))
+    model = DomainClip(clip_config(cfg, cfg.data.channels), run_tokenizer(cfg, train.captions, run_dir))
+    model.load_state_dict(ckpt.weights(use_ema=True))
+    model.to(device).eval()
+    t = cfg.train
     info = {
         "format": FORMAT,
-        "dataset": data.dataset,
-        "image_size": data.image_size,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "final_loss": round(loss.item(), 4),
-        "seconds": round(time.time() - start, 1),
+        "dataset": cfg.data.dataset,
+        "image_size": cfg.data.image_size,
+        "steps": ckpt.step,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "seed": t.seed,
+        "seconds": round(float(ckpt.train_state.get("train_seconds", 0.0)), 1),
     }
-    if dataset.labels is not None:
-        test = load_dataset(DataConfig(**{**train_cfg.__dict__, "split": "test"}))
+    if train.labels is not None:
+        test = load_dataset(DataConfig(**{**cfg.data.__dict__, "split": "test"}))
         # among the classes it was trained on (a prompt never seen in training may land anywhere)
-        seen = dataset.labels.unique().tolist()
-        accuracy = zero_shot_accuracy(model, test.data, test.labels, dataset.class_names, seen)
+        seen = train.labels.unique().tolist()
+        accuracy = zero_shot_accuracy(model, test.data, test.labels, train.class_names, seen)
         info["zero_shot_test_accuracy"] = round(accuracy, 4)
-        info["class_names"] = list(dataset.class_names)
-    return model, info
+        info["class_names"] = list(train.class_names)
+    save_clip(model.cpu(), info, run_dir)
+    return info
+
+
+def info_file(folder: str | Path) -> Path | None:
+    """The file that makes ``folder`` a text encoder folder: text-encoder.json, or the config.json of a
+    folder written before text encoders trained in run directories (format ddpm-text-encoder)."""
+    folder = Path(folder)
+    if (folder / INFO_FILE).is_file():
+        return folder / INFO_FILE
+    try:
+        if json.loads((folder / "config.json").read_text()).get("format") == FORMAT:
+            return folder / "config.json"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def is_text_encoder(folder: str | Path) -> bool:
+    """A text encoder folder, or a `train-text-encoder` run (finished or not: loading says which)."""
+    folder = Path(folder)
+    if info_file(folder) is not None:
+        return True
+    try:
+        return json.loads((folder / "config.json").read_text())["model"]["kind"] == "text-encoder"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def folder_files(folder: str | Path) -> list[Path]:
+    """The files of a text encoder folder (what a run's copy of it holds)."""
+    folder = Path(folder)
+    return [info_file(folder), *(p for p in (folder / MODEL_FILE, folder / TOKENIZER_FILE) if p.is_file())]
 
 
 def save_clip(model: DomainClip, info: dict, folder: str | Path) -> None:
@@ -209,22 +301,29 @@ def save_clip(model: DomainClip, info: dict, folder: str | Path) -> None:
     if isinstance(model.tokenizer, BpeTokenizer):
         atomic_write(folder / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(model.tokenizer.to_json()))
     write_json(
-        folder / CONFIG_FILE, {**info, "model": asdict(model.config), "tokenizer": model.config.tokenizer}
+        folder / INFO_FILE, {**info, "model": asdict(model.config), "tokenizer": model.config.tokenizer}
     )
 
 
 def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
-    """A pair saved by `ddpm train-text-encoder`; one-line errors for a missing or damaged folder."""
+    """A pair saved by `ddpm train-text-encoder` (its run, or a copy of the folder it exports); one-line
+    errors for a missing, unfinished or damaged one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
+    info_path = info_file(folder)
+    if info_path is None and is_text_encoder(folder):
         raise DataError(
-            f"{folder} holds no text encoder ({CONFIG_FILE}); train one with `ddpm train-text-encoder`"
+            f"text encoder run {folder} has not finished; continue it with `ddpm train-text-encoder "
+            f"--resume {folder}`"
+        )
+    if info_path is None:
+        raise DataError(
+            f"{folder} holds no text encoder ({INFO_FILE}); train one with `ddpm train-text-encoder`"
         )
     try:
-        info = json.loads((folder / CONFIG_FILE).read_text())
+        info = json.loads(info_path.read_text())
         if info.get("format") != FORMAT:
             raise ValueError(f"format {info.get('format')!r}, expected {FORMAT!r}")
         config = ClipConfig(**info["model"])

@@ -13,7 +13,6 @@ The null condition is the encoding of the empty text "", as in GLIDE and Stable 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -119,11 +118,11 @@ RUN_COPY = "text-encoder"  # a run keeps its domain encoder here, so that the ru
 def run_text_encoder(cfg, run_dir: str | Path):
     """The text encoder of a text-conditional run: its own copy, else the one its config names; for a
     run that trains its text tower, a ``TrainedTowerEncoder`` (it tokenizes; the model encodes)."""
+    from .clip import info_file
+
     copy = Path(run_dir) / RUN_COPY
     encoder = (
-        DomainTextEncoder(copy)
-        if (copy / "config.json").is_file()
-        else load_text_encoder(cfg.model.text_encoder)
+        DomainTextEncoder(copy) if info_file(copy) is not None else load_text_encoder(cfg.model.text_encoder)
     )
     mode = getattr(cfg.model, "text_tower", "frozen")
     if mode != "frozen":
@@ -144,16 +143,12 @@ def run_text_encoder(cfg, run_dir: str | Path):
 def load_text_encoder(spec: str | Path):
     """The encoder named by ``spec``: a folder from `ddpm train-text-encoder`, or a transformers CLIP / T5
     model (a local folder or a hub name)."""
+    from .clip import is_text_encoder
+
     path = Path(spec)
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            is_domain = json.loads(config.read_text()).get("format") == "ddpm-text-encoder"
-        except (OSError, ValueError):
-            is_domain = False
-        if is_domain:
-            return DomainTextEncoder(path)
-    elif path.exists():
+    if is_text_encoder(path):
+        return DomainTextEncoder(path)
+    if path.exists() and not (path / "config.json").is_file():
         raise DataError(f"{path} holds no text encoder (no config.json)")
     return PretrainedTextEncoder(str(spec))
 

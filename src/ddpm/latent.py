@@ -17,6 +17,7 @@ import torch
 from .errors import ConfigError, DataError
 
 LATENT_SCALE_SAMPLES = 1024  # training images the latent scale is measured on
+RUN_COPY = "autoencoder"  # a latent run keeps its autoencoder here, so that the run alone can sample
 
 
 class FrozenAutoencoder:
@@ -58,6 +59,35 @@ def load_autoencoder(spec: str | Path, device: str | torch.device = "cpu") -> Fr
     raise ConfigError(
         f"{spec} holds no autoencoder (a `ddpm train-autoencoder` run or a diffusers AutoencoderKL)"
     )
+
+
+def run_autoencoder(cfg, run_dir: str | Path, device: str | torch.device = "cpu") -> FrozenAutoencoder:
+    """A latent diffusion run's autoencoder: its own copy (RUN/autoencoder), else the one its config
+    names (a run whose copy is not written yet)."""
+    copy = Path(run_dir) / RUN_COPY
+    return load_autoencoder(copy if copy.is_dir() else cfg.model.autoencoder, device)
+
+
+def keep_autoencoder(ae: FrozenAutoencoder, run_dir: str | Path) -> None:
+    """Copy the autoencoder a latent run trains on into the run (RUN/autoencoder): of a train-autoencoder
+    run its checkpoint and config, of a diffusers folder its files. Copied aside and renamed into place."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    copy, source = run_dir / RUN_COPY, Path(ae.source["path"])
+    if copy.is_dir() or source.resolve() == copy.resolve():
+        return
+    if ae.source["kind"] == "ddpm":
+        files = [source / "checkpoint.safetensors", source / "config.json"]
+    else:
+        files = [f for f in source.iterdir() if f.is_file()]
+    aside = run_dir / f".{RUN_COPY}.tmp"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for f in files:
+        if f.is_file():
+            shutil.copy2(f, aside / f.name)
+    aside.rename(copy)
 
 
 def _load_ours(path: Path, device) -> FrozenAutoencoder:

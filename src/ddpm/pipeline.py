@@ -104,17 +104,27 @@ class Pipeline:
     def write(
         folder: str | Path,
         generator: str | Path,
-        decoder: str | Path,
+        decoder: str | Path | None = None,
         text_encoder: str | Path | None = None,
         decoder_kind: str | None = None,
     ) -> Pipeline:
         """Assemble a pipeline folder from trained parts (paths kept relative to the folder when they can
         be), after checking that they fit together. ``decoder_kind``: super-resolution or latent (default:
-        latent for a latent diffusion generator)."""
+        latent for a latent diffusion generator); ``decoder`` defaults to a latent generator's own copy of
+        its autoencoder."""
+        from .latent import RUN_COPY
+
         folder = Path(folder)
+        g_checkpoint = _checkpoint(Part("generator", Path(generator)))
+        latent = bool(g_checkpoint.config["model"].get("autoencoder"))
         if decoder_kind is None:
-            latent = bool(_checkpoint(Part("generator", Path(generator))).config["model"].get("autoencoder"))
             decoder_kind = "latent" if latent else "super-resolution"
+        if decoder is None:
+            if not (latent and (g_checkpoint.path.parent / RUN_COPY).is_dir()):
+                raise ConfigError(
+                    "pipeline decoder: name one (--decoder); only a latent generator brings its own"
+                )
+            decoder = g_checkpoint.path.parent / RUN_COPY
         parts = [Part("generator", Path(generator)), Part("decoder", Path(decoder), decoder_kind)]
         if text_encoder is not None:
             parts.insert(0, Part("text-encoder", Path(text_encoder)))
@@ -177,6 +187,7 @@ class Pipeline:
 
     def _check_text_encoder(self, g_model: dict) -> None:
         """The named encoder must be the one the generator was trained with: same width, same weights."""
+        from .clip import info_file
         from .encoders import RUN_COPY, load_text_encoder
 
         path = self.text_encoder.path
@@ -192,7 +203,7 @@ class Pipeline:
                 f"on {g_model['context_dim']}"
             )
         own = self.generator.path.parent / RUN_COPY
-        if (own / "config.json").is_file():
+        if info_file(own) is not None:
             if _weights_digest(own) != _weights_digest(path):
                 raise ConfigError(
                     f"pipeline text encoder {path} is not the one the generator was trained with ({own})"
@@ -329,10 +340,11 @@ def _checkpoint(part: Part) -> Checkpoint:
 
 
 def _weights_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    """Of a text encoder folder's weights (a train-text-encoder run also holds its checkpoint: not these)."""
+    from .clip import MODEL_FILE
+
+    path = Path(folder) / MODEL_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def _resolve(folder: Path, path: str) -> Path:

@@ -46,6 +46,7 @@ class SampleOptions:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's; "reduce-overhead" replays CUDA graphs (a fixed batch)
     progress: bool = True
     # Class-conditional runs: a class name or index; None = every class, in equal blocks (a row each).
     class_name: str | int | None = None
@@ -244,7 +245,7 @@ class Request:
             "clip_denoised": self.clip_denoised,
             "precision": opts.precision,
             **({"channels_last": True} if opts.channels_last else {}),
-            **({"compile": True} if opts.compile else {}),
+            **({"compile": opts.compile_mode} if opts.compile else {}),
             **({"processes": self.procs.world_size} if self.procs.distributed else {}),
             **({"autoencoder": self.autoencoder.source} if self.autoencoder is not None else {}),
             **self.conditions,
@@ -275,11 +276,11 @@ def prepare(
         raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
     autoencoder = None
     if cfg.model.autoencoder:
-        from .latent import load_autoencoder
+        from .latent import run_autoencoder
 
-        autoencoder = load_autoencoder(cfg.model.autoencoder, device)
+        autoencoder = run_autoencoder(cfg, ckpt.path.parent, device)
     sampling_chain(diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
-    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile)
+    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile, opts.compile_mode)
     network, labels, cond, conditions = _conditioned(
         network, cfg, opts, diffusion.num_timesteps, ckpt, device
     )

@@ -25,7 +25,8 @@ from .diffusion import GaussianDiffusion, Model, space_timesteps
 from .errors import ConfigError
 from .rng import randn, randn_like
 
-SPACINGS = ("linspace", "leading", "trailing", "logsnr")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. 2022's rho: larger puts more steps near t = 0
 
 
 @dataclass
@@ -46,7 +47,9 @@ def timestep_subset(
     """``steps`` of the timesteps 0..T-1: "linspace" spreads them from 0 to T-1 (Improved DDPM),
     "leading" takes 0, T/n, 2T/n, ... (DDIM's paper), "trailing" ends exactly at T-1 (Lin et al. 2024),
     "logsnr" spaces them evenly in log(alphabar / (1 - alphabar)) from T-1 to 0 (DPM-Solver's choice;
-    needs ``alphas_cumprod``), which puts many more steps near t = 0 than the others."""
+    needs ``alphas_cumprod``), which puts many more steps near t = 0 than the others; "karras" spaces
+    the noise level sigma = sqrt((1 - alphabar) / alphabar) evenly in sigma^(1/7) (Karras et al. 2022),
+    between the two: fewer steps near t = 0 than logsnr, more than linspace."""
     T = num_timesteps
     if not 1 <= steps <= T:
         raise ConfigError(f"number of sampling steps must be in 1..{T}, got {steps}")
@@ -56,12 +59,16 @@ def timestep_subset(
         kept = np.arange(steps) * (T // steps)
     elif spacing == "trailing":
         kept = np.round(T - np.arange(steps) * (T / steps)) - 1  # (arange with a float step can overshoot)
-    elif spacing == "logsnr":
+    elif spacing in ("logsnr", "karras"):
         if alphas_cumprod is None:
-            raise ConfigError("logsnr spacing needs the noise schedule (alphas_cumprod)")
+            raise ConfigError(f"{spacing} spacing needs the noise schedule (alphas_cumprod)")
         ab = np.asarray(alphas_cumprod, dtype=np.float64)
         log_snr = np.log(ab) - np.log1p(-ab)  # decreasing in t
-        targets = np.linspace(log_snr[0], log_snr[-1], steps)
+        if spacing == "logsnr":
+            targets = np.linspace(log_snr[0], log_snr[-1], steps)
+        else:  # even in sigma^(1/rho), as log-SNR targets (sigma = exp(-log_snr / 2))
+            ends = np.exp(-log_snr[[0, -1]] / (2 * KARRAS_RHO))
+            targets = -2 * KARRAS_RHO * np.log(np.linspace(ends[0], ends[1], steps))
         kept = np.searchsorted(-log_snr, -targets).clip(0, T - 1)
         for i in range(1, steps):  # near t = 0 one step spans a lot of log-SNR: keep the steps distinct
             kept[i] = max(kept[i], kept[i - 1] + 1)
@@ -80,7 +87,7 @@ def solver_timesteps(
     data (sigma = 0). "logsnr" keeps t = 0, so that last jump is tiny. For the other spacings these are
     diffusers' DPMSolverMultistepScheduler timesteps, which spend no evaluation at t = 0: linspace and
     leading take steps + 1 points and drop 0, trailing never has it."""
-    if steps == num_timesteps or spacing == "logsnr":
+    if steps == num_timesteps or spacing in ("logsnr", "karras"):
         return timestep_subset(num_timesteps, steps, spacing, alphas_cumprod)
     if spacing == "trailing":
         return timestep_subset(num_timesteps, steps, spacing)
@@ -125,14 +132,16 @@ def p_sample(
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     shared_noise: bool = False,
+    index: int | None = None,
 ) -> SampleStep:
     """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0.
-    ``shared_noise`` uses the same z for every example of the batch (for interpolations)."""
+    ``shared_noise`` uses the same z for every example of the batch (for interpolations); ``index``, the
+    step's timestep when the caller knows it, spares reading it back from the device."""
     out = chain.predict(model, x_t, t, clip_denoised)
     noise = randn_like(x_t[:1], generator).expand_as(x_t) if shared_noise else randn_like(x_t, generator)
     nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
     sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
-    return SampleStep(t=int(t[0]), sample=sample, pred_x0=out.pred_x0)
+    return SampleStep(t=int(t[0]) if index is None else index, sample=sample, pred_x0=out.pred_x0)
 
 
 def ancestral_progressive(
@@ -151,9 +160,8 @@ def ancestral_progressive(
     x = _start(shape, generator, device, x_start)
     first = chain.num_timesteps - 1 if t_start is None else t_start
     for i in _reverse(first, progress):
-        step = p_sample(
-            chain, model, x, _timestep(i, shape[0], device), clip_denoised, generator, shared_noise
-        )
+        t = _timestep(i, shape[0], device)
+        step = p_sample(chain, model, x, t, clip_denoised, generator, shared_noise, index=i)
         x = step.sample
         yield step
 

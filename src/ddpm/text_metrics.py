@@ -308,12 +308,12 @@ def _class_agreement(samples, texts, class_names, real, dataset, data_dir, cache
 
 def _domain_clip(folder, run_dir: Path):
     """(the domain CLIP pair, its path): ``folder``, else the run's own text encoder when it is one."""
-    from .clip import load_clip
+    from .clip import info_file, load_clip
     from .encoders import RUN_COPY
 
     if folder is not None:
         return load_clip(folder)[0], str(folder)
     copy = run_dir / RUN_COPY
-    if (copy / "config.json").is_file():
+    if info_file(copy) is not None:
         return load_clip(copy)[0], str(copy)
     return None

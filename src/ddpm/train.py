@@ -49,12 +49,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        shadows, values = [], []
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]
             if shadow.is_floating_point():
-                shadow.lerp_(value, 1.0 - self.decay)  # shadow = decay * shadow + (1 - decay) * value
+                shadows.append(shadow)
+                values.append(value)
             else:
                 shadow.copy_(value)
+        # shadow = decay * shadow + (1 - decay) * value, for every tensor in a few kernels on a GPU (one
+        # launch per tensor dominated the EMA's cost); bit-identical to a lerp_ per tensor
+        torch._foreach_lerp_(shadows, values, 1.0 - self.decay)
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         import copy
@@ -64,9 +69,15 @@ class EMA:
         return ema_model.eval()
 
 
-def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up from 0 over ``warmup_steps`` updates, then constant (the original code)."""
-    return base_lr * min(step / warmup_steps, 1.0) if warmup_steps > 0 else base_lr
+def learning_rate(
+    step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", total_steps: int = 0
+) -> float:
+    """Linear warm-up from 0 over ``warmup_steps`` updates, then constant (the original code) or, with
+    ``schedule="cosine"``, decaying along a half cosine to 0 at ``total_steps``."""
+    lr = base_lr * min(step / warmup_steps, 1.0) if warmup_steps > 0 else base_lr
+    if schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    return lr
 
 
 # What may change when a run is resumed: where and how long it runs, and what it logs. Anything else
@@ -79,6 +90,8 @@ RESUMABLE_CHANGES = {
     "train.precision",
     "train.channels_last",
     "train.compile",
+    "train.compile_mode",
+    "train.fused_optimizer",
     "train.log_every",
     "train.checkpoint_every",
     "train.sample_every",
@@ -92,6 +105,12 @@ RESUMABLE_CHANGES = {
 
 def check_resume_changes(saved: dict, cfg: Config) -> None:
     new = cfg.to_dict()
+    old_steps = saved.get("train", {}).get("steps")
+    if cfg.train.lr_schedule == "cosine" and old_steps not in (None, cfg.train.steps):
+        raise ConfigError(
+            f"cannot change train.steps ({old_steps} -> {cfg.train.steps}) when resuming: with "
+            "train.lr_schedule=cosine it sets the learning rate of every step; start a new run"
+        )
     for section, values in saved.items():
         if not isinstance(values, dict):
             continue
@@ -150,7 +169,12 @@ class Trainer:
         tower = None
         if cfg.model.text_tower != "frozen":  # trained with the denoiser, from its weights or from scratch
             tower = self.text_encoder.tower(fresh=cfg.model.text_tower == "scratch")
-        self.model = build_model(cfg, self.example_shape[0], tower).to(self.device)
+        if cfg.model.kind == "text-encoder":
+            from .clip import DomainClip, clip_config
+
+            self.model = DomainClip(clip_config(cfg, self.example_shape[0]), self.tokenizer).to(self.device)
+        else:
+            self.model = build_model(cfg, self.example_shape[0], tower).to(self.device)
         if t.channels_last:  # before DistributedDataParallel registers the parameters' layout
             self.model.to(memory_format=torch.channels_last)
         self.ddp = None
@@ -161,7 +185,9 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         # The network as the maths calls it: with the precision and speed options of the config.
         trained = self.ddp or self.model
-        self.network = wrap_network(trained, self.device, t.precision, t.channels_last, t.compile)
+        self.network = wrap_network(
+            trained, self.device, t.precision, t.channels_last, t.compile, t.compile_mode
+        )
         self.diffusion: GaussianDiffusion = build_diffusion(cfg)
         # what a step minimises: the diffusion's loss, or an autoencoder's (reconstruction + KL)
         self.objective = self.diffusion
@@ -169,8 +195,15 @@ class Trainer:
             from .autoencoder import AutoencoderObjective
 
             self.objective = AutoencoderObjective(cfg.model.kl_weight)
-        self.optimizer = torch.optim.Adam(
+        if cfg.model.kind == "text-encoder":
+            from .clip import ContrastiveObjective
+
+            self.objective = ContrastiveObjective(self.caption_tokens)
+        optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(
             self.model.parameters(),
+            # fused: one kernel updates every parameter (the default, foreach, takes a few per group)
+            **({"fused": True} if t.fused_optimizer else {}),
             lr=t.lr,
             betas=(t.adam_beta1, t.adam_beta2),
             eps=t.adam_eps,
@@ -196,6 +229,14 @@ class Trainer:
                 write_json(self.run_dir / "config.json", cfg.to_dict())
                 if self.captions is not None:
                     self._keep_text_encoder()
+                if self.latents is not None:
+                    from .latent import keep_autoencoder
+
+                    keep_autoencoder(self.autoencoder, self.run_dir)
+                if cfg.model.kind == "text-encoder":
+                    from .clip import keep_tokenizer
+
+                    keep_tokenizer(self.tokenizer, self.run_dir)
             except (ConfigError, OSError) as e:
                 self.run.unlock()
                 problem = e
@@ -208,7 +249,7 @@ class Trainer:
         self.stream = None  # the shard stream, opened at the step training starts from
         self.labels = None  # class ids (or caption rows) of a conditional run
         self.captions = None  # a text-conditional run's caption encodings
-        if self.streamed and cfg.data.labels != "none":
+        if self.streamed and (cfg.data.labels != "none" or cfg.model.kind == "text-encoder"):
             raise DataError("shards carry no class labels (yet); train on them with data.labels=none")
         if self.streamed:
             from .shards import ShardIndex
@@ -225,7 +266,12 @@ class Trainer:
             self.is_image = self.dataset.is_image
             self.order = BatchOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
             self.data = self.dataset.data.to(self.device)
-            if cfg.data.labels == "captions":
+            if cfg.model.kind == "text-encoder":  # trains on the captions' tokens, not on an encoding
+                from .clip import TokenizedCaptions, run_tokenizer
+
+                self.tokenizer = run_tokenizer(cfg, self.dataset.captions, self.run_dir)
+                self.caption_tokens = TokenizedCaptions(self.tokenizer, self.dataset.captions).to(self.device)
+            elif cfg.data.labels == "captions":
                 self._open_captions(cfg)
             elif self.dataset.labels is not None:  # class-conditional: as many classes as the data has
                 names = self.dataset.class_names
@@ -251,9 +297,9 @@ class Trainer:
     def _open_latents(self, cfg: Config) -> None:
         """Encode every training image (and its mirror image, with flips on) once with the frozen
         autoencoder: the posterior means and log-variances a step draws its latents from."""
-        from .latent import encode_images, load_autoencoder
+        from .latent import encode_images, run_autoencoder
 
-        ae = load_autoencoder(cfg.model.autoencoder, self.device)
+        ae = run_autoencoder(cfg, self.run_dir, self.device)
         channels, size = self.example_shape[0], cfg.data.image_size
         if channels != ae.channels or size % ae.factor:
             raise ConfigError(
@@ -292,14 +338,17 @@ class Trainer:
         sample; copied aside and renamed into place. Pretrained encoders are recorded by name."""
         import shutil
 
+        from .clip import folder_files, info_file
         from .encoders import RUN_COPY, DomainTextEncoder
 
         copy = self.run_dir / RUN_COPY
-        if not isinstance(self.text_encoder, DomainTextEncoder) or (copy / "config.json").is_file():
+        if not isinstance(self.text_encoder, DomainTextEncoder) or info_file(copy) is not None:
             return
         aside = self.run_dir / f".{RUN_COPY}.tmp"
         shutil.rmtree(aside, ignore_errors=True)
-        shutil.copytree(self.text_encoder.source["path"], aside)
+        aside.mkdir()
+        for path in folder_files(self.text_encoder.source["path"]):  # not a text encoder run's checkpoint
+            shutil.copy2(path, aside / path.name)
         shutil.rmtree(copy, ignore_errors=True)
         aside.rename(copy)
 
@@ -342,6 +391,8 @@ class Trainer:
         noise = torch.randn((B, *self.noise_shape), generator=g)
         share = B // self.procs.world_size
         mine = slice(self.procs.rank * share, (self.procs.rank + 1) * share)
+        if self.cfg.model.kind == "text-encoder":  # the images' caption rows travel in t's place
+            t = self.caption_tokens.ids[indices]
         y = None
         if self.labels is not None:  # condition dropout: some examples train the null class (or text "")
             null = self.captions.null if self.captions is not None else self.cfg.model.num_classes
@@ -403,7 +454,7 @@ class Trainer:
         x0, t, noise, y = self.batch(self.step, g)
         seed_dropout(t_cfg.seed, self.step, self.procs.rank)
 
-        lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps)
+        lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps, t_cfg.lr_schedule, t_cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         (self.ddp or self.model).train()
@@ -432,7 +483,8 @@ class Trainer:
                     (micro / accum).backward()
                     loss = loss + micro.detach() / accum
         loss = self.procs.mean(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg.grad_clip)
+        limit = t_cfg.grad_clip or math.inf  # 0: measured, not clipped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
         stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
         if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
             self.optimizer.step()
@@ -589,6 +641,8 @@ class Trainer:
         runs get one row per class (plain conditional samples, w = 0). Under torchrun every process
         draws its share and rank 0 writes (the others return None)."""
         t_cfg = self.cfg.train
+        if self.cfg.model.kind == "text-encoder":  # nothing to draw: its zero-shot accuracy is its report
+            return None
         ema_model = self.ema.model_copy(self.model)
         if self.cfg.model.kind == "autoencoder":
             return self._write_reconstructions(ema_model) if self.procs.is_main else None
