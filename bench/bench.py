@@ -168,19 +168,24 @@ class TrainStep:
         compile_=False,
         num_classes=0,
         context_dim=0,
+        compile_mode=None,
+        fused=False,
     ):
+        """``compile_mode``: compile through ``wrap_network`` in that torch.compile mode (reduce-overhead:
+        CUDA graphs); ``fused``: Adam's fused kernel."""
         self.module, self.forward, cfg, shape = make_net(
             impl, preset_name, device, channels_last, compile_, num_classes, context_dim
         )
         self.diffusion = build_diffusion(cfg)
-        self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-4)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=1e-4, fused=fused or None)
         self.device, self.precision = device, precision
         g = torch.Generator().manual_seed(0)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.x0 = (torch.rand(batch, *shape, generator=g) * 2 - 1).to(device, memory_format=memory_format)
         self.noise = torch.randn(self.x0.shape, generator=g).to(device, memory_format=memory_format)
         self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        self.net = wrap_network(self.forward, device, precision)  # the same autocast as training
+        compiled = dict(compile=True, compile_mode=compile_mode) if compile_mode else {}
+        self.net = wrap_network(self.forward, device, precision, **compiled)  # the same autocast as training
         if num_classes:  # class ids, a tenth of them the null class (condition dropout)
             y = torch.randint(0, num_classes, (batch,), generator=g)
             y[torch.rand(batch, generator=g) < 0.1] = num_classes
@@ -265,6 +270,73 @@ def bench_training(device, quick, compile_, results):
             "flops_per_image": flops / batch,
         }
         del steps
+
+
+class SampleForward:
+    """One network evaluation of a sampling step (inference mode) at a fixed batch, for either network."""
+
+    def __init__(self, impl, preset_name, batch, device, precision, channels_last=False, compile_mode=None):
+        self.module, forward, _, shape = make_net(impl, preset_name, device, channels_last)
+        self.module.eval()
+        g = torch.Generator().manual_seed(0)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.x = torch.randn(batch, *shape, generator=g).to(device, memory_format=memory_format)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        compiled = dict(compile=True, compile_mode=compile_mode) if compile_mode else {}
+        self.net = wrap_network(forward, device, precision, **compiled)
+
+    @torch.inference_mode()
+    def __call__(self):
+        self.net(self.x, self.t)
+
+
+PAPER_STEPS, PAPER_BATCH, FID_SAMPLES = 800_000, 128, 50_000  # the paper's CIFAR-10 training, FID-50k
+
+
+def bench_paper_net(device, quick, results, preset_name="cifar10", train_batch=128, sample_batch=256):
+    """The GPU question: training img/s and sampling network evaluations/s of the paper's network, ours
+    and diffusers' in every variant (compiled ones on a GPU only: a CPU compile takes minutes), and the
+    hours they project for the paper's 800k steps (batch 128) and a 1,000-step FID-50k. "fast" is every
+    speed option at once: bf16, channels_last, compile with CUDA graphs (reduce-overhead), fused Adam."""
+    gpu = device.type == "cuda"
+    plain = [("fp32", {}), ("bf16", {}), ("bf16 channels_last", {"channels_last": True})]
+    compiled = [("bf16 compile", {"compile_mode": "default"})] if gpu else []
+    fast = {"channels_last": True, "compile_mode": "reduce-overhead", "fused": True}
+    train_variants = [(impl, name, opts) for name, opts in plain + compiled for impl in ("ours", "diffusers")]
+    if gpu:
+        train_variants.append(("ours", "bf16 fast", fast))
+    repeats = 5 if quick else 15
+    section = results["paper_net"] = {"preset": preset_name, "train_batch": train_batch}
+    steps = {}
+    for impl, name, opts in train_variants:
+        precision = name.split()[0]
+        step = TrainStep(impl, preset_name, train_batch, device, precision, **opts)
+        for _ in range(3):  # warm-up: compilation, CUDA graph capture, allocator, Adam state
+            step()
+        steps[(impl, name)] = step
+    seconds = {key: [] for key in steps}
+    for _ in range(repeats):  # interleaved
+        for key, step in steps.items():
+            seconds[key].append(timed(step, device, 1))
+    section["train_images_per_s"] = {
+        f"{impl} {name}": train_batch / statistics.median(v) for (impl, name), v in seconds.items()
+    }
+    del steps
+    forwards = {}
+    for impl, name, opts in train_variants:  # the same variants, without the optimiser
+        opts = {k: v for k, v in opts.items() if k != "fused"}
+        forward = SampleForward(impl, preset_name, sample_batch, device, name.split()[0], **opts)
+        for _ in range(3):
+            forward()
+        forwards[(impl, name)] = forward
+    seconds = {key: [] for key in forwards}
+    for _ in range(repeats):
+        for key, forward in forwards.items():
+            seconds[key].append(timed(forward, device, 1))
+    section["sample_batch"] = sample_batch
+    section["sample_evaluations_per_s"] = {
+        f"{impl} {name}": sample_batch / statistics.median(v) for (impl, name), v in seconds.items()
+    }
 
 
 def profiled_split(step, repeats=3) -> dict:
@@ -488,6 +560,22 @@ def report(results):
                 f"| {net} | {r['batch']} | {variant} | {rate:.1f} | {same:.2f}x | "
                 f"{rate / rates['diffusers fp32']:.2f}x | {utilisation if impl == 'ours' else ''} |"
             )
+    if results.get("paper_net"):
+        r = results["paper_net"]
+        print(
+            f"| {r['preset']} net | training images/s (batch {r['train_batch']}) | vs diffusers fp32 | "
+            f"hours for {PAPER_STEPS // 1000}k steps | sampling evaluations/s (batch {r['sample_batch']}) | "
+            "hours for a 1,000-step FID-50k |"
+        )
+        print("|---|---|---|---|---|---|")
+        base = r["train_images_per_s"]["diffusers fp32"]
+        for variant, rate in r["train_images_per_s"].items():
+            evals = r["sample_evaluations_per_s"][variant]
+            train_hours = PAPER_STEPS * PAPER_BATCH / rate / 3600
+            print(
+                f"| {variant} | {rate:,.0f} | {rate / base:.2f}x | {train_hours:.1f} | "
+                f"{evals:,.0f} | {FID_SAMPLES * 1000 / evals / 3600:.2f} |"
+            )
     if results.get("breakdown"):
         print(
             "\n| where a training step's time goes (profiled, ms/step) | convolutions | everything else | "
@@ -570,7 +658,7 @@ def main(argv=None):
         "--skip",
         action="append",
         default=[],
-        choices=["training", "breakdown", "sampling", "memory", "conditioning"],
+        choices=["paper-net", "training", "breakdown", "sampling", "memory", "conditioning"],
     )
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = p.parse_args(argv)
@@ -589,6 +677,10 @@ def main(argv=None):
         "fp32": matmul_peak(device, torch.float32),
         "bf16": matmul_peak(device, torch.bfloat16),
     }
+    if device.type == "cuda" and "paper-net" not in args.skip:
+        bench_paper_net(device, args.quick, results)
+    if device.type == "cuda" and args.quick:  # the GPU question alone: under 5 minutes
+        args.skip += ["training", "breakdown", "sampling", "memory", "conditioning"]
     if "training" not in args.skip:
         bench_training(device, args.quick, args.compile, results)
     if "breakdown" not in args.skip:

@@ -112,7 +112,7 @@ def test_sample_options_and_keywords_are_the_same_call(idx_dir, tmp_path):
     assert np.array_equal(
         ddpm.to_uint8(direct).permute(0, 2, 3, 1).numpy(), np.load(tmp_path / "a" / "samples.npz")["arr_0"]
     )
-    with pytest.raises(ConfigError, match="eta is DDIM's noise level"):
+    with pytest.raises(ConfigError, match="eta is the noise level of ddim"):
         sample_to_dir(run, tmp_path / "c", dataclasses.replace(options, sampler="ancestral"))
     with pytest.raises(ConfigError, match="must be positive"):
         sample_to_dir(run, tmp_path / "c", num=0)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -107,8 +109,9 @@ def test_deterministic_ddim_recovers_the_toy_gaussian():
         ("ddim", 100, 1.0, 0.15),
         ("dpm++2m", 10, 0.0, 0.03),
         ("dpm++2m", 25, 0.0, 0.02),
-        ("sde-dpm++2m", 20, 0.0, 0.05),
-        ("sde-dpm++2m", 50, 0.0, 0.03),
+        ("sde-dpm++2m", 20, None, 0.05),  # None: the SDE's own eta, 1
+        ("sde-dpm++2m", 50, None, 0.03),
+        ("sde-dpm++3m", 50, None, 0.05),  # 21% under at 20 linspace steps, as the others on linspace
     ],
 )
 def test_every_sampler_recovers_the_toy_gaussian(sampler, steps, eta, tol):
@@ -182,6 +185,105 @@ def test_sde_dpm_solver_matches_diffusers_given_the_same_noise():
         torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
         ode = SAMPLERS["dpm++2m"].loop(chain, model, tuple(x_T.shape), clip_denoised=False, x_start=x_T)
         assert not torch.allclose(ours, ode, atol=1e-3)  # the noise matters
+
+
+def k_diffusion_dpmpp_3m_sde(chain, model, x_T, generator, eta=1.0):
+    """k-diffusion's sample_dpmpp_3m_sde, written as it is there: in the variance-exploding
+    variables x / alpha and sigma / alpha, with the network called on the variance-preserving x."""
+    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
+    steps = list(range(chain.num_timesteps - 1, -1, -1))
+    sigmas = [math.sqrt((1 - ab[i]) / ab[i]) for i in steps] + [0.0]
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    for k, i in enumerate(steps):
+        x_vp = x / math.sqrt(1 + sigmas[k] ** 2)
+        t = torch.full((len(x),), i, dtype=torch.long)
+        denoised = chain.predict(model, x_vp, t, clip_denoised=False).pred_x0
+        if sigmas[k + 1] == 0:
+            return denoised
+        h = -math.log(sigmas[k + 1]) + math.log(sigmas[k])
+        h_eta = h * (eta + 1)
+        x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif h_1 is not None:
+            r = h_1 / h
+            d = (denoised - denoised_1) / r
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            x = x + phi_2 * d
+        x = x + torch.randn(x.shape, generator=generator) * sigmas[k + 1] * math.sqrt(
+            -math.expm1(-2 * h * eta)
+        )
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+
+
+def test_the_sde_solvers_noise_level_spans_the_ode_to_more_noise_than_the_sde():
+    """eta = 0 is the ODE solver's update (no noise drawn); eta = 1 the SDE; eta = 2 and 3 differ from
+    both but still sample the toy Gaussian, with either solver, on 50 log-SNR steps. (On linspace steps
+    the third-order solver with eta = 3 over-disperses it: by 25% at 20-100 steps, 6% at 250.)"""
+    from ddpm.samplers import dpm_solver_pp_2m_sample_loop, solver_timesteps
+
+    d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedsmall")
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    chain = d.respaced(solver_timesteps(1000, 50, "logsnr", d.alphas_cumprod))
+    x_T = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0))
+
+    def sde(eta, name="sde-dpm++2m"):
+        g = torch.Generator().manual_seed(1)
+        return SAMPLERS[name].loop(
+            chain, model, (20_000, 1), clip_denoised=False, x_start=x_T, generator=g, eta=eta
+        )
+
+    ode = dpm_solver_pp_2m_sample_loop(chain, model, (20_000, 1), clip_denoised=False, x_start=x_T)
+    torch.testing.assert_close(sde(0.0), ode, rtol=1e-5, atol=1e-6)
+    for name in ("sde-dpm++2m", "sde-dpm++3m"):
+        for eta in (1.0, 2.0, 3.0):
+            x = sde(eta, name)
+            assert not torch.allclose(x, ode, atol=1e-3)
+            assert x.mean().item() == pytest.approx(0.3, abs=0.01)
+            assert x.std().item() == pytest.approx(0.2, rel=0.05), (name, eta)
+    assert not torch.allclose(sde(2.0), sde(1.0), atol=1e-3)
+    with pytest.raises(ConfigError, match="eta must be a finite number >= 0"):
+        sde(-1.0)
+
+
+def test_sde_dpm_solver_3m_is_k_diffusions_given_the_same_noise():
+    from ddpm.samplers import sde_dpm_solver_pp_3m_sample_loop, solver_timesteps
+
+    d = GaussianDiffusion(make_betas("linear", 1000), var_type="fixedsmall")
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for spacing, steps in (("linspace", 10), ("karras", 20)):
+        chain = d.respaced(solver_timesteps(1000, steps, spacing, d.alphas_cumprod))
+        theirs = k_diffusion_dpmpp_3m_sde(chain, model, x_T, torch.Generator().manual_seed(1))
+        ours = sde_dpm_solver_pp_3m_sample_loop(
+            chain,
+            model,
+            (8, 1, 2, 2),
+            clip_denoised=False,
+            x_start=x_T,
+            generator=torch.Generator().manual_seed(1),
+        )
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_karras_spacing_is_even_in_sigma_to_the_one_seventh():
+    d = GaussianDiffusion(make_betas("linear", 1000))
+    sigma = np.sqrt((1 - d.alphas_cumprod) / d.alphas_cumprod)
+    kept = timestep_subset(1000, 20, "karras", d.alphas_cumprod)
+    assert len(kept) == 20 and kept[0] == 0 and kept[-1] == 999
+    gaps = np.diff(sigma[kept] ** (1 / 7))
+    assert gaps.max() / gaps.min() < 1.3  # even up to the rounding to whole timesteps
+    logsnr, linspace = (timestep_subset(1000, 20, s, d.alphas_cumprod) for s in ("logsnr", "linspace"))
+    assert logsnr[5] < kept[5] < linspace[5]  # between the two near t = 0
 
 
 def test_logsnr_spacing_is_even_in_log_snr_and_distinct():
@@ -293,14 +395,22 @@ def test_ddim_inversion_round_trips():
 def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
     import inspect
 
-    from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, sampling_chain, solver_timesteps
+    from ddpm.samplers import (
+        DEFAULT_SPACING,
+        ETA_DEFAULTS,
+        SAMPLERS,
+        get_sampler,
+        sampling_chain,
+        solver_timesteps,
+    )
 
-    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m"}
+    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m", "sde-dpm++3m"}
     assert DEFAULT_SPACING == {
         "ancestral": "linspace",
         "ddim": "linspace",
         "dpm++2m": "logsnr",
         "sde-dpm++2m": "logsnr",
+        "sde-dpm++3m": "linspace",
     }
     expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress"]
     d = linear(T=100)
@@ -316,8 +426,8 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
         assert list(chain.timestep_map) == kept
         x = sampler.loop(chain, model, (4, 1), x_start=x_T, clip_denoised=False)
         assert x.shape == (4, 1) and torch.isfinite(x).all()
-        if name != "ddim":
-            with pytest.raises(ConfigError, match="eta is DDIM's noise level"):
+        if name not in ETA_DEFAULTS:
+            with pytest.raises(ConfigError, match="eta is the noise level of ddim, sde-dpm"):
                 sampler.loop(chain, model, (4, 1), x_start=x_T, eta=0.5)
     assert SAMPLERS["dpm++2m"].timesteps is solver_timesteps
     assert sampling_chain(d, "ddim", None) is d and sampling_chain(d, "ddim", 100) is d

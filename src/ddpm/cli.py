@@ -128,7 +128,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         + " (default ancestral)",
     )
     p.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral fixed-small"
+        "--eta",
+        type=float,
+        help="noise level: DDIM's (0 deterministic, the default; 1 = ancestral fixed-small) or the SDE "
+        "solvers' (1 the reverse SDE, the default; 0 the ODE; more adds noise)",
     )
     no_clip = dict(help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)")
     _add(p, "--no-clip", no_clip=no_clip)

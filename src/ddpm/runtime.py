@@ -63,6 +63,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
 def wrap_network(
     model: nn.Module | Network,
     device: str | torch.device = "cpu",
@@ -94,7 +97,15 @@ def wrap_network(
             return model(x, t, *cond)
 
     if compile:
-        network = torch.compile(network, mode=compile_mode)
+        compiled = network = torch.compile(network, mode=compile_mode)
+        if compile_mode in CUDA_GRAPH_MODES and torch.device(device).type == "cuda":
+
+            def network(x, t, *cond):
+                # A CUDA graph's replay writes its outputs where the last replay wrote them: each call
+                # starts a new step, and its output is copied out before the next one can overwrite it.
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(x, t, *cond).clone()
+
     if precision == "bf16":
         inner, device_type = network, torch.device(device).type
 

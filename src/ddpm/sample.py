@@ -23,7 +23,7 @@ from .files import OutputFolder, write_json
 from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import Processes, init_processes, resolve_device, wrap_network
-from .samplers import check_eta, get_sampler, sampling_chain
+from .samplers import ETA_DEFAULTS, check_eta, get_sampler, sampling_chain
 
 __all__ = ["Request", "SampleOptions", "generate", "load_model", "prepare", "sample_to_dir", "sampling_chain"]
 
@@ -37,7 +37,7 @@ class SampleOptions:
     seed: int = 0
     steps: int | None = None  # timesteps on the respaced chain; None = all T
     sampler: str = "ancestral"  # a name in ddpm.samplers.SAMPLERS
-    eta: float = 0.0  # DDIM's noise level
+    eta: float | None = None  # the noise level of ddim (default 0) and the SDE solvers (default 1)
     spacing: str | None = None  # None = the sampler's default (ddpm.samplers.DEFAULT_SPACING)
     clip_denoised: bool | None = None  # None = clip images to [-1, 1], never 2-D points
     use_ema: bool = True
@@ -77,7 +77,7 @@ def generate(
     progress: bool = False,
     precision: str = "fp32",
     sampler: str = "ancestral",
-    eta: float = 0.0,
+    eta: float | None = None,
     spacing: str | None = None,
     procs: Processes | None = None,
     cond: torch.Tensor | None = None,
@@ -127,7 +127,7 @@ def generate(
             generator=g,
             device=device,
             clip_denoised=clip_denoised,
-            eta=eta,
+            eta=check_eta(sampler, eta),
             progress=progress,
         )
         out.append(x.float().cpu())
@@ -238,7 +238,7 @@ class Request:
             "batch_size": opts.batch_size,
             "seed": opts.seed,
             "sampler": opts.sampler,
-            **({"eta": opts.eta} if opts.sampler == "ddim" else {}),
+            **({"eta": check_eta(opts.sampler, opts.eta)} if opts.sampler in ETA_DEFAULTS else {}),
             "spacing": opts.spacing or get_sampler(opts.sampler).default_spacing,
             "var_type": self.cfg.diffusion.var_type,
             "steps": opts.steps or self.diffusion.num_timesteps,

@@ -116,12 +116,25 @@ def _timestep(i: int, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), i, device=device, dtype=torch.long)
 
 
-def check_eta(sampler: str, eta: float) -> None:
-    """eta is DDIM's noise level, a finite number >= 0; the other samplers take none."""
-    if sampler != "ddim" and eta != 0:
-        raise ConfigError(f"eta is DDIM's noise level; the {sampler} sampler has none (got eta={eta})")
+# The samplers with a noise level eta, and their default: DDIM's (0 deterministic, 1 = Algorithm 2 with the
+# fixed-small variance) and the SDE solvers' (0 = the probability-flow ODE, 1 = the reverse SDE, more =
+# extra noise: each step forgets more of x_s and re-noises more of its x0 prediction).
+ETA_DEFAULTS = {"ddim": 0.0, "sde-dpm++2m": 1.0, "sde-dpm++3m": 1.0}
+
+
+def check_eta(sampler: str, eta: float | None) -> float:
+    """``eta`` for ``sampler`` (None: its default): a finite number >= 0, and only for the samplers that
+    have one."""
+    if eta is None:
+        return ETA_DEFAULTS.get(sampler, 0.0)
+    if sampler not in ETA_DEFAULTS and eta != 0:
+        raise ConfigError(
+            f"eta is the noise level of {', '.join(ETA_DEFAULTS)}; the {sampler} sampler has none "
+            f"(got eta={eta})"
+        )
     if not (math.isfinite(eta) and eta >= 0):
         raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
+    return eta
 
 
 def p_sample(
@@ -295,7 +308,7 @@ def sde_dpm_solver_pp_2m_sample_loop(
     device: torch.device | str = "cpu",
     clip_denoised: bool = True,
     x_start: torch.Tensor | None = None,
-    eta: float = 0.0,
+    eta: float = 1.0,
     progress: bool = False,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, section 5 of DPM-Solver++): the reverse SDE in data-prediction
@@ -306,8 +319,11 @@ def sde_dpm_solver_pp_2m_sample_loop(
 
     with D the x0 prediction, extrapolated from the previous one after the first step. Like the ancestral
     sampler it forgets early errors, which the ODE solvers carry to the end; the final step goes to
-    clean data (sigma = 0) as in diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")."""
-    check_eta("sde-dpm++2m", eta)
+    clean data (sigma = 0) as in diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").
+    ``eta`` scales the noise as in k-diffusion (exp(-h) becomes exp(-h eta), 1 - exp(-2h) becomes
+    1 - exp(-h (1 + eta)) for D and 1 - exp(-2 h eta) for the noise): 1 is the SDE, 0 the ODE
+    (``dpm++2m``'s update), above 1 more of each step is fresh noise."""
+    eta = check_eta("sde-dpm++2m", eta)
     ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
     alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
     lam = np.log(alpha) - np.log(sigma)
@@ -322,11 +338,64 @@ def sde_dpm_solver_pp_2m_sample_loop(
         if x0_prev is not None:
             r = (lam[i] - lam[i + 1]) / h
             d = x0 + (0.5 / r) * (x0 - x0_prev)
-        kept = -np.expm1(-2 * h)  # 1 - exp(-2h)
-        noise = randn_like(x, generator)
-        x = (sigma[i - 1] / sigma[i] * np.exp(-h)) * x + (alpha[i - 1] * kept) * d
-        x = x + (sigma[i - 1] * math.sqrt(kept)) * noise
+        x = (sigma[i - 1] / sigma[i] * np.exp(-h * eta)) * x + (alpha[i - 1] * -np.expm1(-h * (1 + eta))) * d
+        if eta:
+            x = x + (sigma[i - 1] * math.sqrt(-np.expm1(-2 * h * eta))) * randn_like(x, generator)
         x0_prev = x0
+    return x
+
+
+@torch.inference_mode()
+def sde_dpm_solver_pp_3m_sample_loop(
+    chain: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    clip_denoised: bool = True,
+    x_start: torch.Tensor | None = None,
+    eta: float = 1.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(3M): the reverse SDE of ``sde-dpm++2m`` with a third-order multistep update from
+    the last three x0 predictions (exponential-integrator phi functions, as k-diffusion's
+    sample_dpmpp_3m_sde). With h = lambda_t - lambda_s, g = h (1 + eta) and D1, D2 the first and second
+    divided differences of the x0 predictions in lambda:
+
+        x_t = (sigma_t / sigma_s) exp(-h eta) x_s + alpha_t [(1 - exp(-g)) D + phi2 D1 - phi3 D2]
+              + sigma_t sqrt(1 - exp(-2 h eta)) z,   phi2 = 1 - (1 - exp(-g)) / g,   phi3 = phi2 / g - 1/2
+
+    (first order at the first step, second at the next); the final step goes to clean data. ``eta`` as
+    in ``sde-dpm++2m``: 1 the SDE, 0 the ODE, more adds noise."""
+    eta = check_eta("sde-dpm++3m", eta)
+    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
+    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
+    lam = np.log(alpha) - np.log(sigma)
+    x = _start(shape, generator, device, x_start)
+    history: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, the h of the step that followed it)
+    for i in _reverse(chain.num_timesteps - 1, progress):
+        x0 = chain.predict(model, x, _timestep(i, shape[0], device), clip_denoised).pred_x0
+        if i == 0:  # to sigma = 0: the update is x0 itself
+            return x0
+        h = lam[i - 1] - lam[i]
+        g = h * (1 + eta)
+        update = -np.expm1(-g) * x0
+        phi2 = 1 + np.expm1(-g) / g
+        if len(history) >= 2:
+            (x0_1, h_1), (x0_2, h_2) = history[-1], history[-2]
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            update = update + phi2 * d1 - (phi2 / g - 0.5) * d2
+        elif history:
+            x0_1, h_1 = history[-1]
+            update = update + (phi2 * h / h_1) * (x0 - x0_1)
+        x = (sigma[i - 1] / sigma[i] * np.exp(-h * eta)) * x + alpha[i - 1] * update
+        if eta:
+            x = x + (sigma[i - 1] * math.sqrt(-np.expm1(-2 * h * eta))) * randn_like(x, generator)
+        history = [*history[-1:], (x0, h)]
     return x
 
 
@@ -363,6 +432,12 @@ SAMPLERS: dict[str, Sampler] = {
         "logsnr",
         solver_timesteps,
         "SDE-DPM-Solver++(2M), its stochastic variant (noise added each step, like Algorithm 2)",
+    ),
+    "sde-dpm++3m": Sampler(
+        sde_dpm_solver_pp_3m_sample_loop,
+        "linspace",
+        solver_timesteps,
+        "SDE-DPM-Solver++(3M), third-order multistep for the reverse SDE",
     ),
 }
 DEFAULT_SPACING = {name: sampler.default_spacing for name, sampler in SAMPLERS.items()}
