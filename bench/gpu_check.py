@@ -10,6 +10,7 @@
   Adam turns rounding-level gradient differences into lr-sized steps, hence a relative 1e-2).
 - Sampling: the network's output on a fixed (x_t, t) batch, and 10 DDIM steps from fixed noise, per
   option against plain fp32 (relative error of the output, RMSE of the samples in [-1, 1]).
+- Seeded noise: drawn on the CPU and copied to the GPU without blocking, it must equal the CPU's.
 - One process of DistributedDataParallel (NCCL on CUDA, gloo on a CPU): three steps against the same
   steps without it.
 
@@ -192,6 +193,16 @@ def main(argv=None) -> int:
         print(f"| {name} | {' | '.join(cells)} | {'ok' if ok else 'FAILED'} |", flush=True)
         if not ok:
             failed.append(name)
+    if cuda:  # noise drawn on the CPU reaches the GPU through pinned memory, without blocking
+        from ddpm.rng import randn
+
+        shape = (args.batch, 3, 32, 32)
+        on_gpu = [randn(shape, torch.Generator().manual_seed(i), args.device) for i in range(20)]
+        on_cpu = [randn(shape, torch.Generator().manual_seed(i), "cpu") for i in range(20)]
+        same = all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_cpu, strict=True))
+        print(f"| seeded noise on the GPU = on the CPU | {same} | | | {'ok' if same else 'FAILED'} |")
+        if not same:
+            failed.append("noise")
     if "ddp" not in args.skip:
         error = ddp_error(args)
         ok = error <= 1e-3

@@ -44,10 +44,19 @@ def seed_dropout(seed: int, step: int, rank: int = 0) -> None:
     torch.manual_seed(derived_seed(*keys))
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x`` (randoms drawn on the CPU) on ``device``. To a GPU it goes through pinned memory without
+    blocking: a copy from ordinary (pageable) memory first waits for the GPU to finish its queue, which
+    would stall the host at every sampling or training step."""
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere)."""
     gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    return to_device(torch.randn(shape, generator=generator, device=gen_device), device)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DataError
 from .files import write_json
 from .images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
-from .rng import sampling_generator, seed_dropout, step_generator
+from .rng import sampling_generator, seed_dropout, step_generator, to_device
 from .rundir import RunDirectory
 from .runtime import init_processes, resolve_device, wrap_network
 from .sample import generate
@@ -189,7 +189,8 @@ class Trainer:
             trained, self.device, t.precision, t.channels_last, t.compile, t.compile_mode
         )
         self.diffusion: GaussianDiffusion = build_diffusion(cfg)
-        # what a step minimises: the diffusion's loss, or an autoencoder's (reconstruction + KL)
+        # what a step minimises: the diffusion's loss, an autoencoder's (reconstruction + KL) or a text
+        # encoder's (contrastive)
         self.objective = self.diffusion
         if cfg.model.kind == "autoencoder":
             from .autoencoder import AutoencoderObjective
@@ -249,7 +250,7 @@ class Trainer:
         self.stream = None  # the shard stream, opened at the step training starts from
         self.labels = None  # class ids (or caption rows) of a conditional run
         self.captions = None  # a text-conditional run's caption encodings
-        if self.streamed and (cfg.data.labels != "none" or cfg.model.kind == "text-encoder"):
+        if self.streamed and cfg.data.labels != "none":
             raise DataError("shards carry no class labels (yet); train on them with data.labels=none")
         if self.streamed:
             from .shards import ShardIndex
@@ -397,33 +398,33 @@ class Trainer:
         if self.labels is not None:  # condition dropout: some examples train the null class (or text "")
             null = self.captions.null if self.captions is not None else self.cfg.model.num_classes
             drop = torch.rand(B, generator=g) < self.cfg.train.cond_dropout
-            y = torch.where(drop, null, self.labels[indices])[mine].to(self.device)
+            y = to_device(torch.where(drop, null, self.labels[indices])[mine], self.device)
         low_res = self.cfg.model.low_res
         if low_res:  # noise-conditioning augmentation: a random level per example
             level = torch.randint(0, self.cfg.model.low_res_noise_max, (B,), generator=g)[mine]
             augmentation = torch.randn((B, *self.example_shape), generator=g)[mine]
         if self.latents is not None:  # a latent drawn from each image's (or its mirror image's) posterior
-            eps = torch.randn((B, *self.example_shape), generator=g)[mine].to(self.device)
-            rows = indices[mine].to(self.device)
-            side = flip[mine].long().to(self.device) if flip is not None else torch.zeros_like(rows)
+            eps = to_device(torch.randn((B, *self.example_shape), generator=g)[mine], self.device)
+            rows = to_device(indices[mine], self.device)
+            side = to_device(flip[mine].long(), self.device) if flip is not None else torch.zeros_like(rows)
             mean, logvar = self.latents[0][side, rows], self.latents[1][side, rows]
             x = (mean + torch.exp(0.5 * logvar) * eps) * self.autoencoder.scale
-            return x, t[mine].to(self.device), noise[mine].to(self.device), y
+            return x, to_device(t[mine], self.device), to_device(noise[mine], self.device), y
         if self.streamed:
             x = self.next_streamed_batch(step, share).to(self.device)
         else:
-            x = self.data[indices[mine].to(self.device)]
+            x = self.data[to_device(indices[mine], self.device)]
         if self.is_image:
             low = to_model_range(downsample(x, low_res)) if low_res else None
             x = to_model_range(x)
             if flip is not None:
-                flipped = flip[mine].to(self.device)[:, None, None, None]
+                flipped = to_device(flip[mine], self.device)[:, None, None, None]
                 x = torch.where(flipped, x.flip(3), x)
                 low = torch.where(flipped, low.flip(3), low) if low_res else None
             if low_res:
                 alphas = self.diffusion.np["alphas_cumprod"]
-                y = low_res_condition(low, x.shape[-1], level, augmentation.to(self.device), alphas)
-        return x, t[mine].to(self.device), noise[mine].to(self.device), y
+                y = low_res_condition(low, x.shape[-1], level, to_device(augmentation, self.device), alphas)
+        return x, to_device(t[mine], self.device), to_device(noise[mine], self.device), y
 
     def next_streamed_batch(self, step: int, share: int) -> torch.Tensor:
         """This process's next ``share`` images from the shards; the stream opens where step ``step``
