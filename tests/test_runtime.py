@@ -104,3 +104,21 @@ def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap():
     }
     assert free["keep"] >= 64 << 20  # kept for the next step's activations
     assert free["default"] < 16 << 20  # unmapped: the next step page-faults it in again
+
+
+def test_gpu_check_passes_every_option_that_runs_on_a_cpu(idx_dir, capsys):
+    """bench/gpu_check.py (the GPU's own check) on the CPU: every option it can run there is within
+    tolerance of plain fp32, and it says which it skipped."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    argv = ["--device", "cpu", "--preset", "fashion-mnist", "--data-dir", str(idx_dir), "--skip", "compile"]
+    assert gpu_check.main([*argv, "--steps", "3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| bf16 |", "| channels_last |", "| fused adam |", "| DDP, 1 process (gloo) |"):
+        assert row in out and out.split(row)[1].split("\n")[0].rstrip().endswith("| ok |"), row
+    assert "| cuda graphs | | | | skipped: needs a CUDA GPU |" in out
