@@ -1,5 +1,6 @@
-"""Samplers: the paper's ancestral sampler (Algorithm 2), DDIM (Song et al. 2021) with its inversion, and
-DPM-Solver++(2M) (Lu et al. 2022) with its stochastic SDE variant, each under its own name in ``SAMPLERS``.
+"""Samplers: the paper's ancestral sampler (Algorithm 2), DDIM (Song et al. 2021) with its inversion,
+DPM-Solver++(2M) (Lu et al. 2022) and its stochastic SDE variants (2M, and 3M as in k-diffusion) with a
+noise level, each under its own name in ``SAMPLERS``.
 
 Every sampler walks a chain: the diffusion itself (all T steps) or a subset of its timesteps chosen by
 a named spacing (:func:`sampling_chain`), which is a respaced diffusion whose every step goes to the
