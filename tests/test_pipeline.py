@@ -187,3 +187,23 @@ def test_a_prompt_on_a_class_generator_is_refused(parts, tmp_path, capsys):
     assert main([*args, "--class", "1", "--steps", "2", "--decoder-steps", "2"]) == 0
     assert load_samples(tmp_path / "out").shape == (2, 1, 16, 16)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_eval_text_scores_a_pipeline_on_its_final_images(parts, tmp_path, capsys):
+    """`ddpm eval text PIPELINE` draws through the whole pipeline and scores the 8x8 images it ends with
+    (the generator's own are 4x4), with the generator's text encoder as the domain CLIP pair."""
+    pipe = tmp_path / "pipe"
+    assert assemble(pipe, parts / "text-4", parts / "sr-4-8") == 0
+    argv = ["eval", "text", str(pipe), "--per-prompt", "2", "--steps", "2", "--no-progress"]
+    argv += ["--prompt", "a photo of a dark coat", "--prompt", "a photo of a bag"]
+    argv += ["--data-dir", str(parts / "idx"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    result = json.loads((pipe / "text-eval-4" / "text-eval.json").read_text())
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["out"] == str(pipe / "text-eval-4" / "text-eval.json")
+    assert result["num_samples"] == 4 and result["prompts"] == 2
+    assert load_samples(pipe / "text-eval-4").shape == (4, 1, 8, 8)
+    assert result["pipeline"]["decoder"]["low_res"] == "the generator's samples"
+    assert result["sampling"]["prompts"] == ["a photo of a dark coat", "a photo of a bag"]
+    assert result["domain_clip_score"]["model"].endswith("text-4/text-encoder")
+    assert result["class_agreement"]["samples_naming_a_class"] == 4

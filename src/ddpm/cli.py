@@ -672,7 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
         "text", help="prompt following: class agreement, attribute shift, domain CLIP and CLIP scores"
     )
     e.add_argument(
-        "source", help="a text-conditional run directory / checkpoint to sample from, or its samples' folder"
+        "source",
+        help="a text-conditional run directory / checkpoint or a pipeline folder to sample from (the "
+        "sampling flags are its generator's), or a folder of their samples",
     )
     e.add_argument(
         "--per-prompt",

@@ -166,12 +166,22 @@ class PretrainedClip:
         return clip_score(self.image_features(images_uint8), _features_by_text(self.text_features, texts))
 
 
+def sample_record(folder: Path) -> dict:
+    """How a folder's samples were made: the samples.json of `ddpm sample`, or the generator's record in
+    the generate.json of `ddpm generate` (a pipeline's images), or {} when there is neither."""
+    if (folder / "samples.json").is_file():
+        return json.loads((folder / "samples.json").read_text())
+    if (folder / "generate.json").is_file():
+        return json.loads((folder / "generate.json").read_text()).get("generator", {})
+    return {}
+
+
 def sample_prompts(folder: Path, num: int) -> list[str]:
-    """Each sample's prompt, from the samples.json that `ddpm sample` wrote beside a text-conditional
-    model's samples (the prompts split the samples into equal contiguous blocks)."""
+    """Each sample's prompt, from the record `ddpm sample` or `ddpm generate` wrote beside a
+    text-conditional model's samples (the prompts split the samples into equal contiguous blocks)."""
     from .conditions import balanced_classes
 
-    made = json.loads((folder / "samples.json").read_text()) if (folder / "samples.json").is_file() else {}
+    made = sample_record(folder)
     prompts = made.get("prompts")
     if not prompts:
         raise DataError(f"{folder} has no prompts in samples.json; sample a text-conditional run first")
@@ -193,10 +203,12 @@ def evaluate_text(
 ) -> tuple[Path, dict]:
     """Score how a text-conditional model follows prompts. ``source`` is a run directory / checkpoint
     (``per_prompt`` samples are then drawn with ``sampling`` for each of ``sampling.prompts``, by default
-    ``attribute_prompts`` of the data's classes, into RUN/text-eval-N/) or a folder of samples written by
-    `ddpm sample` from one. ``domain_clip``: the domain CLIP pair to score with (default: the run's own
-    text encoder when it is one); ``clip``: a transformers CLIP model for the standard CLIP score.
-    Writes the result as JSON (``out``, default text-eval.json beside the samples)."""
+    ``attribute_prompts`` of the data's classes, into RUN/text-eval-N/), a pipeline folder (the same,
+    through the whole pipeline with ``sampling`` for its generator, into PIPELINE/text-eval-N/) or a
+    folder of samples written by `ddpm sample` or `ddpm generate` from one. ``domain_clip``: the domain
+    CLIP pair to score with (default: the run's own text encoder when it is one); ``clip``: a transformers
+    CLIP model for the standard CLIP score. Writes the result as JSON (``out``, default text-eval.json
+    beside the samples)."""
     import dataclasses
 
     from .evaluate import is_checkpoint
@@ -210,7 +222,9 @@ def evaluate_text(
     if clip is not None:
         clip = PretrainedClip(clip)  # a bad model fails before any sampling
     sampling = sampling or SampleOptions()
-    if is_checkpoint(source):
+    if (source / "pipeline.json").is_file():
+        source = _generate_through(source, per_prompt, sampling, progress)
+    elif is_checkpoint(source):
         cfg = Checkpoint(source).config
         if not cfg["model"].get("context_dim"):
             raise DataError(f"{source} is not text-conditional; `eval text` needs a run trained on captions")
@@ -225,12 +239,12 @@ def evaluate_text(
     folder = source if source.is_dir() else source.parent
     samples = load_samples(source)
     texts = sample_prompts(folder, len(samples))
-    made = json.loads((folder / "samples.json").read_text())
-    run_dir = Path(made["checkpoint"]).parent
+    made = sample_record(folder)
+    run_dir = Path(made["checkpoint"]).parent  # of a pipeline, its generator
     run_cfg = Checkpoint(made["checkpoint"]).config
     dataset = run_cfg["data"]["dataset"]
     class_names = run_cfg["data"].get("class_names") or ()
-    real = _real_test_pairs(run_cfg, data_dir, len(samples))
+    real = _real_test_pairs(run_cfg, data_dir, len(samples), samples.shape[-1])
 
     result = {
         "metric": "text",
@@ -263,14 +277,45 @@ def evaluate_text(
         if real is not None:
             result["clip_score"]["real_test_images"] = round(clip.score(*real), 4)
     result["sampling"] = made
+    if (folder / "generate.json").is_file() and not (folder / "samples.json").is_file():
+        result["pipeline"] = json.loads((folder / "generate.json").read_text())
     path = Path(out) if out else folder / "text-eval.json"
     write_json(path, result)
     return path, result
 
 
-def _real_test_pairs(run_cfg: dict, data_dir, num: int):
-    """The first ``num`` test images of the run's data with their made captions, or None where the
-    data has no made captions (an image folder)."""
+def _generate_through(pipeline_dir: Path, per_prompt: int, sampling, progress: bool) -> Path:
+    """Draw ``per_prompt`` images for each prompt through a pipeline (``sampling`` for its generator; its
+    prompts, by default ``attribute_prompts`` of the generator's classes) into PIPELINE/text-eval-N/."""
+    import dataclasses
+
+    from .pipeline import Pipeline, generate_to_dir
+
+    pipeline = Pipeline.load(pipeline_dir)
+    cfg = pipeline.generator.config
+    if not cfg["model"].get("context_dim"):
+        raise DataError(f"{pipeline_dir}'s generator is not text-conditional; `eval text` needs prompts")
+    prompts = sampling.prompts or tuple(attribute_prompts(cfg["data"].get("class_names") or ()))
+    if not prompts:
+        raise DataError(f"{pipeline_dir}'s data has no class names: give the prompts to score with --prompt")
+    num = per_prompt * len(prompts)
+    folder = pipeline_dir / f"text-eval-{num}"
+    generate_to_dir(
+        pipeline,
+        folder,
+        prompts=list(prompts),
+        guidance=sampling.guidance,
+        num=num,
+        seed=sampling.seed,
+        generator_options=dataclasses.replace(sampling, progress=progress),
+    )
+    return folder
+
+
+def _real_test_pairs(run_cfg: dict, data_dir, num: int, size: int):
+    """The first ``num`` test images of the run's data at ``size`` (the samples' size: a pipeline's
+    generator makes smaller ones) with their made captions, or None where the data has no made captions
+    (an image folder)."""
     from .data import load_dataset
 
     data = run_cfg["data"]
@@ -279,7 +324,7 @@ def _real_test_pairs(run_cfg: dict, data_dir, num: int):
     cfg = DataConfig(
         dataset=data["dataset"],
         root=data_dir or data.get("root"),
-        image_size=data["image_size"],
+        image_size=size,
         channels=data.get("channels"),
         split="test",
         labels="captions",
