@@ -276,6 +276,7 @@ def test_torch_compile_trains_and_samples_as_eager_does(idx_dir, tmp_path):
         cfg.model.dropout = 0.0  # compiled code draws its dropout masks differently
         trainer = Trainer(cfg, tmp_path / str(compiled), progress=False)
         trainers[compiled] = (trainer, torch.tensor([trainer.train_step()["loss"] for _ in range(3)]))
+    assert hasattr(trainers[True][0].network, "_orig_mod")  # really compiled (torch's OptimizedModule)
     torch.testing.assert_close(trainers[True][1], trainers[False][1], rtol=1e-4, atol=1e-5)
     model = trainers[False][0].model.eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 40])

@@ -117,6 +117,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop training after this long")
 
 
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """What every training command takes: the config flags, where the run goes, resuming."""
+    _add_config_flags(p)
+    p.add_argument("--out", help="run directory (default runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    _add(p, "--no-progress")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """How to sample: shared by `sample` and `eval fid CHECKPOINT`."""
     p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
@@ -493,10 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (Algorithm 1)")
-    _add_config_flags(p)
-    p.add_argument("--out", help="run directory (default runs/PRESET)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    _add(p, "--no-progress")
+    _add_training_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -504,10 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train latent diffusion's KL autoencoder (default preset fashion-mnist-autoencoder), then "
         "report its reconstruction error and domain FID on the test split",
     )
-    _add_config_flags(p)
-    p.add_argument("--out", help="run directory (default runs/PRESET)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    _add(p, "--no-progress", "--cache-dir")
+    _add_training_flags(p)
+    _add(p, "--cache-dir")
     p.set_defaults(func=lambda args: cmd_train(args, kind="autoencoder"))
 
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
@@ -711,15 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the domain CLIP pair (text and image towers) on a dataset's captions (default preset "
         "fashion-mnist-text-encoder), then export it with its zero-shot accuracy into the run",
     )
-    _add_config_flags(p)
-    p.add_argument("--out", help="run directory, and the text encoder folder (default runs/PRESET)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    _add_training_flags(p)
     p.add_argument(
         "--tokenizer",
         choices=("bytes", "bpe"),
         help="bytes (the preset's): UTF-8 bytes; bpe: byte-level BPE trained on the captions (`tokenizers`)",
     )
-    _add(p, "--no-progress")
     p.set_defaults(func=lambda args: cmd_train(args, kind="text-encoder"))
 
     p = sub.add_parser("figures", help="the paper's figures: forward process, progressive generation, ...")

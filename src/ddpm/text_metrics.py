@@ -225,12 +225,7 @@ def evaluate_text(
     if (source / "pipeline.json").is_file():
         source = _generate_through(source, per_prompt, sampling, progress)
     elif is_checkpoint(source):
-        cfg = Checkpoint(source).config
-        if not cfg["model"].get("context_dim"):
-            raise DataError(f"{source} is not text-conditional; `eval text` needs a run trained on captions")
-        prompts = sampling.prompts or tuple(attribute_prompts(cfg["data"].get("class_names") or ()))
-        if not prompts:
-            raise DataError(f"{source}'s data has no class names: give the prompts to score with --prompt")
+        prompts = _prompts_to_score(Checkpoint(source).config, source, sampling)
         num = per_prompt * len(prompts)
         folder = (source if source.is_dir() else source.parent) / f"text-eval-{num}"
         sampling = dataclasses.replace(sampling, prompts=prompts, num=num, progress=progress)
@@ -284,6 +279,17 @@ def evaluate_text(
     return path, result
 
 
+def _prompts_to_score(cfg: dict, source: Path, sampling) -> tuple[str, ...]:
+    """The prompts to draw for a run's (or a pipeline generator's) ``cfg``: ``sampling.prompts``, by
+    default ``attribute_prompts`` of its classes; one-line errors when it takes no text or has no classes."""
+    if not cfg["model"].get("context_dim"):
+        raise DataError(f"{source} is not text-conditional; `eval text` needs a run trained on captions")
+    prompts = sampling.prompts or tuple(attribute_prompts(cfg["data"].get("class_names") or ()))
+    if not prompts:
+        raise DataError(f"{source}'s data has no class names: give the prompts to score with --prompt")
+    return prompts
+
+
 def _generate_through(pipeline_dir: Path, per_prompt: int, sampling, progress: bool) -> Path:
     """Draw ``per_prompt`` images for each prompt through a pipeline (``sampling`` for its generator; its
     prompts, by default ``attribute_prompts`` of the generator's classes) into PIPELINE/text-eval-N/."""
@@ -292,12 +298,7 @@ def _generate_through(pipeline_dir: Path, per_prompt: int, sampling, progress: b
     from .pipeline import Pipeline, generate_to_dir
 
     pipeline = Pipeline.load(pipeline_dir)
-    cfg = pipeline.generator.config
-    if not cfg["model"].get("context_dim"):
-        raise DataError(f"{pipeline_dir}'s generator is not text-conditional; `eval text` needs prompts")
-    prompts = sampling.prompts or tuple(attribute_prompts(cfg["data"].get("class_names") or ()))
-    if not prompts:
-        raise DataError(f"{pipeline_dir}'s data has no class names: give the prompts to score with --prompt")
+    prompts = _prompts_to_score(pipeline.generator.config, pipeline_dir, sampling)
     num = per_prompt * len(prompts)
     folder = pipeline_dir / f"text-eval-{num}"
     generate_to_dir(
