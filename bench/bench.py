@@ -297,16 +297,18 @@ def bench_paper_net(device, quick, results, preset_name="cifar10", train_batch=1
     """The GPU question: training img/s and sampling network evaluations/s of the paper's network, ours
     and diffusers' in every variant (compiled ones on a GPU only: a CPU compile takes minutes), and the
     hours they project for the paper's 800k steps (batch 128) and a 1,000-step FID-50k. "fast" is every
-    speed option at once: bf16, channels_last, compile with CUDA graphs (reduce-overhead), fused Adam."""
+    speed option at once: bf16-norm, channels_last, compile with CUDA graphs (reduce-overhead), fused
+    Adam. The first word of a variant's name is its precision."""
     gpu = device.type == "cuda"
     plain = [("fp32", {}), ("bf16", {}), ("bf16 channels_last", {"channels_last": True})]
     train_variants = [(impl, name, opts) for name, opts in plain for impl in ("ours", "diffusers")]
+    train_variants.append(("ours", "bf16-norm", {}))  # (diffusers has no such option)
     if gpu:  # each compiled variant costs a build of about a minute: --quick keeps two
         compiled = {"compile_mode": "default"}
         fast = {"channels_last": True, "compile_mode": "reduce-overhead", "fused": True}
         impls = ("diffusers",) if quick else ("ours", "diffusers")
         train_variants += [(impl, "bf16 compile", compiled) for impl in impls]
-        train_variants.append(("ours", "bf16 fast", fast))
+        train_variants.append(("ours", "bf16-norm fast", fast))
     repeats = 5 if quick else 15
     section = results["paper_net"] = {"preset": preset_name, "train_batch": train_batch}
     steps = {}

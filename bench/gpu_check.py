@@ -40,6 +40,7 @@ from ddpm.train import Trainer
 # name -> (train config values, wrap_network options, loss rtol, output rel. error, sample RMSE, needs CUDA)
 OPTIONS = {
     "bf16": ({"train.precision": "bf16"}, {"precision": "bf16"}, 0.05, 0.05, 0.1, False),
+    "bf16-norm": ({"train.precision": "bf16-norm"}, {"precision": "bf16-norm"}, 0.05, 0.05, 0.1, False),
     "channels_last": ({"train.channels_last": True}, {"channels_last": True}, 1e-2, 1e-3, 1e-2, False),
     "compile": ({"train.compile": True}, {"compile": True}, 1e-2, 1e-3, 1e-2, False),
     "cuda graphs": (
@@ -51,15 +52,24 @@ OPTIONS = {
         True,
     ),
     "fused adam": ({"train.fused_optimizer": True}, None, 1e-2, None, None, False),
+    "deferred checks": (
+        {"train.fused_optimizer": True, "train.deferred_checks": True},
+        None,
+        1e-2,
+        None,
+        None,
+        False,
+    ),
     "all": (
         {
-            "train.precision": "bf16",
+            "train.precision": "bf16-norm",
             "train.channels_last": True,
             "train.compile": True,
             "train.compile_mode": "reduce-overhead",
             "train.fused_optimizer": True,
+            "train.deferred_checks": True,
         },
-        {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "reduce-overhead"},
+        {"precision": "bf16-norm", "channels_last": True, "compile": True, "compile_mode": "reduce-overhead"},
         0.05,
         0.05,
         0.1,
@@ -92,7 +102,7 @@ def train(args, values: dict):
     with tempfile.TemporaryDirectory() as run:
         trainer = Trainer(config(args, values), Path(run) / "run", progress=False)
         try:
-            curve = torch.tensor([trainer.train_step()["loss"] for _ in range(args.steps)])
+            curve = torch.tensor([float(trainer.train_step()["loss"]) for _ in range(args.steps)])
             return curve, trainer.model.eval()
         finally:
             trainer.run.unlock()
@@ -128,6 +138,27 @@ def sampling_errors(args, model, diffusion, options: dict) -> tuple[float, float
             for net in (plain, fast)
         ]
     return out, (samples[0] - samples[1]).pow(2).mean().sqrt().item()
+
+
+def norm_output_dtypes(args, model, precision: str) -> set[torch.dtype]:
+    """The dtypes the network's GroupNorms return in one forward pass at ``precision``."""
+    device = torch.device(args.device)
+    dtypes = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.GroupNorm)
+    ]
+    shape = (2, model.in_channels, model.resolution, model.resolution)
+    try:
+        with torch.inference_mode():
+            wrap_network(model, device, precision)(
+                torch.randn(shape, device=device), torch.tensor([1, 500], device=device)
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
 
 
 def ddp_error(args) -> float:
@@ -207,6 +238,14 @@ def main(argv=None) -> int:
         print(f"| {name} | {' | '.join(cells)} | {'ok' if ok else 'FAILED'} |", flush=True)
         if not ok:
             failed.append(name)
+    if "bf16-norm" not in args.skip:  # (bf16 on CUDA: fp32, an upcast before each norm and a downcast after)
+        dtypes = {p: norm_output_dtypes(args, model, p) for p in ("bf16", "bf16-norm")}
+        ok = dtypes["bf16-norm"] == {torch.bfloat16}
+        names = {p: "/".join(sorted(str(d).removeprefix("torch.") for d in v)) for p, v in dtypes.items()}
+        cells = f"bf16-norm: {names['bf16-norm']} (bf16: {names['bf16']})"
+        print(f"| GroupNorm output dtype | {cells} | | | {'ok' if ok else 'FAILED'} |")
+        if not ok:
+            failed.append("norm dtype")
     if cuda:  # noise drawn on the CPU reaches the GPU through pinned memory, without blocking
         from ddpm.rng import randn
 

@@ -63,7 +63,7 @@ def test_resolve_config_order_preset_file_values_overrides(tmp_path):
 @pytest.mark.parametrize(
     "key,value,message",
     [
-        ("train.precision", "fp16", "train.precision must be fp32 or bf16"),
+        ("train.precision", "fp16", "train.precision must be one of fp32, bf16, bf16-norm"),
         ("train.ema_decay", 1.0, "ema_decay must be in"),
         ("train.sample_steps", 5000, "sample_steps must be in 1..1000"),
         ("model.kind", "transformer", "model.kind must be unet, mlp, autoencoder, text-encoder"),

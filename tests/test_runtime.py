@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 from ddpm.config import PRECISIONS
 from ddpm.errors import ConfigError
 from ddpm.runtime import resolve_device, wrap_network
-from ddpm.unet import UNet
+from ddpm.unet import GroupNorm, UNet
 
 
 def small_unet():
@@ -55,6 +56,27 @@ def test_fp32_is_the_model_itself_and_bf16_is_autocast_with_fp32_outputs():
     assert 0 < (fast - plain).abs().max() < 0.1  # bf16 rounding: close, not equal
 
 
+def test_bf16_norm_is_bf16_with_the_norms_weights_in_bf16():
+    # On a CPU, autocast already normalises bf16 activations in bf16 (with fp32 weights); bf16-norm does
+    # so with bf16 weights, as CUDA's kernel needs, so it equals bf16 once those weights are rounded.
+    model = small_unet()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    rounded = copy.deepcopy(model)
+    norms = [m for m in rounded.modules() if isinstance(m, GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in rounded.modules()) > 10
+    for norm in norms:
+        norm.weight.data, norm.bias.data = norm.weight.bfloat16().float(), norm.bias.bfloat16().float()
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
+    with torch.no_grad():
+        lean = wrap_network(model, "cpu", "bf16-norm")(x, t)
+        autocast = wrap_network(model, "cpu", "bf16")(x, t)
+        assert torch.equal(lean, wrap_network(rounded, "cpu", "bf16")(x, t))
+        assert torch.equal(wrap_network(model, "cpu", "bf16")(x, t), autocast)  # the mode ends with the call
+    assert lean.dtype == torch.float32
+    assert 0 < (lean - autocast).abs().max() < 0.05
+
+
 def test_channels_last_changes_layout_not_results():
     model = small_unet()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
@@ -66,8 +88,8 @@ def test_channels_last_changes_layout_not_results():
 
 
 def test_precisions_are_checked():
-    assert PRECISIONS == ("fp32", "bf16")
-    with pytest.raises(ConfigError, match="precision must be fp32 or bf16, got 'fp16'"):
+    assert PRECISIONS == ("fp32", "bf16", "bf16-norm")
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, bf16-norm, got 'fp16'"):
         wrap_network(small_unet(), precision="fp16")
 
 

@@ -1,4 +1,5 @@
 import json
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -193,6 +194,52 @@ def test_a_nonfinite_loss_never_reaches_the_weights(idx_dir, tmp_path, mode):
         ckpt = Checkpoint(tmp_path / "run")
         assert ckpt.train_state["skipped_steps"] == 1
         assert all(torch.isfinite(v).all() for v in ckpt.model.values())
+
+
+def nan_at_step_4(trainer: Trainer) -> Trainer:
+    network = trainer.network
+    trainer.network = lambda x, t: network(x, t) * (float("nan") if trainer.step == 3 else 1.0)
+    return trainer
+
+
+def test_deferred_checks_train_and_skip_exactly_as_the_per_step_check(idx_dir, tmp_path):
+    """train.deferred_checks reads nothing back between log / checkpoint steps, yet gives the same weights,
+    EMA, Adam state and skip record as checking every step, a non-finite step included."""
+    runs = {}
+    for deferred in (False, True):
+        cfg = tiny_config(
+            idx_dir, steps=8, log_every=3, checkpoint_every=5, on_nonfinite="skip", fused_optimizer=True
+        )
+        cfg.train.deferred_checks = deferred
+        trainer = nan_at_step_4(Trainer(cfg, tmp_path / str(deferred), progress=False))
+        assert trainer.train() == {"step": 8, "stopped": "done", "skipped_steps": 1, "train_seconds": ANY}
+        runs[deferred] = Checkpoint(tmp_path / str(deferred))
+        rows = [
+            json.loads(line) for line in (tmp_path / str(deferred) / "metrics.jsonl").read_text().splitlines()
+        ]
+        # checked every step, the skip is logged at once; deferred, at the next log or checkpoint step
+        assert [(r["step"], r.get("skipped")) for r in rows if "skipped" in r] == [
+            (5 if deferred else 4, 1.0)
+        ]
+        assert [r["step"] for r in rows] == ([3, 5, 6, 8] if deferred else [3, 4, 6, 8])
+    assert runs[True].train_state["skipped_steps"] == runs[False].train_state["skipped_steps"] == 1
+    for group in ("model", "ema", "optimizer"):
+        a, b = getattr(runs[False], group), getattr(runs[True], group)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
+    assert all(torch.isfinite(v).all() for v in runs[True].model.values())
+
+
+def test_deferred_checks_stop_at_the_next_check_with_no_nan_in_the_weights(idx_dir, tmp_path):
+    cfg = tiny_config(idx_dir, steps=8, log_every=3, checkpoint_every=3, fused_optimizer=True)
+    cfg.train.deferred_checks = True
+    trainer = nan_at_step_4(Trainer(cfg, tmp_path / "run", progress=False))
+    with pytest.raises(FloatingPointError, match=r"at step 4, found at step 6 \(train.deferred_checks\)"):
+        trainer.train()
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert Checkpoint(tmp_path / "run").train_state["step"] == 3  # not saved past the non-finite step
+    cfg.train.fused_optimizer = False
+    with pytest.raises(ConfigError, match="train.deferred_checks needs train.fused_optimizer=true"):
+        Trainer(cfg, tmp_path / "unfused", progress=False)
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(idx_dir, tmp_path):

@@ -39,7 +39,8 @@ FLAGS = {
     "--precision": dict(
         choices=PRECISIONS,
         default="fp32",
-        help="bf16 runs the network under autocast: faster, not bit-identical to fp32 (default fp32)",
+        help="bf16 runs the network under autocast: faster, not bit-identical to fp32; bf16-norm also "
+        "keeps GroupNorm in bf16 (no casts around it on CUDA) (default fp32)",
     ),
     "--no-ema": dict(action="store_true", help="use the raw weights instead of the EMA"),
     "--data-dir": dict(help="where the dataset is (default: as in the run's config)"),
@@ -112,7 +113,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     # No defaults here: an unset flag leaves the config's value.
     keep = " (default: the config's)"
     device = dict(default=None, help="auto, cpu, cuda or cuda:N" + keep)
-    precision = dict(default=None, help="fp32, or bf16 autocast" + keep)
+    precision = dict(default=None, help="fp32, bf16 autocast, or bf16-norm (GroupNorm in bf16 too)" + keep)
     _add(p, "--device", "--precision", device=device, precision=precision)
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop training after this long")
 

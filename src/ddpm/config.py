@@ -22,7 +22,8 @@ TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 MODEL_KINDS = ("unet", "mlp", "autoencoder", "text-encoder")
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: Adam (weight decay added to the gradient) or AdamW
 LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule, after the linear warm-up
-PRECISIONS = ("fp32", "bf16")  # the network's: fp32, or bf16 autocast (see ddpm.runtime.wrap_network)
+# the network's: fp32; bf16 autocast; bf16 autocast with GroupNorm in bf16 too (ddpm.runtime.wrap_network)
+PRECISIONS = ("fp32", "bf16", "bf16-norm")
 COMPILE_MODES = (
     "default",
     "reduce-overhead",
@@ -33,7 +34,7 @@ COMPILE_MODES = (
 
 def check_precision(precision: str, what: str = "precision") -> None:
     if precision not in PRECISIONS:
-        raise ConfigError(f"{what} must be {' or '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def check_compile_mode(mode: str, what: str = "compile mode") -> None:
@@ -132,13 +133,17 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 at train.steps), after the warm-up
     seed: int = 0
     on_nonfinite: str = "stop"  # a NaN / inf loss or gradient: "stop", or "skip" the update
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | bf16-norm (autocast, GroupNorm in bf16 too)
     channels_last: bool = False  # NHWC memory layout for the network (a speed option)
     compile: bool = False  # torch.compile the network (a speed option; slow first steps)
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: launches stop costing CPU time),
     # "max-autotune" (also searches kernels; slow to compile), "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
     fused_optimizer: bool = False  # Adam / AdamW's fused kernel (a speed option on GPUs; same maths)
+    # read the loss and gradient norm back at log and checkpoint steps only, so that the host never waits
+    # for the GPU between them: a non-finite step is skipped on the device (fused Adam's found_inf) and
+    # on_nonfinite is applied when it is read (a speed option on GPUs; needs fused_optimizer)
+    deferred_checks: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     time_limit_minutes: float | None = None  # stop (and checkpoint) after this much training time
     log_every: int = 100
@@ -561,6 +566,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.low_res_noise must be in 0..{d.num_timesteps}")
     if data.loader_workers < 0:
         raise ConfigError(f"data.loader_workers must be >= 0, got {data.loader_workers}")
+    if t.deferred_checks and not t.fused_optimizer:
+        raise ConfigError(
+            "train.deferred_checks needs train.fused_optimizer=true (its kernel skips a non-finite step "
+            "on the device)"
+        )
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:

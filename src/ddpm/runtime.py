@@ -7,6 +7,7 @@ Training, sampling, the likelihood, inversion and the figures all get their netw
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch import nn
 
 from .config import check_compile_mode, check_precision
 from .errors import ConfigError
+from .unet import norms_in_bf16
 
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,7 +79,9 @@ def wrap_network(
     """``model`` as the callable ``(x, t) -> output`` that the diffusion maths calls.
 
     - ``precision="bf16"`` runs it under bf16 autocast and returns fp32, so the maths around the
-      network stays in fp32 (fp32, the default, is the reference);
+      network stays in fp32 (fp32, the default, is the reference); ``"bf16-norm"`` also keeps the
+      activations in bf16 through the U-Net's GroupNorms (``ddpm.unet.norms_in_bf16``), which CUDA
+      autocast would upcast to fp32 and back;
     - ``channels_last`` stores its weights (in place) and the inputs in NHWC layout;
     - ``compile`` wraps it in torch.compile (compiled on the first call) in ``compile_mode``
       ("reduce-overhead" replays CUDA graphs: a step's kernel launches cost the CPU nothing);
@@ -106,11 +110,12 @@ def wrap_network(
                 torch.compiler.cudagraph_mark_step_begin()
                 return compiled(x, t, *cond).clone()
 
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-norm"):
         inner, device_type = network, torch.device(device).type
+        norms = norms_in_bf16 if precision == "bf16-norm" else contextlib.nullcontext
 
         def network(x, t, *cond):
-            with torch.autocast(device_type, dtype=torch.bfloat16):
+            with torch.autocast(device_type, dtype=torch.bfloat16), norms():
                 return inner(x, t, *cond).float()
 
     return network

@@ -48,7 +48,9 @@ class EMA:
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, weight: torch.Tensor | None = None) -> None:
+        """One step towards ``model``'s weights; ``weight``, a 0-dim device tensor in place of
+        1 - decay, lets a skipped step move it by 0 without reading anything back."""
         shadows, values = [], []
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]
@@ -59,7 +61,10 @@ class EMA:
                 shadow.copy_(value)
         # shadow = decay * shadow + (1 - decay) * value, for every tensor in a few kernels on a GPU (one
         # launch per tensor dominated the EMA's cost); bit-identical to a lerp_ per tensor
-        torch._foreach_lerp_(shadows, values, 1.0 - self.decay)
+        if weight is None:
+            torch._foreach_lerp_(shadows, values, 1.0 - self.decay)
+        else:
+            torch._foreach_lerp_(shadows, values, [weight] * len(shadows))
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         import copy
@@ -92,6 +97,7 @@ RESUMABLE_CHANGES = {
     "train.compile",
     "train.compile_mode",
     "train.fused_optimizer",
+    "train.deferred_checks",
     "train.log_every",
     "train.checkpoint_every",
     "train.sample_every",
@@ -215,6 +221,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.unchecked = []  # train.deferred_checks: (step, loss, grad norm) not yet read back
         if ckpt is not None:
             self._restore(ckpt)
         self.stop_signal: int | None = None
@@ -486,23 +493,61 @@ class Trainer:
         loss = self.procs.mean(loss)
         limit = t_cfg.grad_clip or math.inf  # 0: measured, not clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        if t_cfg.deferred_checks:
+            return self._update_unchecked(loss, grad_norm, lr)
         stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
         if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
             self.optimizer.step()
             self.ema.update(self.model)
-        else:  # never let a NaN or an infinity into the weights, the EMA or a checkpoint
-            if t_cfg.on_nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS - 1:
-                raise FloatingPointError(
-                    f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at step "
-                    f"{self.step + 1}; that update was not applied (no NaN reached the weights)"
-                )
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            stats["skipped"] = 1.0
-        if "skipped" not in stats:
             self.consecutive_skips = 0
+        else:  # never let a NaN or an infinity into the weights, the EMA or a checkpoint
+            self._skip_or_stop(self.step + 1, stats["loss"], stats["grad_norm"])
+            stats["skipped"] = 1.0
         self.step += 1
         return stats
+
+    def _update_unchecked(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
+        """train.deferred_checks: the update without reading anything back. A non-finite step is
+        skipped on the device (fused Adam leaves weights, moments and step count alone when found_inf is
+        1, and the EMA moves by 0); ``check_deferred`` reads the steps back later. The stats are
+        device tensors."""
+        bad = (~(loss.isfinite() & grad_norm.isfinite())).float()
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        self.ema.update(self.model, weight=(1.0 - self.ema.decay) * (1.0 - bad))
+        self.unchecked.append((self.step + 1, loss, grad_norm))
+        self.step += 1
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def check_deferred(self) -> int:
+        """train.deferred_checks: read the unchecked steps back (one synchronisation) and apply
+        train.on_nonfinite to each in order, as the per-step check would have; returns how many were
+        skipped."""
+        if not self.unchecked:
+            return 0
+        steps = [step for step, _, _ in self.unchecked]
+        values = torch.stack([torch.stack([loss, norm]) for _, loss, norm in self.unchecked]).tolist()
+        self.unchecked = []
+        skipped = 0
+        for step, (loss, grad_norm) in zip(steps, values, strict=True):
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                self.consecutive_skips = 0
+            else:
+                self._skip_or_stop(step, loss, grad_norm, found_at=self.step)
+                skipped += 1
+        return skipped
+
+    def _skip_or_stop(self, step: int, loss: float, grad_norm: float, found_at: int | None = None) -> None:
+        """Step ``step`` (1-based) had a non-finite loss or gradient norm and its update was not
+        applied: count it as skipped, or stop (train.on_nonfinite, or too many skips in a row)."""
+        if self.cfg.train.on_nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS - 1:
+            found = f", found at step {found_at} (train.deferred_checks)" if found_at is not None else ""
+            raise FloatingPointError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}{found}; that "
+                "update was not applied (no NaN reached the weights)"
+            )
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
 
     # ---- the loop ----
 
@@ -540,15 +585,6 @@ class Trainer:
                 session_seconds += elapsed
                 window_images += t_cfg.batch_size
                 bar.update(1)
-                if self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats:
-                    elapsed = time.perf_counter() - window_start
-                    stats["images_per_s"] = round(window_images / max(elapsed, 1e-9), 2)
-                    window_start, window_images = time.perf_counter(), 0
-                    if metrics_file is not None:
-                        record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
                 # Every process must stop at the same step: the time limit and signals are agreed on.
                 sigint, sigterm, out_of_time = self.procs.any(
                     self.stop_signal == signal.SIGINT,
@@ -557,7 +593,27 @@ class Trainer:
                 )
                 signalled = sigint or sigterm
                 last = signalled or out_of_time or self.step == t_cfg.steps
-                if self.procs.is_main and (self.step % t_cfg.checkpoint_every == 0 or last):
+                log = self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats
+                checkpoint = self.step % t_cfg.checkpoint_every == 0 or last
+                if t_cfg.deferred_checks and (log or checkpoint):  # (on every process: they agree)
+                    start = time.perf_counter()
+                    stats = {name: float(value) for name, value in stats.items()}
+                    skipped = self.check_deferred()
+                    waited = time.perf_counter() - start  # for the device to finish the unchecked steps
+                    self.train_seconds += waited
+                    session_seconds += waited
+                    if skipped:
+                        stats["skipped"], log = float(skipped), True
+                if log:
+                    elapsed = time.perf_counter() - window_start
+                    stats["images_per_s"] = round(window_images / max(elapsed, 1e-9), 2)
+                    window_start, window_images = time.perf_counter(), 0
+                    if metrics_file is not None:
+                        record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+                if self.procs.is_main and checkpoint:
                     self.save()
                 if self.step % t_cfg.sample_every == 0 or (last and not signalled):
                     self.write_samples()  # every process draws its share of the grid's batches

@@ -8,6 +8,7 @@ the output layers of each block use a variance scale of 1e-10 instead of zero.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -54,8 +55,34 @@ def linear(in_features: int, out_features: int, scale: float = 1.0):
 ZERO = 1e-10  # the original's stand-in for zero initialisation
 
 
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups, channels, eps=1e-6)
+_NORMS_IN_BF16 = False  # set by norms_in_bf16()
+
+
+@contextlib.contextmanager
+def norms_in_bf16():
+    """Within it, GroupNorm normalises bf16 activations in bf16 (the kernel still accumulates its
+    statistics in fp32), where CUDA autocast would run it in fp32: an upcast before each norm and a
+    downcast at the next convolution, two extra passes over the activations per norm. On a CPU, autocast
+    already does this; there only the norm's weights round to bf16."""
+    global _NORMS_IN_BF16
+    previous, _NORMS_IN_BF16 = _NORMS_IN_BF16, True
+    try:
+        yield
+    finally:
+        _NORMS_IN_BF16 = previous
+
+
+class GroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _NORMS_IN_BF16 and x.dtype == torch.bfloat16:
+            with torch.autocast(x.device.type, enabled=False):  # CUDA's kernel wants weights of x's dtype
+                weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return super().forward(x)
+
+
+def group_norm(channels: int, num_groups: int) -> GroupNorm:
+    return GroupNorm(num_groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
