@@ -585,12 +585,15 @@ class Trainer:
                 session_seconds += elapsed
                 window_images += t_cfg.batch_size
                 bar.update(1)
-                # Every process must stop at the same step: the time limit and signals are agreed on.
-                sigint, sigterm, out_of_time = self.procs.any(
-                    self.stop_signal == signal.SIGINT,
-                    self.stop_signal == signal.SIGTERM,
-                    limit is not None and session_seconds >= limit,
-                )
+                # Every process must stop at the same step: the time limit and signals are agreed on (with
+                # deferred checks across processes, at log steps only: agreeing waits for the devices).
+                sigint = sigterm = out_of_time = False
+                if not (t_cfg.deferred_checks and self.procs.distributed) or self.step % t_cfg.log_every == 0:
+                    sigint, sigterm, out_of_time = self.procs.any(
+                        self.stop_signal == signal.SIGINT,
+                        self.stop_signal == signal.SIGTERM,
+                        limit is not None and session_seconds >= limit,
+                    )
                 signalled = sigint or sigterm
                 last = signalled or out_of_time or self.step == t_cfg.steps
                 log = self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats
