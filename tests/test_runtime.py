@@ -128,19 +128,43 @@ def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap():
     assert free["default"] < 16 << 20  # unmapped: the next step page-faults it in again
 
 
-def test_gpu_check_passes_every_option_that_runs_on_a_cpu(idx_dir, capsys):
-    """bench/gpu_check.py (the GPU's own check) on the CPU: every option it can run there is within
-    tolerance of plain fp32, and it says which it skipped."""
+def bench_module(name: str):
+    """A script of bench/ as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_passes_every_option_that_runs_on_a_cpu(idx_dir, capsys):
+    """bench/gpu_check.py (the GPU's own check) on the CPU: every option it can run there is within
+    tolerance of plain fp32, and it says which it skipped."""
+    gpu_check = bench_module("gpu_check")
     argv = ["--device", "cpu", "--preset", "fashion-mnist", "--data-dir", str(idx_dir), "--skip", "compile"]
     assert gpu_check.main([*argv, "--steps", "3", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     for row in ("| bf16 |", "| channels_last |", "| fused adam |", "| DDP, 1 process (gloo) |"):
         assert row in out and out.split(row)[1].split("\n")[0].rstrip().endswith("| ok |"), row
     assert "| cuda graphs | | | | skipped: needs a CUDA GPU |" in out
+
+
+def test_the_paper_net_bench_reports_every_variant(capsys):
+    """bench.py's GPU section (bench.py --device cuda --quick), run on the CPU on a small net: every
+    variant that runs without compile is timed for training and sampling, and the table prints."""
+    bench = bench_module("bench")
+    results = {"machine": bench.machine(), "matmul_peak_flops": {"fp32": 1e11, "bf16": 2e11}}
+    results.update({key: {} for key in ("training", "breakdown", "sampling", "memory", "conditioning")})
+    bench.bench_paper_net(torch.device("cpu"), True, results, "fashion-mnist", train_batch=4, sample_batch=4)
+    section = results["paper_net"]
+    variants = {
+        f"{impl} {v}" for impl in ("ours", "diffusers") for v in ("fp32", "bf16", "bf16 channels_last")
+    }
+    assert set(section["train_images_per_s"]) == set(section["sample_evaluations_per_s"])
+    assert set(section["train_images_per_s"]) == variants | {"ours bf16-norm"}
+    assert all(rate > 0 for rate in section["train_images_per_s"].values())
+    bench.report(results)
+    out = capsys.readouterr().out
+    assert "hours for 800k steps" in out and "| ours bf16-norm |" in out

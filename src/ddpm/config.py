@@ -197,10 +197,11 @@ def _preset_fashion_mnist() -> Config:
 
     Departures from the paper, each chosen by measurement on this budget (see README): a 1.1M-parameter
     network (ch 32, one res block per level, two downsamplings, attention at 7x7, GroupNorm with 8
-    groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8), no dropout, a 5x
-    larger learning rate with a 100-step warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near
-    the initial weights after 1,375 steps), bf16 autocast, and the fixed-small variance, which gives
-    clean samples on 100 respaced steps where fixed-large leaves visible grain.
+    groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8 on 2026-11-24, a
+    57.1 not reproduced since: see README), no dropout, a 5x larger learning rate with a 100-step
+    warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near the initial weights after 1,375
+    steps), bf16 autocast, and the fixed-small variance, which gives clean samples on 100 respaced steps
+    where fixed-large leaves visible grain.
     """
     return Config(
         name="fashion-mnist",
