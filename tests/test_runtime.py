@@ -77,6 +77,23 @@ def test_bf16_norm_is_bf16_with_the_norms_weights_in_bf16():
     assert 0 < (lean - autocast).abs().max() < 0.05
 
 
+def test_bf16_norm_survives_compilation(monkeypatch):
+    """The norms' mode is a module global read inside the compiled region: dynamo must guard on it, so
+    that one model compiled for bf16 and for bf16-norm runs each as in eager mode (dynamo's eager backend
+    here, which traces like inductor but compiles in seconds)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None: compile_(f, backend="eager"))
+    torch._dynamo.reset()
+    model = small_unet()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
+    with torch.no_grad():
+        for precision in ("bf16", "bf16-norm", "bf16"):
+            eager = wrap_network(model, "cpu", precision)(x, t)
+            assert torch.equal(wrap_network(model, "cpu", precision, compile=True)(x, t), eager), precision
+
+
 def test_channels_last_changes_layout_not_results():
     model = small_unet()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
