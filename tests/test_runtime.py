@@ -88,10 +88,26 @@ def test_bf16_norm_survives_compilation(monkeypatch):
     for p in model.parameters():
         p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
-    with torch.no_grad():
-        for precision in ("bf16", "bf16-norm", "bf16"):
-            eager = wrap_network(model, "cpu", precision)(x, t)
-            assert torch.equal(wrap_network(model, "cpu", precision, compile=True)(x, t), eager), precision
+    try:
+        with torch.no_grad():
+            for precision in ("bf16", "bf16-norm", "bf16"):
+                eager = wrap_network(model, "cpu", precision)(x, t)
+                compiled = wrap_network(model, "cpu", precision, compile=True)(x, t)
+                assert torch.equal(compiled, eager), precision
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_norms_mode_lasts_while_any_user_has_it_open():
+    from ddpm import unet
+
+    first, second = unet.norms_in_bf16(), unet.norms_in_bf16()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # (another thread's call may end first)
+    assert unet._NORMS_IN_BF16
+    second.__exit__(None, None, None)
+    assert not unet._NORMS_IN_BF16
 
 
 def test_channels_last_changes_layout_not_results():

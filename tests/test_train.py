@@ -202,7 +202,8 @@ def nan_at_step_4(trainer: Trainer) -> Trainer:
     return trainer
 
 
-def test_deferred_checks_train_and_skip_exactly_as_the_per_step_check(idx_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_deferred_checks_train_and_skip_exactly_as_the_per_step_check(idx_dir, tmp_path, optimizer):
     """train.deferred_checks reads nothing back between log / checkpoint steps, yet gives the same weights,
     EMA, Adam state and skip record as checking every step, a non-finite step included."""
     runs = {}
@@ -210,6 +211,7 @@ def test_deferred_checks_train_and_skip_exactly_as_the_per_step_check(idx_dir, t
         cfg = tiny_config(
             idx_dir, steps=8, log_every=3, checkpoint_every=5, on_nonfinite="skip", fused_optimizer=True
         )
+        cfg.train.optimizer, cfg.train.weight_decay = optimizer, 0.01
         cfg.train.deferred_checks = deferred
         trainer = nan_at_step_4(Trainer(cfg, tmp_path / str(deferred), progress=False))
         assert trainer.train() == {"step": 8, "stopped": "done", "skipped_steps": 1, "train_seconds": ANY}

@@ -142,8 +142,7 @@ class TrainConfig:
     fused_optimizer: bool = False  # Adam / AdamW's fused kernel (a speed option on GPUs; same maths)
     # read the loss and gradient norm back at log and checkpoint steps only, so that the host never waits
     # for the GPU between them: a non-finite step is skipped on the device (fused Adam's found_inf) and
-    # on_nonfinite is applied when it is read; under torchrun, signals and the time limit are agreed on at
-    # log steps only (a speed option on GPUs; needs fused_optimizer)
+    # on_nonfinite is applied when it is read (a speed option on GPUs; needs fused_optimizer)
     deferred_checks: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     time_limit_minutes: float | None = None  # stop (and checkpoint) after this much training time

@@ -146,8 +146,8 @@ class Processes:
             return [bool(f) for f in flags]
         import torch.distributed as dist
 
-        values = torch.tensor([float(f) for f in flags], device=_collective_device())
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        values = torch.tensor([float(f) for f in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group())
         return [bool(v) for v in values.tolist()]
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -171,6 +171,21 @@ class Processes:
         return parts
 
 
+_HOST_GROUP = None  # see _host_group
+
+
+def _host_group():
+    """A gloo group of the same processes, for flags that live on the host (signals, the time limit):
+    over NCCL, agreeing on one would queue behind the GPU's work and read it back, a wait for the device
+    at every training step."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        import torch.distributed as dist
+
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def _collective_device() -> torch.device:
     import torch.distributed as dist
 
@@ -186,9 +201,11 @@ def finish_processes() -> None:
     to it can die with SIGABRT in gloo's teardown."""
     import torch.distributed as dist
 
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _HOST_GROUP = None
 
 
 def init_processes(device: torch.device) -> Processes:

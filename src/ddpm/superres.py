@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .data import match_images
 from .errors import ConfigError
 from .images import to_model_range
-from .rng import SEED_AUGMENTATION, generator
+from .rng import SEED_AUGMENTATION, generator, to_device
 
 
 @dataclass
@@ -62,9 +62,10 @@ def low_res_condition(
     """The condition for low-resolution images ``low`` ([B, C, h, w], model range): upsampled
     (bilinear) to ``size``, then noised to ``level`` ([B] ints) with ``noise`` ([B, C, size, size])."""
     up = F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
-    abar = augmentation_alphas(alphas_cumprod).to(up.device)[level.to(up.device)]
+    level = to_device(level, up.device)  # (pinned, non-blocking: run every training step)
+    abar = to_device(augmentation_alphas(alphas_cumprod), up.device)[level]
     abar = abar.to(up.dtype)[:, None, None, None]
-    return LowResImage(abar.sqrt() * up + (1 - abar).sqrt() * noise.to(up), level.to(up.device).long())
+    return LowResImage(abar.sqrt() * up + (1 - abar).sqrt() * noise.to(up), level.long())
 
 
 def conditions_for(

@@ -418,7 +418,7 @@ class Trainer:
             x = (mean + torch.exp(0.5 * logvar) * eps) * self.autoencoder.scale
             return x, to_device(t[mine], self.device), to_device(noise[mine], self.device), y
         if self.streamed:
-            x = self.next_streamed_batch(step, share).to(self.device)
+            x = to_device(self.next_streamed_batch(step, share), self.device)
         else:
             x = self.data[to_device(indices[mine], self.device)]
         if self.is_image:
@@ -456,7 +456,7 @@ class Trainer:
         except DataError as e:  # from a loader worker: its message ends with the original one line
             raise DataError(str(e).strip().splitlines()[-1].removeprefix("ddpm.errors.DataError: ")) from None
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, float | torch.Tensor]:
         t_cfg = self.cfg.train
         g = step_generator(t_cfg.seed, self.step)
         x0, t, noise, y = self.batch(self.step, g)
@@ -541,7 +541,9 @@ class Trainer:
         """Step ``step`` (1-based) had a non-finite loss or gradient norm and its update was not
         applied: count it as skipped, or stop (train.on_nonfinite, or too many skips in a row)."""
         if self.cfg.train.on_nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS - 1:
-            found = f", found at step {found_at} (train.deferred_checks)" if found_at is not None else ""
+            found = (
+                f", found at step {found_at} (train.deferred_checks)" if found_at not in (None, step) else ""
+            )
             raise FloatingPointError(
                 f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}{found}; that "
                 "update was not applied (no NaN reached the weights)"
@@ -585,15 +587,12 @@ class Trainer:
                 session_seconds += elapsed
                 window_images += t_cfg.batch_size
                 bar.update(1)
-                # Every process must stop at the same step: the time limit and signals are agreed on (with
-                # deferred checks across processes, at log steps only: agreeing waits for the devices).
-                sigint = sigterm = out_of_time = False
-                if not (t_cfg.deferred_checks and self.procs.distributed) or self.step % t_cfg.log_every == 0:
-                    sigint, sigterm, out_of_time = self.procs.any(
-                        self.stop_signal == signal.SIGINT,
-                        self.stop_signal == signal.SIGTERM,
-                        limit is not None and session_seconds >= limit,
-                    )
+                # Every process must stop at the same step: the time limit and signals are agreed on.
+                sigint, sigterm, out_of_time = self.procs.any(
+                    self.stop_signal == signal.SIGINT,
+                    self.stop_signal == signal.SIGTERM,
+                    limit is not None and session_seconds >= limit,
+                )
                 signalled = sigint or sigterm
                 last = signalled or out_of_time or self.step == t_cfg.steps
                 log = self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats
@@ -638,6 +637,7 @@ class Trainer:
         return result
 
     def save(self) -> None:
+        self.check_deferred()  # (the skip count it records must be up to date)
         state = {"step": self.step, "seed": self.cfg.train.seed, "train_seconds": self.train_seconds}
         if self.skipped_steps:
             state["skipped_steps"] = self.skipped_steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,9 @@ def linear(in_features: int, out_features: int, scale: float = 1.0):
 ZERO = 1e-10  # the original's stand-in for zero initialisation
 
 
-_NORMS_IN_BF16 = False  # set by norms_in_bf16()
+_NORMS_IN_BF16 = False  # while any norms_in_bf16() is open (a bool: compiled code guards on its value)
+_norms_in_bf16_open = 0
+_norms_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -63,13 +66,20 @@ def norms_in_bf16():
     """Within it, GroupNorm normalises bf16 activations in bf16 (the kernel still accumulates its
     statistics in fp32), where CUDA autocast would run it in fp32: an upcast before each norm and a
     downcast at the next convolution, two extra passes over the activations per norm. On a CPU, autocast
-    already does this; there only the norm's weights round to bf16."""
-    global _NORMS_IN_BF16
-    previous, _NORMS_IN_BF16 = _NORMS_IN_BF16, True
+    already does this; there only the norm's weights round to bf16.
+
+    The mode is the process's, not the thread's (compiled code can guard on a global, not on a thread's
+    state): another thread's bf16 network running meanwhile gets it too. It ends when the last one closes."""
+    global _NORMS_IN_BF16, _norms_in_bf16_open
+    with _norms_lock:
+        _norms_in_bf16_open += 1
+        _NORMS_IN_BF16 = True
     try:
         yield
     finally:
-        _NORMS_IN_BF16 = previous
+        with _norms_lock:
+            _norms_in_bf16_open -= 1
+            _NORMS_IN_BF16 = _norms_in_bf16_open > 0
 
 
 class GroupNorm(nn.GroupNorm):
