@@ -140,8 +140,8 @@ class TrainConfig:
     # "max-autotune" (also searches kernels; slow to compile), "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
     fused_optimizer: bool = False  # Adam / AdamW's fused kernel (a speed option on GPUs; same maths)
-    # read the loss and gradient norm back at log and checkpoint steps only, so that the host never waits
-    # for the GPU between them: a non-finite step is skipped on the device (fused Adam's found_inf) and
+    # read the loss and gradient norm back at log and checkpoint steps only, so that the host can run
+    # ahead of the GPU between them: a non-finite step is skipped on the device (fused Adam's found_inf) and
     # on_nonfinite is applied when it is read (a speed option on GPUs; needs fused_optimizer)
     deferred_checks: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
