@@ -45,11 +45,12 @@ def test_local_weights_load_into_the_inception_network(inception_weights):
     np.testing.assert_allclose(f_gray, f_rgb)
 
 
-def test_offline_download_failure_is_one_clear_error():
+def test_offline_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights are downloaded
+    with mock.patch("torch.hub.download_url_to_file", offline):
         with pytest.raises(DataError, match="--inception-weights PATH"):
             inception.load_inception(None)
 

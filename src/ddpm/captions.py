@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .files import parse_json, read_text
 from .rng import SEED_CAPTIONS, generator
+
+MAX_METADATA_BYTES = 2**30  # a metadata.jsonl larger than this is refused, not read into memory
+MAX_CAPTION_BYTES = 2**20  # and a caption .txt larger than this (tokenizers keep the first ~77 tokens)
 
 FOREGROUND = 24  # 0..255: a pixel brighter than this belongs to the object (the backgrounds are ~0)
 TEMPLATES = (
@@ -86,16 +90,18 @@ def folder_captions(root: str | Path, files: list[Path]) -> list[str]:
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
         texts = {}
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        lines = read_text(metadata, max_bytes=MAX_METADATA_BYTES).split("\n")  # not at U+2028: JSON's
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                texts[str(Path(row["file_name"]))] = str(row["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f'{metadata} line {number}: expected {{"file_name": ..., "text": ...}}'
-                ) from None
+            row = parse_json(line, f"{metadata} line {number}")
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or "text" not in row:
+                raise DataError(f'{metadata} line {number}: expected {{"file_name": ..., "text": ...}}')
+            if not isinstance(row["text"], str):  # never the caption "None" or "[1, 2]"
+                given = json.dumps(row["text"])
+                given = given if len(given) <= 40 else given[:37] + "..."
+                raise DataError(f'{metadata} line {number}: "text" must be a string, not {given}')
+            texts[str(Path(row["file_name"]))] = row["text"]
         missing = [f for f in files if str(f.relative_to(root)) not in texts]
         if missing:
             raise DataError(f"{metadata} has no caption for {missing[0].relative_to(root)}")
@@ -107,5 +113,5 @@ def folder_captions(root: str | Path, files: list[Path]) -> list[str]:
             raise DataError(
                 f"no caption for {f.relative_to(root)}: give {root}/metadata.jsonl or {txt.name} beside it"
             )
-        captions.append(txt.read_text(encoding="utf-8").strip())
+        captions.append(read_text(txt, "caption", max_bytes=MAX_CAPTION_BYTES).strip())
     return captions

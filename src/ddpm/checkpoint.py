@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import atomic_write, parse_json
 
 FORMAT = "ddpm-checkpoint"
 FORMAT_VERSION = 1
@@ -112,10 +112,15 @@ class Checkpoint:
                 f"checkpoint {path} has format version {version}; this ddpm reads version {FORMAT_VERSION}"
             )
         try:
-            self.config = json.loads(metadata["config"])
-            self.train_state = json.loads(metadata.get("train_state", "{}"))
-            self.optimizer_meta = json.loads(metadata.get("optimizer", "null"))
-        except (KeyError, json.JSONDecodeError) as e:
+            # ddpm's own json.dumps, read as written (a NaN latent_scale, a class folder's non-UTF-8
+            # name), but never deeper or larger than any JSON ddpm reads
+            def read(text, what):
+                return parse_json(text, what, error=CheckpointError, strict=False)
+
+            self.config = read(metadata["config"], "its config")
+            self.train_state = read(metadata.get("train_state", "{}"), "its train_state")
+            self.optimizer_meta = read(metadata.get("optimizer", "null"), "its optimizer")
+        except (KeyError, CheckpointError) as e:
             raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
         if not isinstance(self.config, dict) or not isinstance(self.train_state, dict):
             raise CheckpointError(

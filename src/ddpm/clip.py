@@ -13,7 +13,6 @@ still load.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .captions import article
 from .config import DataConfig
 from .data import load_dataset
 from .errors import DataError
-from .files import atomic_write, write_json
+from .files import atomic_write, read_json, read_text, write_json
 from .images import to_model_range
 from .text import BpeTokenizer, ByteTokenizer, TextEncoding, TextTransformer, normalized
 
@@ -213,7 +212,7 @@ def run_tokenizer(cfg, captions: list[str], run_dir: Path) -> ByteTokenizer | Bp
     kept = Path(run_dir) / TOKENIZER_FILE
     if kept.is_file():
         try:
-            return BpeTokenizer.from_json(kept.read_text(), m.text_max_length)
+            return BpeTokenizer.from_json(read_text(kept, "the run's tokenizer"), m.text_max_length)
         except (OSError, ValueError) as e:
             raise DataError(f"the run's tokenizer {kept} is damaged ({e})") from None
     return BpeTokenizer.train(captions, BPE_VOCAB_SIZE, m.text_max_length)
@@ -267,9 +266,9 @@ def info_file(folder: str | Path) -> Path | None:
     if (folder / INFO_FILE).is_file():
         return folder / INFO_FILE
     try:
-        if json.loads((folder / "config.json").read_text()).get("format") == FORMAT:
+        if read_json(folder / "config.json", expect=dict).get("format") == FORMAT:
             return folder / "config.json"
-    except (OSError, ValueError, AttributeError):
+    except DataError:
         pass
     return None
 
@@ -280,8 +279,8 @@ def is_text_encoder(folder: str | Path) -> bool:
     if info_file(folder) is not None:
         return True
     try:
-        return json.loads((folder / "config.json").read_text())["model"]["kind"] == "text-encoder"
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_json(folder / "config.json", expect=dict)["model"]["kind"] == "text-encoder"
+    except (DataError, KeyError, TypeError):
         return False
 
 
@@ -323,15 +322,15 @@ def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
             f"{folder} holds no text encoder ({INFO_FILE}); train one with `ddpm train-text-encoder`"
         )
     try:
-        info = json.loads(info_path.read_text())
+        info = read_json(info_path, expect=dict)
         if info.get("format") != FORMAT:
             raise ValueError(f"format {info.get('format')!r}, expected {FORMAT!r}")
         config = ClipConfig(**info["model"])
         tokenizer = None
         if config.tokenizer == "bpe":
-            tokenizer = BpeTokenizer.from_json((folder / TOKENIZER_FILE).read_text(), config.max_length)
+            tokenizer = BpeTokenizer.from_json(read_text(folder / TOKENIZER_FILE), config.max_length)
         model = DomainClip(config, tokenizer)
         model.load_state_dict(load_file(str(folder / MODEL_FILE)))
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError, DataError) as e:
         raise DataError(f"text encoder {folder} is damaged ({e})") from None
     return model.eval(), info

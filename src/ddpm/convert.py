@@ -6,7 +6,6 @@ names; this module maps the names (both the current and the older attention nami
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from .build import build_model, load_weights
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, validate
 from .errors import CheckpointError
-from .files import write_json
+from .files import read_json, write_json
+from .safeload import load_state_dict
 
 _RESNET = {"time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut"}
 _ATTENTION = {
@@ -172,10 +172,7 @@ def diffusion_config_from_diffusers(sched: dict) -> DiffusionConfig:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    value = read_json(path, error=CheckpointError)
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
     return value
@@ -202,9 +199,13 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
 
             state = load_file(str(weights_file))
         elif (unet_dir / "diffusion_pytorch_model.bin").is_file():
-            # Older folders ship a torch pickle; weights_only refuses anything but tensors.
+            # Older folders ship a torch pickle: read through torch's weights-only unpickler (tensors and
+            # plain containers, nothing that runs code), on a torch where that is safe.
             bin_file = unet_dir / "diffusion_pytorch_model.bin"
-            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+            try:
+                state = load_state_dict(bin_file, bin_file.name, "a state dict", CheckpointError)
+            except CheckpointError as e:
+                raise CheckpointError(f"cannot read the weights in {unet_dir}: {e}") from None
         else:
             raise CheckpointError(f"no diffusion_pytorch_model.safetensors or .bin in {unet_dir}")
     except CheckpointError:

@@ -196,8 +196,9 @@ def decode_image(source, name: str):
             img.load()
             is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
             return (_to_8bit_gray(img) if is_gray else img.convert("RGB")), is_gray
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot read image {name}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        shown = name if name.isprintable() else ascii(name)  # a file name never breaks the one line
+        raise DataError(f"cannot read image {shown}: {e}") from None
 
 
 def image_array(img, size: int, channels: int) -> np.ndarray:

@@ -4,13 +4,144 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, DDPMError
+
+MAX_JSON_BYTES = 64 * 2**20  # the largest JSON file read: a tokenizer's is a few MiB, ddpm's records KiB
+MAX_JSON_DEPTH = 64  # the deepest nesting of lists and objects read (the files read nest a few levels)
+MAX_JSON_DIGITS = 100  # the longest integer read (Python refuses over 4300 digits, with advice for coders)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # what may decode to a lone surrogate
+
+
+def _label(path, what: str) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def read_bytes(
+    path: str | Path, what: str = "", *, error: type[DDPMError] = DataError, max_bytes: int
+) -> bytes:
+    """The bytes of a file, or one line naming it: missing, unreadable, or larger than ``max_bytes``."""
+    label = _label(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"cannot read {label}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise error(f"cannot read {label}: larger than {max_bytes:,} bytes")
+    return data
+
+
+def decode_text(data: bytes, label: str, error: type[DDPMError] = DataError) -> str:
+    """UTF-8 ``data`` as text (a leading byte-order mark dropped), or one line saying where it is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"cannot read {label}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_text(
+    path: str | Path, what: str = "", *, error: type[DDPMError] = DataError, max_bytes: int = MAX_JSON_BYTES
+) -> str:
+    """The UTF-8 text of a file of at most ``max_bytes``, or one line naming the file and its fault."""
+    return decode_text(read_bytes(path, what, error=error, max_bytes=max_bytes), _label(path, what), error)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is too long")
+    return int(text)
+
+
+def check_tree(value, label: str, error: type[DDPMError] = DataError, strings: bool = True) -> None:
+    """Refuse a parsed value (of JSON or TOML) nested more than MAX_JSON_DEPTH deep or (``strings``)
+    holding a string that is not Unicode text (a lone surrogate, from an escape), in one line naming
+    ``label``; walked without recursion."""
+    kinds = str | dict | list if strings else dict | list
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    lone = ascii(item[e.start])
+                    raise error(f"cannot read {label}: a string that is not Unicode (lone {lone})") from None
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise error(f"cannot read {label}: nested more than {MAX_JSON_DEPTH} levels deep")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, kinds))
+
+
+def parse_json(
+    text: str | bytes,
+    label: str,
+    *,
+    error: type[DDPMError] = DataError,
+    expect: type | None = None,
+    max_bytes: int = MAX_JSON_BYTES,
+    strict: bool = True,
+):
+    """JSON ``text`` (``label`` names it in errors: a file, a line of one, a checkpoint's metadata) as a
+    value, refusing in one line: more than ``max_bytes``, bytes that are not UTF-8, invalid JSON, nesting
+    deeper than MAX_JSON_DEPTH, (``expect``) a value of another type and, when ``strict``, NaN or infinite
+    numbers and escapes of lone surrogates (not ``strict``: what Python's json.dumps writes of a NaN or of
+    a file name that is not UTF-8 is read as written)."""
+    if len(text) > max_bytes:
+        raise error(f"cannot read {label}: larger than {max_bytes:,} bytes")
+    if isinstance(text, bytes):
+        text = decode_text(text, label, error)
+    try:
+        numbers = dict(parse_constant=_refuse_constant, parse_float=_finite_float) if strict else {}
+        value = json.loads(text, parse_int=_bounded_int, **numbers)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 or "\n" in text else f"column {e.colno}"
+        raise error(f"cannot read {label}: not valid JSON ({at}: {e.msg})") from None
+    except ValueError as e:
+        raise error(f"cannot read {label}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"cannot read {label}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_tree(value, label, error, strings=strict and SURROGATE_ESCAPE.search(text) is not None)
+    if expect is not None and not isinstance(value, expect):
+        kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        found = kinds.get(type(value), "a number")
+        raise error(f"{label} holds a JSON {found.split()[-1]}, not {kinds.get(expect, expect.__name__)}")
+    return value
+
+
+def read_json(
+    path: str | Path,
+    what: str = "",
+    *,
+    error: type[DDPMError] = DataError,
+    expect: type | None = None,
+    max_bytes: int = MAX_JSON_BYTES,
+):
+    """The JSON value in the file ``path`` (``what`` says what it is, for errors), read the one safe
+    way: any fault (missing, too large, not UTF-8, invalid JSON or NaN, too deep, not ``expect``) is one
+    line of ``error`` naming the file. Writers are unchanged: ddpm writes plain JSON."""
+    data = read_bytes(path, what, error=error, max_bytes=max_bytes)
+    return parse_json(data, _label(path, what), error=error, expect=expect, max_bytes=max_bytes)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -137,7 +268,7 @@ class OutputFolder:
             os.replace(description, old / self.last)  # no description of a half-replaced folder
         manifest = staging / ".names"  # what this publish moves, kept for a run that must finish it
         if manifest.is_file():
-            names = json.loads(manifest.read_text())
+            names = read_json(manifest, error=ConfigError, expect=list)
         else:
             names = sorted(p.name for p in staging.iterdir() if p.name not in (".old", self.last))
             atomic_write_text(manifest, json.dumps(names))

@@ -93,7 +93,7 @@ def load_samples(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise DataError(f"no samples at {path}; give a samples.npz written by `ddpm sample`")
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             array = npz["arr_0"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot read samples from {path} ({e})") from None
@@ -111,7 +111,7 @@ def load_sample_labels(path: str | Path) -> torch.Tensor | None:
     path = Path(path)
     path = path / "samples.npz" if path.is_dir() else path
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             return torch.from_numpy(npz["labels"]) if "labels" in npz.files else None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read samples from {path} ({e})") from None

@@ -7,14 +7,15 @@ Reference statistics (mean and covariance of the 2048-d pool features, plus a fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import pickle
 import sys
 import types
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,11 @@ from .config import DataConfig
 from .data import CACHE, load_dataset
 from .errors import DataError
 from .metrics import classifier_score, feature_statistics, frechet_distance, kernel_inception_distance
+from .safeload import load_state_dict, sha256_file
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
+WEIGHTS_SHA256 = "6726825d"  # the published file's sha256 starts so, as torch.hub names such files
 FEATURES = ("2048", "logits_unbiased")
 KID_REFERENCE_SUBSET = 10_000
 STATS_VERSION = 1
@@ -62,36 +66,84 @@ def _inception_class():
     return FeatureExtractorInceptionV3
 
 
-def load_inception(weights: str | Path | None = None, device="cpu") -> torch.nn.Module:
-    """The Inception network; ``weights`` is a local copy of torch-fidelity's weights file, else they
-    are downloaded on first use (to torch's hub cache)."""
-    cls = _inception_class()
-    if weights is not None and not Path(weights).is_file():
-        raise DataError(f"--inception-weights: no file at {weights}")
-    try:
-        model = cls("inception-v3-compat", list(FEATURES), feature_extractor_weights_path=weights)
-    except (urllib.error.URLError, OSError, ConnectionError) as e:
-        if weights is not None:
-            raise DataError(f"cannot read Inception weights {weights} ({e})") from None
+def hub_weights_path() -> Path:
+    """Where torch.hub, and so torch-fidelity, keeps the downloaded weights ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+
+
+def _published_weights(progress: bool) -> Path:
+    """The published weights file in torch's hub cache, downloaded on first use; its sha256 must start
+    with the prefix in its name (torch.hub's convention), so a damaged or swapped file is refused before
+    it is read. A 32-bit prefix is an integrity check, not a defence: what keeps a planted file from
+    running code is that it is read as tensors only (``load_state_dict``)."""
+    path = hub_weights_path()
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                torch.hub.download_url_to_file(WEIGHTS_URL, str(path), WEIGHTS_SHA256, progress=progress)
+        except (urllib.error.URLError, OSError, ConnectionError) as e:
+            raise DataError(
+                f"cannot download the Inception weights ({getattr(e, 'reason', e)}); offline, pass "
+                f"--inception-weights PATH to a local copy of {WEIGHTS_NAME}"
+            ) from None
+        except RuntimeError as e:  # torch.hub: the download's hash is not the published one
+            raise DataError(f"the downloaded {WEIGHTS_NAME} is not the published file ({e})") from None
+    digest = sha256_file(path)
+    if not digest.startswith(WEIGHTS_SHA256):
         raise DataError(
-            f"cannot download the Inception weights ({getattr(e, 'reason', e)}); offline, pass "
-            f"--inception-weights PATH to a local copy of {WEIGHTS_NAME}"
-        ) from None
-    except (
-        RuntimeError,
-        KeyError,
-        ValueError,
-        EOFError,
-        TypeError,
-        AttributeError,
-        pickle.UnpicklingError,
-    ) as e:
-        # a wrong or corrupt state dict, a whole pickled model, or a damaged download in the hub cache
+            f"{path} (torch hub cache) is not the published {WEIGHTS_NAME}: its sha256 starts "
+            f"{digest[:8]}, not {WEIGHTS_SHA256}; delete it to download it again"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _weights_given(cls, state: dict):
+    """torch-fidelity's constructor loads its own weights (with ``torch.load(weights_only=False)`` for a
+    path, or torch.hub's loader): for the duration, its hub loader hands over ``state`` instead."""
+    module = sys.modules[cls.__module__]
+    if not callable(getattr(module, "load_state_dict_from_url", None)):
+        raise DataError(
+            f"this torch-fidelity ({module.__name__}) builds its Inception network in a way ddpm does not "
+            "know, so its weights cannot be loaded safely; install torch-fidelity 0.3 or 0.4"
+        )
+    original = module.load_state_dict_from_url
+    module.load_state_dict_from_url = lambda *args, **kwargs: state
+    try:
+        yield
+    finally:
+        module.load_state_dict_from_url = original
+
+
+def load_inception(weights: str | Path | None = None, device="cpu", progress: bool = True) -> torch.nn.Module:
+    """The Inception network; ``weights`` is a local copy of torch-fidelity's weights file (or a
+    safetensors copy of it), else the published file is downloaded on first use (to torch's hub cache)
+    and checked against its hash. Either is read as tensors only (never unpickled with code)."""
+    cls = _inception_class()
+    if weights is None:
+        path, source = _published_weights(progress), f"the downloaded {WEIGHTS_NAME} (torch hub cache)"
+    else:
+        path, source = Path(weights), str(weights)
+        if not path.is_file():
+            raise DataError(f"--inception-weights: no file at {weights}")
+    state = load_state_dict(path, source, "an InceptionV3 state dict for torch-fidelity")
+    try:
+        with _weights_given(cls, state):
+            model = cls("inception-v3-compat", list(FEATURES))
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        # wrong or missing tensors, or tensors of other shapes
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        source = weights if weights is not None else f"the downloaded {WEIGHTS_NAME} (torch hub cache)"
         raise DataError(
             f"{source} is not an InceptionV3 state dict for torch-fidelity ({first_line})"
         ) from None
+    if weights is not None and path.name == WEIGHTS_NAME and not sha256_file(path).startswith(WEIGHTS_SHA256):
+        # a user's own file may be fine (it is named by its hash in results), but not under this name
+        print(
+            f"ddpm: warning: {weights} is named like the published weights but its sha256 does not "
+            f"start {WEIGHTS_SHA256}; its scores are not comparable with published ones",
+            file=sys.stderr,
+        )
     return model.to(device)
 
 
@@ -137,8 +189,11 @@ def reference_statistics(
     key = hashlib.sha256(json.dumps([STATS_VERSION, dataset, split, str(root), image_size, wid]).encode())
     path = cache_dir / f"{dataset}-{split}-{image_size}px-{key.hexdigest()[:12]}.npz"
     if path.is_file():
-        with np.load(path) as npz:
-            return {name: npz[name] for name in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DataError(f"reference statistics {path} are damaged ({e}); delete the file") from None
     images = load_dataset(DataConfig(dataset=dataset, root=root, image_size=image_size, split=split)).data
     features, _ = inception_outputs(model, images, progress=progress)
     mu, sigma = feature_statistics(features)
@@ -163,7 +218,7 @@ def evaluate_inception(
     progress: bool = True,
 ) -> dict:
     """Inception FID, KID and Inception Score of uint8 samples against a reference split."""
-    model = load_inception(weights, device)
+    model = load_inception(weights, device, progress)
     size = samples_uint8.shape[-1]
     ref = reference_statistics(model, dataset, split, root, size, weights, cache_dir, progress)
     features, probs = inception_outputs(model, samples_uint8, progress=progress)

@@ -9,12 +9,12 @@ decodes; the latents are not clipped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, DataError
+from .files import read_json
 
 LATENT_SCALE_SAMPLES = 1024  # training images the latent scale is measured on
 RUN_COPY = "autoencoder"  # a latent run keeps its autoencoder here, so that the run alone can sample
@@ -116,11 +116,15 @@ def _load_diffusers(path: Path, device) -> FrozenAutoencoder:
         raise ConfigError(
             f"{path}: loading a diffusers AutoencoderKL needs diffusers (pip install diffusers)"
         ) from None
+    from .safeload import DIFFUSERS_PICKLES, DIFFUSERS_SAFETENSORS, refuse_pickled_folder
+
+    refuse_pickled_folder(path, DIFFUSERS_SAFETENSORS, DIFFUSERS_PICKLES, f"autoencoder {path}")
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", "autoencoder config", expect=dict)
         if config.get("_class_name") != "AutoencoderKL":
             raise ValueError(f"its config describes {config.get('_class_name')!r}, not an AutoencoderKL")
-        module = AutoencoderKL.from_pretrained(str(path)).to(device)
+        # safetensors only: diffusers would otherwise unpickle diffusion_pytorch_model.bin
+        module = AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"autoencoder {path} cannot be loaded ({e})") from None
     c = module.config

@@ -20,7 +20,7 @@ from torch import nn
 from .config import DataConfig
 from .data import CACHE, BatchOrder, load_dataset, load_idx_dataset, match_images
 from .errors import DataError
-from .files import atomic_write
+from .files import atomic_write, parse_json
 from .images import to_model_range
 
 CLASSIFIER_VERSION = 1
@@ -204,11 +204,11 @@ def load_classifier(path: Path) -> tuple[DomainClassifier, dict]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {})["info"])
+            info = parse_json((f.metadata() or {})["info"], "its info", expect=dict)
         state = load_file(str(path))
         model = DomainClassifier(info["channels"], info["num_classes"])
         model.load_state_dict(state)
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, DataError) as e:
         raise DataError(f"domain classifier {path} is damaged ({e}); delete it to retrain") from None
     return model.eval(), info
 

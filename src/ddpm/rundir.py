@@ -45,13 +45,17 @@ class RunDirectory:
         if not path.is_file():
             return 0
         kept, dropped = [], 0
-        for line in path.read_text().splitlines():
+        lines = path.read_bytes().split(b"\n")  # as bytes: a kill may cut a character in two
+        for raw in lines[:-1] if lines[-1] == b"" else lines:
             try:
-                row_step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+                line = raw.decode("utf-8")
+                row_step = json.loads(line)["step"]  # (not read_json: ddpm writes a NaN loss as NaN)
+            except (ValueError, KeyError, TypeError, RecursionError):  # a row cut short by a kill
                 dropped += 1
                 continue
-            if row_step <= step:
+            if isinstance(row_step, bool) or not isinstance(row_step, int):
+                dropped += 1
+            elif row_step <= step:
                 kept.append(line)
             else:
                 dropped += 1

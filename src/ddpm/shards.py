@@ -18,8 +18,9 @@ epoch position at others. What it does not promise: the in-memory datasets' bit-
 from __future__ import annotations
 
 import io
-import json
+import re
 import tarfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,29 +31,70 @@ import torch
 
 from .data import IMAGE_EXTENSIONS, decode_image, image_array, image_files
 from .errors import DataError
-from .files import atomic_write, write_json
+from .files import MAX_JSON_BYTES, atomic_write, parse_json, read_json, write_json
 from .rng import SEED_BATCH_ORDER, derived_seed
 
 INDEX_NAME = "shards.json"
 FORMAT = "ddpm-shards"
+SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")  # the names make_shards writes
+MAX_SHARD_IMAGES = 10**8  # a shard count above this is not a count (shards hold thousands)
+MAX_IMAGE_BYTES = 256 * 2**20  # an encoded image larger than this in a shard is refused, not read
+
+
+def _owned_shards(out: Path) -> set[str]:
+    """The shard files an earlier make_shards wrote in ``out``: those its shards.json lists (an unfinished
+    run's lists what it was writing). A folder with shard files or a shards.json that ddpm did not write
+    is refused, before anything in it is touched."""
+    refuse = "so it is not written into; choose another --out"
+    owned = set()
+    if (out / INDEX_NAME).exists():
+        try:
+            index = read_json(out / INDEX_NAME, expect=dict)
+        except DataError as e:
+            raise DataError(f"{e}: not ddpm's shard index, {refuse}") from None
+        if index.get("format") != FORMAT:
+            raise DataError(f"{out / INDEX_NAME} is not a ddpm shard index, {refuse}")
+        entries = index.get("shards") if isinstance(index.get("shards"), list) else []
+        names = [e.get("name") for e in entries if isinstance(e, dict)]
+        names += index.get("writing") if isinstance(index.get("writing"), list) else []
+        owned = {n for n in names if isinstance(n, str) and SHARD_NAME.fullmatch(n)}
+    foreign = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in owned)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise DataError(
+            f"{out} holds {foreign[0]}{more}, which no ddpm {INDEX_NAME} there lists: not written by "
+            f"`ddpm make-shards`, {refuse}"
+        )
+    return owned
 
 
 def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> dict:
     """Write every image below ``folder`` into tar shards of ``shard_size`` images in ``out`` (the
-    original file bytes, keys in sorted order), plus shards.json. Returns the index."""
+    original file bytes, keys in sorted order), plus shards.json. Returns the index. ``out`` is new, empty
+    or make_shards' own (its shard files listed in its shards.json): others are refused untouched, and
+    nothing is written before every image has decoded."""
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
-    files = image_files(str(folder), "shards")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory")
+    owned = _owned_shards(out) if out.is_dir() else set()
+    files = image_files(str(folder), "shards")
+    grayscale = True
+    for file in files:  # every image must decode: a bad one is found now (before anything is written)
+        grayscale &= decode_image(file, str(file))[1]
+    names = [f"shard-{i:06d}.tar" for i in range(-(-len(files) // shard_size))]
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".shard-*.tmp"):  # of a killed earlier run
         leftover.unlink()
-    shards, grayscale = [], True
+    # Until the shards are written, the index lists every shard file of ddpm's there, old and new, so that
+    # a killed run leaves a folder the next run knows as its own (and readers a clear error).
+    writing = {"format": FORMAT, "version": 1, "count": 0, "channels": 1 if grayscale else 3, "shards": []}
+    write_json(out / INDEX_NAME, {**writing, "writing": sorted(owned | set(names))})
+    shards = []
     for first in range(0, len(files), shard_size):
         name = f"shard-{first // shard_size:06d}.tar"
         part = files[first : first + shard_size]
-        for file in part:  # every image must decode: a bad one is found now, not days into training
-            grayscale &= decode_image(file, str(file))[1]
 
         def write(tmp, part=part, first=first):
             with tarfile.open(tmp, "w") as tar:
@@ -61,18 +103,10 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
 
         atomic_write(out / name, write)
         shards.append({"name": name, "count": len(part)})
-    index = {
-        "format": FORMAT,
-        "version": 1,
-        "count": len(files),
-        "channels": 1 if grayscale else 3,
-        "shards": shards,
-    }
+    for old in sorted(owned - set(names)):  # of an earlier, larger run: only ddpm's own, never others'
+        (out / old).unlink(missing_ok=True)
+    index = {**writing, "count": len(files), "shards": shards}
     write_json(out / INDEX_NAME, index)
-    written = {s["name"] for s in shards}
-    for old in out.glob("shard-*.tar"):  # of an earlier, larger run: no index lists them any more
-        if old.name not in written:
-            old.unlink()
     return index
 
 
@@ -84,13 +118,38 @@ def _open(root: str, name: str):
     """A binary file object for ROOT/NAME, local or remote."""
     if _is_url(root):
         try:
-            return urllib.request.urlopen(f"{root.rstrip('/')}/{name}", timeout=60)
+            return urllib.request.urlopen(f"{root.rstrip('/')}/{urllib.parse.quote(name)}", timeout=60)
         except OSError as e:
             raise DataError(f"cannot fetch {root.rstrip('/')}/{name}: {e}") from None
     try:
         return open(Path(root) / name, "rb")
     except OSError as e:
         raise DataError(f"cannot read {Path(root) / name}: {e.strerror}") from None
+
+
+def _inside(root: str, name: str) -> None:
+    """Refuse a local shard that leads outside the shards' folder (a symbolic link out of it)."""
+    folder = Path(root).resolve()
+    target = (folder / name).resolve()
+    if not target.is_relative_to(folder):
+        raise DataError(f"shard {name} in {root} leads outside it (to {target}); shards must lie inside")
+
+
+def _shard_entry(entry, where: str) -> tuple[str, int]:
+    """(name, image count) of one shard of an index: a plain file name in the folder (no path: never
+    one outside it) and a whole number of images (never a float, NaN or a number no shard holds)."""
+    if not isinstance(entry, dict) or "name" not in entry or "count" not in entry:
+        raise DataError(f'{where} is not a shard index (a shard without "name" and "count")')
+    name, count = entry["name"], entry["count"]
+    plain = isinstance(name, str) and name.isprintable() and name not in ("", ".", "..")
+    if not plain or "/" in name or "\\" in name:
+        raise DataError(f"{where} names a shard {name!r}: shards must be plain file names inside the folder")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_SHARD_IMAGES:
+        raise DataError(
+            f"{where} says shard {name} holds {count!r} images; a count is a whole number from 1 to "
+            f"{MAX_SHARD_IMAGES:,}"
+        )
+    return name, count
 
 
 @dataclass(frozen=True)
@@ -103,17 +162,21 @@ class ShardIndex:
     def load(cls, root: str | None) -> ShardIndex:
         if root is None:
             raise DataError("dataset 'shards' needs the shards' directory or URL (--data-dir)")
+        where = f"{str(root).rstrip('/')}/{INDEX_NAME}"
         with _open(str(root), INDEX_NAME) as f:
             try:
-                index = json.loads(f.read())
-                shards = tuple((s["name"], int(s["count"])) for s in index["shards"])
-                channels = int(index["channels"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{root}/{INDEX_NAME} is not a shard index ({e})") from None
-        if index.get("format") != FORMAT or not shards or any(c <= 0 for _, c in shards):
-            raise DataError(f"{root}/{INDEX_NAME} is not a ddpm shard index with images")
-        if channels not in (1, 3):
-            raise DataError(f"{root}/{INDEX_NAME} says the images have {channels} channels; 1 or 3")
+                data = f.read(MAX_JSON_BYTES + 1)
+            except OSError as e:
+                raise DataError(f"cannot read {where}: {e}") from None
+        index = parse_json(data, where, expect=dict)
+        if index.get("format") == FORMAT and "writing" in index:
+            raise DataError(f"{where} is being written by `ddpm make-shards` (or it was stopped: rerun it)")
+        if index.get("format") != FORMAT or not isinstance(index.get("shards"), list) or not index["shards"]:
+            raise DataError(f"{where} is not a ddpm shard index with images")
+        shards = tuple(_shard_entry(entry, where) for entry in index["shards"])
+        channels = index.get("channels")
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise DataError(f"{where} says the images have {channels!r} channels; 1 or 3")
         return cls(str(root), shards, channels)
 
     def check(self, readers: int) -> None:
@@ -125,6 +188,8 @@ class ShardIndex:
                 "every reader needs a shard each epoch; make more, smaller shards"
             )
         if not _is_url(self.root):
+            for name, _ in self.shards:
+                _inside(self.root, name)
             missing = [name for name, _ in self.shards if not (Path(self.root) / name).is_file()]
             if missing:
                 raise DataError(
@@ -134,16 +199,26 @@ class ShardIndex:
     def read(self, shard: int) -> list[tuple[str, bytes]]:
         """The encoded images of one shard, (member name, bytes) in tar order, streamed in one pass."""
         name, count = self.shards[shard]
-        images = []
+        if not _is_url(self.root):
+            _inside(self.root, name)
+        images, found = [], 0
         try:
             with _open(self.root, name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
-                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
-                        images.append((f"{name}/{member.name}", tar.extractfile(member).read()))
-        except tarfile.TarError as e:
+                    if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    found += 1
+                    if found > count:  # counted, not read: the index's count bounds what is held
+                        continue
+                    shown = member.name if member.name.isprintable() else ascii(member.name)
+                    if member.size > MAX_IMAGE_BYTES:
+                        size = f"{member.size:,} bytes; at most {MAX_IMAGE_BYTES:,}"
+                        raise DataError(f"shard {name}: image {shown} is {size}")
+                    images.append((f"{name}/{shown}", tar.extractfile(member).read()))
+        except (tarfile.TarError, EOFError) as e:
             raise DataError(f"shard {name} is damaged ({e})") from None
-        if len(images) != count:
-            raise DataError(f"shard {name} holds {len(images)} images; {INDEX_NAME} says {count}")
+        if found != count:
+            raise DataError(f"shard {name} holds {found} images; {INDEX_NAME} says {count}")
         return images
 
 

@@ -18,7 +18,6 @@ images as there are samples), the reference a model can at best reach.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -28,8 +27,9 @@ from .captions import article
 from .checkpoint import Checkpoint
 from .config import DataConfig
 from .errors import DataError
-from .files import write_json
+from .files import read_json, write_json
 from .images import load_samples
+from .safeload import TRANSFORMERS_PICKLES, TRANSFORMERS_SAFETENSORS, refuse_pickled_folder
 from .text import normalized
 
 ATTRIBUTE_PAIRS = {  # (low word, high word): what captions.measure gives, and its name
@@ -128,11 +128,17 @@ class PretrainedClip:
             import transformers
         except ImportError:
             raise DataError("the CLIP score needs transformers: pip install transformers") from None
+        from safetensors import SafetensorError
+
+        refuse_pickled_folder(name, TRANSFORMERS_SAFETENSORS, TRANSFORMERS_PICKLES, f"CLIP model {name}")
         try:
-            self.model = transformers.CLIPModel.from_pretrained(str(name)).eval()
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(name))
-            self.processor = transformers.AutoImageProcessor.from_pretrained(str(name))
-        except (OSError, ValueError) as e:
+            # weights from safetensors only, no code from the folder or the hub (trust_remote_code)
+            self.model = transformers.CLIPModel.from_pretrained(str(name), use_safetensors=True).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(name), trust_remote_code=False)
+            self.processor = transformers.AutoImageProcessor.from_pretrained(
+                str(name), trust_remote_code=False
+            )
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged model.safetensors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"cannot load CLIP model {str(name)!r}: {first}") from None
         self.name = str(name)
@@ -170,9 +176,9 @@ def sample_record(folder: Path) -> dict:
     """How a folder's samples were made: the samples.json of `ddpm sample`, or the generator's record in
     the generate.json of `ddpm generate` (a pipeline's images), or {} when there is neither."""
     if (folder / "samples.json").is_file():
-        return json.loads((folder / "samples.json").read_text())
+        return read_json(folder / "samples.json", expect=dict)
     if (folder / "generate.json").is_file():
-        return json.loads((folder / "generate.json").read_text()).get("generator", {})
+        return read_json(folder / "generate.json", expect=dict).get("generator", {})
     return {}
 
 
@@ -273,7 +279,7 @@ def evaluate_text(
             result["clip_score"]["real_test_images"] = round(clip.score(*real), 4)
     result["sampling"] = made
     if (folder / "generate.json").is_file() and not (folder / "samples.json").is_file():
-        result["pipeline"] = json.loads((folder / "generate.json").read_text())
+        result["pipeline"] = read_json(folder / "generate.json", expect=dict)
     path = Path(out) if out else folder / "text-eval.json"
     write_json(path, result)
     return path, result
