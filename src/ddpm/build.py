@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .config import Config, validate
+from .config import Config, check_run_config, validate
 from .diffusion import GaussianDiffusion, VarType, parse_option
 from .errors import CheckpointError, ConfigError
 from .mlp import MLPDenoiser
@@ -77,6 +77,7 @@ def load_model(
     ``var_type`` swaps one fixed reverse variance for the other (fixedsmall <-> fixedlarge), e.g. to
     sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    check_run_config(ckpt.config, f"checkpoint {ckpt.path}")
     cfg = Config.from_dict(ckpt.config)
     if cfg.model.kind == "text-encoder":
         raise ConfigError(

@@ -8,6 +8,8 @@ branch that condition dropout trains). Guidance is Ho and Salimans' w (w = 0 is 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,25 +18,74 @@ import torch
 from .captions import article
 from .diffusion import VarType, parse_option
 from .errors import ConfigError
-from .guidance import guided
+from .guidance import MAX_GUIDANCE, guided
 
 
 def class_index(cfg, name: str | int) -> int:
-    """The id of a class given by name or index, for a class-conditional run's config."""
+    """The id of a class given by name (exactly, else ignoring case where that names one class) or by
+    index, for a class-conditional run's config."""
     names = list(cfg.data.class_names)
     if str(name) in names:
         return names.index(str(name))
-    if str(name).isdigit() and int(name) < cfg.model.num_classes:
+    folded = [i for i, n in enumerate(names) if n.casefold() == str(name).casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    if len(folded) > 1:
+        matches = ", ".join(names[i] for i in folded)
+        raise ConfigError(f"class {name!r} is ambiguous ignoring case ({matches}): give its exact name")
+    if str(name).isdecimal() and int(name) < cfg.model.num_classes:
         return int(name)
     raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
+
+
+def check_guidance(guidance: float, what: str = "--guidance") -> None:
+    """Guidance is a finite w in [0, MAX_GUIDANCE] (see ddpm.guidance)."""
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise ConfigError(f"{what} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {guidance}")
+
+
+def check_text(text: str, what: str = "--prompt") -> None:
+    """``text`` must be text: Python hands a command-line argument that is not valid UTF-8 over with its
+    bad bytes as lone surrogates ('\\udcff'), which no encoder, tokenizer or JSON file takes."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ConfigError(f"{what} is not valid UTF-8 text ({bad} at character {e.start + 1})") from None
+
+
+def warn_cut_prompts(encoder, texts: list[str], what: str = "--prompt") -> list[str]:
+    """Say on stderr (one line each, the main process only) which of ``texts`` are longer than the text
+    encoder's context: it sees only their start, so prompts that differ after it give the same samples.
+    Returns those texts."""
+    from .encoders import context_length, token_count
+
+    context = context_length(encoder)
+    if context is None:
+        return []
+    cut = [t for t in dict.fromkeys(texts) if token_count(encoder, t) > context]
+    if os.environ.get("RANK", "0") == "0":
+        for text in cut:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            print(
+                f"ddpm: warning: {what} {shown!r} is {token_count(encoder, text)} tokens long; the text "
+                f"encoder's context is {context} (with its start and end tokens), so it is cut to fit and "
+                "anything after that is ignored",
+                file=sys.stderr,
+            )
+    return cut
 
 
 def check_request(
     cfg, class_name: str | int | None, guidance: float = 0.0, prompt: str | None = None
 ) -> int | None:
     """The class id asked for (None: none), after checking that this run can take the request."""
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise ConfigError(f"--guidance must be a finite number >= 0, got {guidance}")
+    check_guidance(guidance)
+    if prompt is not None:
+        check_text(prompt)
     if cfg.model.context_dim:
         if class_name is not None:
             raise ConfigError("this model is text-conditional: give --prompt, not --class")
@@ -101,6 +152,8 @@ def for_request(
         run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         encoder = run_text_encoder(cfg, run_dir)
         null = encoder.encode([""])
+        if prompt is not None:
+            warn_cut_prompts(encoder, [prompt])
         if prompt is None:
             if guidance:
                 raise ConfigError("--guidance needs --prompt (the text to guide towards)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
+import operator
 import sys
 import types
 import typing
@@ -17,6 +17,7 @@ else:
     import tomli as tomllib
 
 from .errors import ConfigError
+from .files import check_tree, read_json, read_text
 
 TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 MODEL_KINDS = ("unet", "mlp", "autoencoder", "text-encoder")
@@ -40,6 +41,35 @@ def check_precision(precision: str, what: str = "precision") -> None:
 def check_compile_mode(mode: str, what: str = "compile mode") -> None:
     if mode not in COMPILE_MODES:
         raise ConfigError(f"{what} must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
+MAX_SEED = 2**63 - 1  # every random stream is derived from the seed (ddpm.rng); torch seeds are 64-bit
+
+
+def check_seed(seed, what: str = "--seed") -> None:
+    """A seed is an integer in 0..2**63-1 (a negative one would fail deep inside numpy's seeding)."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)  # int, numpy integers
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{what} must be an integer in 0..2**63-1, got {seed!r}")
+
+
+RUN_SECTIONS = ("model", "diffusion", "data")  # what a run's config must hold to be rebuilt
+
+
+def check_run_config(config: dict, where) -> None:
+    """A run's saved config (a checkpoint's) must have its model, diffusion and data sections: filling
+    a missing one with defaults would rebuild another model and refuse it for a misleading reason."""
+    missing = [name for name in RUN_SECTIONS if not isinstance(config.get(name), dict)]
+    if missing:
+        from .errors import CheckpointError
+
+        raise CheckpointError(
+            f"{where}: its config is incomplete (no {' or '.join(missing)} section), so the model cannot "
+            "be rebuilt"
+        )
 
 
 @dataclass
@@ -441,11 +471,17 @@ def load_file(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = path.read_text()
-        d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if path.suffix != ".toml":
+        d = read_json(path, "config file", error=ConfigError)
+    else:
+        text = read_text(path, "config file", error=ConfigError)  # at most MAX_JSON_BYTES, UTF-8
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"cannot parse config file {path}: nested more than Python can read") from None
+        check_tree(d, f"config file {path}", ConfigError)
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     d = dict(d)
@@ -493,6 +529,28 @@ def _section_name(cfg: Config, section) -> str:
     return next(name for name in ("model", "diffusion", "data", "train") if getattr(cfg, name) is section)
 
 
+# Bounds past which a value could only fail later (an allocation no machine has, an int64 overflow):
+# refused up front, with the field's name. Every other number is >= 0 and fits an int64.
+MAX_IMAGE_SIZE = 4096  # pixels on a side
+MAX_BATCH_SIZE = 2**20  # images or points in one batch
+MAX_WIDTH = 8192  # channels of a layer, embedding widths
+LIMITS = {
+    "data.image_size": MAX_IMAGE_SIZE,
+    "model.latent_size": MAX_IMAGE_SIZE,
+    "model.low_res": MAX_IMAGE_SIZE,
+    "train.batch_size": MAX_BATCH_SIZE,
+    "train.num_sample_images": 2**16,
+    "data.num_points": 10**8,
+    "data.loader_workers": 1024,
+    "diffusion.num_timesteps": 10**6,
+    "model.num_classes": 10**6,
+    "model.text_max_length": 2**14,
+    **{f"model.{name}": MAX_WIDTH for name in ("ch", "latent_channels", "context_dim", "text_width")},
+    **{f"model.{name}": MAX_WIDTH for name in ("text_heads", "image_width", "embed_dim", "mlp_hidden")},
+    **{f"model.{name}": 1024 for name in ("num_res_blocks", "num_groups", "text_layers", "mlp_layers")},
+}
+
+
 def validate(cfg: Config) -> None:
     """Check values that would otherwise fail deep inside training with an unclear message."""
     d, m, t, data = cfg.diffusion, cfg.model, cfg.train, cfg.data
@@ -518,6 +576,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    check_seed(t.seed, "train.seed (--seed)")
+    for section in (d, m, t, data):
+        for name, value in vars(section).items():
+            key = f"{_section_name(cfg, section)}.{name}"
+            high = LIMITS.get(key, 2**63 - 1)
+            for number in value if isinstance(value, tuple) else (value,):
+                if isinstance(number, int | float) and not 0 <= number <= high:
+                    bound = "must be >= 0" if number < 0 else f"must be at most {LIMITS.get(key, '2**63-1')}"
+                    raise ConfigError(f"{key} {bound}, got {number}")
+    if data.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3 (or none: the data's own), got {data.channels}")
+    if m.ch * max(m.ch_mult, default=1) > MAX_WIDTH:
+        raise ConfigError(f"model.ch times model.ch_mult's largest must be at most {MAX_WIDTH}")
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
+        raise ConfigError(
+            f"train.adam_beta1 and adam_beta2 must be in [0, 1), got {t.adam_beta1}, {t.adam_beta2}"
+        )
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     check_precision(t.precision, "train.precision")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .safeload import TRANSFORMERS_PICKLES, TRANSFORMERS_SAFETENSORS, refuse_pickled_folder
 from .text import TextEncoding, TextTransformer, TokenIds
 
 
@@ -70,9 +71,13 @@ class PretrainedTextEncoder:
             import transformers
         except ImportError:
             raise DataError("pretrained text encoders need transformers: pip install transformers") from None
+        from safetensors import SafetensorError
+
+        refuse_pickled_folder(name, TRANSFORMERS_SAFETENSORS, TRANSFORMERS_PICKLES, f"text encoder {name}")
         try:
-            config = transformers.AutoConfig.from_pretrained(name)
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            # no code from the folder or the hub (trust_remote_code), weights from safetensors only
+            config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=False)
             if config.model_type in ("clip", "clip_text_model"):
                 with_projection = getattr(config, "projection_dim", None) is not None
                 cls = (
@@ -85,8 +90,8 @@ class PretrainedTextEncoder:
                 cls, self.kind = transformers.T5EncoderModel, "t5"
             else:
                 raise DataError(f"{name}: a {config.model_type!r} model; text encoders are CLIP or T5")
-            self.model = cls.from_pretrained(name).eval()
-        except (OSError, ValueError) as e:
+            self.model = cls.from_pretrained(name, use_safetensors=True).eval()
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged model.safetensors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"cannot load text encoder {name!r}: {first}") from None
         text_config = getattr(config, "text_config", config)
@@ -150,7 +155,40 @@ def load_text_encoder(spec: str | Path):
         return DomainTextEncoder(path)
     if path.exists() and not (path / "config.json").is_file():
         raise DataError(f"{path} holds no text encoder (no config.json)")
-    return PretrainedTextEncoder(str(spec))
+    missing = (
+        f"text encoder {spec} does not exist: train it first with `ddpm train-text-encoder --out {spec}`"
+    )
+    if not path.exists() and _names_a_folder(str(spec)):
+        raise DataError(f"{missing}, or name another text encoder folder or a transformers CLIP / T5 model")
+    try:
+        return PretrainedTextEncoder(str(spec))
+    except DataError as e:
+        if path.exists():
+            raise
+        raise DataError(f"{e}; if it is meant to be a folder, {missing}") from None
+
+
+def _names_a_folder(spec: str) -> bool:
+    """Whether a text encoder name that is no folder here can only be meant as one (not a hub model
+    "name" or "owner/name"): a path with more parts, or one under runs/, where `ddpm train` puts runs."""
+    parts = spec.replace("\\", "/").split("/")
+    return spec.startswith(("/", ".", "~")) or len(parts) > 2 or parts[0] == "runs"
+
+
+def context_length(encoder) -> int | None:
+    """The most tokens of a text (with its start and end tokens) that ``encoder`` sees; a longer text is
+    cut to them. None for an encoder that does not say."""
+    if isinstance(encoder, PretrainedTextEncoder):
+        return encoder.max_length
+    tokenizer = getattr(getattr(encoder, "clip", None), "tokenizer", None)
+    return getattr(tokenizer, "max_length", None)
+
+
+def token_count(encoder, text: str) -> int:
+    """The tokens of ``text`` (with the start and end tokens) for ``encoder``, before any cut."""
+    if isinstance(encoder, PretrainedTextEncoder):
+        return len(encoder.tokenizer(str(text), truncation=False, verbose=False)["input_ids"])
+    return encoder.clip.tokenizer.length(text)
 
 
 class CaptionCache:

@@ -3,18 +3,20 @@ sampling them from a checkpoint first when given one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
-from .data import CLASS_NAMES
+from .config import check_run_config
+from .data import CLASS_NAMES, TOYS
 from .errors import DataError
-from .files import write_json
+from .files import read_json, write_json
 from .images import load_sample_labels, load_samples
 from .metrics import DOMAIN_DATASETS, evaluate_domain
 from .runtime import init_processes, resolve_device
 from .sample import SampleOptions, sample_to_dir
 
+# The reference datasets FID can compare images with (the 2-D toys are points, not images).
+FID_DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", "shards")
 # Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
 FID_SAMPLES = {"cifar10": 50_000}
 DEFAULT_FID_SAMPLES = 10_000
@@ -22,6 +24,15 @@ DEFAULT_FID_SAMPLES = 10_000
 
 def is_checkpoint(path: Path) -> bool:
     return path.suffix == ".safetensors" or (path / CHECKPOINT_NAME).is_file()
+
+
+def check_fid_dataset(dataset: str) -> str:
+    """``dataset`` if FID can use it as a reference, else a one-line DataError naming the known ones."""
+    if dataset in TOYS:
+        raise DataError(f"dataset {dataset} is 2-D points: FID compares images ({', '.join(FID_DATASETS)})")
+    if dataset not in FID_DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; eval fid knows {', '.join(FID_DATASETS)}")
+    return dataset
 
 
 def evaluate_fid(
@@ -45,12 +56,16 @@ def evaluate_fid(
     the samples) and returns its path and the result; a ``warning`` key says when the count is below
     the published one. Under torchrun the processes share the sampling and the main one scores; the
     others return (None, {})."""
+    if dataset is not None:  # before anything is loaded, downloaded or sampled
+        check_fid_dataset(dataset)
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
     sampling = sampling or SampleOptions()
     if is_checkpoint(source):
-        dataset = dataset or Checkpoint(source).config["data"]["dataset"]
+        ckpt = Checkpoint(source)
+        check_run_config(ckpt.config, f"checkpoint {ckpt.path}")
+        dataset = dataset or check_fid_dataset(ckpt.config["data"].get("dataset", "fashion-mnist"))
         num = num if num is not None else FID_SAMPLES.get(dataset, DEFAULT_FID_SAMPLES)
         folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
         if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
@@ -61,8 +76,8 @@ def evaluate_fid(
     folder = source if source.is_dir() else source.parent
     made = {}
     if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
-        made = json.loads((folder / "samples.json").read_text())
-    dataset = dataset or made.get("dataset", "fashion-mnist")
+        made = read_json(folder / "samples.json", expect=dict)
+    dataset = dataset or check_fid_dataset(made.get("dataset", "fashion-mnist"))
     samples = load_samples(source)
     labels = load_sample_labels(source)  # the class each sample was conditioned on, if any
     if extractor == "auto":

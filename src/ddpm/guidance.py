@@ -15,6 +15,11 @@ from .text import TEXT_CONDITIONS
 
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# The largest guidance scale taken. Useful scales are 0 to about 10 (Stable Diffusion's 7.5 is w = 6.5);
+# at w = 100 the guided output is already dominated by the difference of the branches, and far beyond
+# it float32 overflows, so a typo such as 1e308 gave images of only 0 and 255 without a word.
+MAX_GUIDANCE = 100.0
+
 
 def guided(
     model: ConditionalModel,
@@ -36,8 +41,8 @@ def guided(
       it the conditional branch alone runs;
     - ``rescale``: CFG rescale (Lin et al. 2024), blending the guided output towards one with the
       conditional output's per-example standard deviation, 0 (off) to 1."""
-    if not (scale >= 0 and scale == scale):
-        raise ValueError(f"the guidance scale must be a number >= 0, got {scale}")
+    if not (0 <= scale <= MAX_GUIDANCE):  # (NaN fails every comparison)
+        raise ValueError(f"the guidance scale must be a number in [0, {MAX_GUIDANCE:g}], got {scale}")
 
     def per_example(c, x: torch.Tensor):
         if isinstance(c, TEXT_CONDITIONS):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import ConfigError, DDPMError
-from .files import write_json
+from .files import read_json, write_json
 from .images import to_uint8
 from .sample import SampleOptions, prepare
 
@@ -68,11 +67,7 @@ class Pipeline:
     def __init__(self, folder: Path, parts: list[Part]):
         self.folder, self.parts = folder, parts
         by_role = {p.role: p for p in parts}
-        self.generator = _checkpoint(by_role["generator"])
-        if self.generator.config.get("model", {}).get("kind") == "autoencoder":
-            raise ConfigError(
-                f"pipeline generator {by_role['generator'].path} is an autoencoder, not a diffusion run"
-            )
+        self.generator = _generator(by_role["generator"])
         self.decoder_part = by_role["decoder"]
         self.text_encoder = by_role.get("text-encoder")
         if self.decoder_part.kind == "latent":
@@ -92,7 +87,7 @@ class Pipeline:
                 f"{folder} is not a pipeline (no {PIPELINE_FILE}); make one with `ddpm pipeline`"
             )
         try:
-            spec = json.loads(spec_path.read_text())
+            spec = read_json(spec_path, error=ConfigError)
             if spec.get("format") != FORMAT:
                 raise ValueError(f"format {spec.get('format')!r}, expected {FORMAT!r}")
             parts = [Part(p["role"], _resolve(folder, p["path"]), p.get("kind")) for p in spec["parts"]]
@@ -115,7 +110,7 @@ class Pipeline:
         from .latent import RUN_COPY
 
         folder = Path(folder)
-        g_checkpoint = _checkpoint(Part("generator", Path(generator)))
+        g_checkpoint = _generator(Part("generator", Path(generator)))
         latent = bool(g_checkpoint.config["model"].get("autoencoder"))
         if decoder_kind is None:
             decoder_kind = "latent" if latent else "super-resolution"
@@ -141,6 +136,11 @@ class Pipeline:
         if g_model.get("low_res"):
             raise ConfigError(f"pipeline generator {self.generator.path.parent} is a super-resolution stage")
         low_res = d_model.get("low_res", 0)
+        if d_model.get("kind") == "text-encoder":
+            raise ConfigError(
+                f"pipeline decoder {self.decoder.path.parent} is a text encoder run, not a super-resolution "
+                "stage: name it with --text-encoder"
+            )
         if not low_res:
             raise ConfigError(
                 f"pipeline decoder {self.decoder.path.parent} is not a super-resolution stage (model.low_res)"
@@ -250,8 +250,10 @@ class Pipeline:
             )
         if self.decoder_part.kind != "latent":  # the decoder's options, checked on stand-in images
             g_data = self.generator.config["data"]
-            placeholder = torch.zeros(num, g_data["channels"], g_data["image_size"], g_data["image_size"])
-            prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder.to(torch.uint8)))
+            size = g_data["image_size"]
+            one = torch.zeros(1, g_data["channels"], size, size, dtype=torch.uint8)
+            placeholder = one.expand(num, -1, -1, -1)  # num views of one image: no memory for a large num
+            prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder))
         return functools.partial(self._draw, first, second_opts)
 
     def _draw(self, first, second_opts: SampleOptions) -> Generated:
@@ -333,10 +335,31 @@ def _checked_parts(parts: list[Part], where) -> list[Part]:
 
 
 def _checkpoint(part: Part) -> Checkpoint:
+    from .config import check_run_config
+
     try:
-        return Checkpoint(part.path)
+        ckpt = Checkpoint(part.path)
+        check_run_config(ckpt.config, f"checkpoint {ckpt.path}")
+        return ckpt
     except DDPMError as e:
         raise ConfigError(f"pipeline {part.role} {part.path}: {e}") from None
+
+
+def _generator(part: Part) -> Checkpoint:
+    """The generator's checkpoint: a diffusion run (not a text encoder or autoencoder run)."""
+    from .clip import is_text_encoder
+
+    text_encoder = is_text_encoder(part.path)  # a run of `ddpm train-text-encoder`, or its exported folder
+    ckpt = None if text_encoder else _checkpoint(part)
+    kind = "text-encoder" if text_encoder else ckpt.config["model"].get("kind")
+    if kind == "text-encoder":
+        raise ConfigError(
+            f"pipeline generator {part.path} is a text encoder run (`ddpm train-text-encoder`), not a "
+            "diffusion run: name it with --text-encoder, and the run trained on it as --generator"
+        )
+    if kind == "autoencoder":
+        raise ConfigError(f"pipeline generator {part.path} is an autoencoder, not a diffusion run")
+    return ckpt
 
 
 def _weights_digest(folder: Path) -> str:

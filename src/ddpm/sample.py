@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,16 @@ from torch import nn
 
 from .build import load_model
 from .checkpoint import Checkpoint
-from .conditions import balanced_classes, check_request, grid_prompts, guided_network
+from .conditions import (
+    balanced_classes,
+    check_guidance,
+    check_request,
+    check_text,
+    grid_prompts,
+    guided_network,
+    warn_cut_prompts,
+)
+from .config import check_seed
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
 from .files import OutputFolder, write_json
@@ -120,16 +130,23 @@ def generate(
         if cond is not None:
             batch_cond = cond[b * batch_size : b * batch_size + n].to(device)
             batch_network = functools.partial(_with_condition, network, batch_cond)
-        x = loop(
-            chain,
-            batch_network,
-            (n, *shape),
-            generator=g,
-            device=device,
-            clip_denoised=clip_denoised,
-            eta=check_eta(sampler, eta),
-            progress=progress,
-        )
+        try:
+            x = loop(
+                chain,
+                batch_network,
+                (n, *shape),
+                generator=g,
+                device=device,
+                clip_denoised=clip_denoised,
+                eta=check_eta(sampler, eta),
+                progress=progress,
+            )
+        except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a failed allocation on the CPU
+            if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                raise
+            raise ConfigError(
+                f"out of memory sampling a batch of {n} on {device}: lower --batch-size (now {batch_size})"
+            ) from None
         out.append(x.float().cpu())
     if not procs.distributed:
         return torch.cat(out)
@@ -260,20 +277,14 @@ def prepare(
 ) -> Request:
     """Check ``opts`` against the run at ``checkpoint`` and get its network ready (one-line errors for
     bad input, before anything is sampled or written)."""
-    get_sampler(opts.sampler)  # bad options fail before the checkpoint is loaded
-    check_eta(opts.sampler, opts.eta)
-    if opts.num <= 0 or opts.batch_size <= 0:
-        raise ConfigError("the number of samples and the batch size must be positive")
-    if not (math.isfinite(opts.guidance) and opts.guidance >= 0):
-        raise ConfigError(f"--guidance must be a finite number >= 0, got {opts.guidance}")
-    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
-        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
+    check_options(opts)  # bad options fail before the checkpoint is loaded
     device = device or resolve_device(opts.device)
     procs = procs or init_processes(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
     if cfg.model.kind == "autoencoder":
         raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
+    check_memory(opts.num, _shape(cfg), _image_shape(cfg) if cfg.model.autoencoder else None)
     autoencoder = None
     if cfg.model.autoencoder:
         from .latent import run_autoencoder
@@ -301,6 +312,61 @@ def prepare(
         conditions,
         autoencoder,
     )
+
+
+def check_options(opts: SampleOptions) -> None:
+    """What can be checked of ``opts`` without the run: one-line ConfigErrors."""
+    get_sampler(opts.sampler)
+    check_eta(opts.sampler, opts.eta)
+    if opts.num <= 0 or opts.batch_size <= 0:
+        raise ConfigError("the number of samples and the batch size must be positive")
+    check_seed(opts.seed)
+    check_guidance(opts.guidance)
+    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
+        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
+    if opts.low_res_noise is not None and opts.low_res_noise < 0:
+        raise ConfigError(f"--low-res-noise must be a noise level >= 0 (0 = clean), got {opts.low_res_noise}")
+    if isinstance(opts.prompts, str):
+        raise ConfigError("prompts must be a list of texts, not one text")
+    for prompt in opts.prompts or ():
+        check_text(prompt, "--prompt")
+    if opts.negative_prompt is not None:
+        check_text(opts.negative_prompt, "--negative-prompt")
+    if opts.prompts and opts.num < len(opts.prompts):
+        k = len(opts.prompts)
+        raise ConfigError(
+            f"--num {opts.num} is fewer than the {k} prompts: each prompt gets an equal block of the "
+            f"samples, so ask for at least {k} (a multiple of {k} for equal blocks)"
+        )
+
+
+def check_memory(num: int, shape: tuple[int, ...], decoded: tuple[int, ...] | None = None) -> None:
+    """Refuse ``num`` samples of ``shape`` (and, decoded, of ``decoded``) that cannot fit in this
+    machine's memory: they are gathered as float32 (the batches, then their concatenation) before any is
+    written, so a count like 10**8 would otherwise sample for hours and then fail on an allocation."""
+    total = _memory_bytes()
+    if total is None:
+        return
+    per_sample = 8 * (math.prod(shape) + (math.prod(decoded) if decoded else 0))
+    need = num * per_sample
+    if need > total:
+        size = "x".join(map(str, decoded or shape))
+        raise ConfigError(
+            f"--num {num}: {num} samples of {size} take about {_gb(need)} of memory (float32, gathered "
+            f"before they are written); this machine has {_gb(total)}: ask for at most "
+            f"{total // per_sample} (several runs with different --seed make more)"
+        )
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that says
+        return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=None) -> None:
@@ -353,13 +419,21 @@ def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, de
         if not prompts:
             raise ConfigError("this model is text-conditional: give --prompt")
         encoder = run_text_encoder(cfg, ckpt.path.parent)
+        cut = warn_cut_prompts(encoder, prompts)
+        if opts.negative_prompt:
+            cut += warn_cut_prompts(encoder, [opts.negative_prompt], "--negative-prompt")
         null = encoder.encode([opts.negative_prompt or ""]).to(device)  # the negative prompt is the null
         guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale, null)
         labels = balanced_classes(opts.num, len(prompts))
         info = {"prompts": prompts, "negative_prompt": opts.negative_prompt, **info}
+        if cut:  # the record keeps the whole texts: say which the encoder saw only the start of
+            from .encoders import context_length
+
+            info["prompts_cut_to_context"] = {"tokens": context_length(encoder), "prompts": cut}
         if not opts.prompts and cfg.data.class_names:  # a prompt per class, in class order
             info = {"classes": "balanced", "class_names": list(cfg.data.class_names), **info}
-        return guided, labels, encoder.encode(prompts)[labels], info
+        # each sample's encoding is looked up per batch: num copies of it could take terabytes
+        return guided, labels, PerSample(encoder.encode(prompts), labels), info
     guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale)
     labels = (
         balanced_classes(opts.num, cfg.model.num_classes) if index is None else torch.full((opts.num,), index)
@@ -384,6 +458,10 @@ def _super_resolution(network, cfg, opts: SampleOptions):
         raise ConfigError(
             "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
         )
+    T = cfg.diffusion.num_timesteps
+    if opts.low_res_noise is not None and not 0 <= opts.low_res_noise <= T:
+        level = opts.low_res_noise
+        raise ConfigError(f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}")
     images = opts.low_res if isinstance(opts.low_res, torch.Tensor) else load_samples(opts.low_res)
     if len(images) < opts.num:
         raise ConfigError(f"--low-res holds {len(images)} images; {opts.num} samples were asked for")
@@ -396,6 +474,25 @@ def _super_resolution(network, cfg, opts: SampleOptions):
     source = "tensor" if isinstance(opts.low_res, torch.Tensor) else str(opts.low_res)
     info = {"low_res": source, "low_res_size": cfg.model.low_res, "low_res_noise": int(cond.level[0])}
     return network, None, cond, info
+
+
+@dataclass
+class PerSample:
+    """Each sample's condition as a row of ``table`` (e.g. the encodings of the prompts), looked up
+    when a batch is drawn, so that only a batch's rows are ever copied out."""
+
+    table: object
+    rows: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.table[self.rows[index]]
+
+
+def _image_shape(cfg) -> tuple[int, ...]:
+    return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
 def _shape(cfg) -> tuple[int, ...]:

@@ -121,11 +121,18 @@ def _timestep(i: int, batch: int, device) -> torch.Tensor:
 # fixed-small variance) and the SDE solvers' (0 = the probability-flow ODE, 1 = the reverse SDE, more =
 # extra noise: each step forgets more of x_s and re-noises more of its x0 prediction).
 ETA_DEFAULTS = {"ddim": 0.0, "sde-dpm++2m": 1.0, "sde-dpm++3m": 1.0}
+# The largest eta each takes. DDIM's is 1: its step noise sigma = eta * (the posterior's std) must leave
+# 1 - alphabar_prev - sigma^2 >= 0 for the direction term's square root, which eta = 1 just keeps on the
+# longest (respaced) steps; above it the square root is NaN and the images come out black. The SDE
+# solvers take any eta mathematically (each step keeps exp(-h eta) of x_s), but by 10 they re-noise
+# their x0 prediction almost completely every step at the usual 10-100 steps; 2-3 already over-disperse
+# (tests/test_samplers.py), and values like 1e308 only overflow the step's arithmetic.
+ETA_LIMITS = {"ddim": 1.0, "sde-dpm++2m": 10.0, "sde-dpm++3m": 10.0}
 
 
 def check_eta(sampler: str, eta: float | None) -> float:
-    """``eta`` for ``sampler`` (None: its default): a finite number >= 0, and only for the samplers that
-    have one."""
+    """``eta`` for ``sampler`` (None: its default): a finite number in [0, ETA_LIMITS[sampler]], and only
+    for the samplers that have one."""
     if eta is None:
         return ETA_DEFAULTS.get(sampler, 0.0)
     if sampler not in ETA_DEFAULTS and eta != 0:
@@ -135,6 +142,14 @@ def check_eta(sampler: str, eta: float | None) -> float:
         )
     if not (math.isfinite(eta) and eta >= 0):
         raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
+    limit = ETA_LIMITS.get(sampler)
+    if limit is not None and eta > limit:
+        why = (
+            "1 is the ancestral sampler's noise; more leaves no variance for the step"
+            if sampler == "ddim"
+            else "1 is the reverse SDE; more re-noises each step further"
+        )
+        raise ConfigError(f"the {sampler} sampler's eta must be at most {limit:g} ({why}), got {eta}")
     return eta
 
 

@@ -117,6 +117,10 @@ class ByteTokenizer:
             ids[i, : len(row)] = torch.tensor(row)
         return ids, ids != self.PAD
 
+    def length(self, text: str) -> int:
+        """The tokens of ``text`` with the start and end tokens, before any is cut to max_length."""
+        return len(str(text).encode("utf-8")) + 2
+
     def decode(self, ids: torch.Tensor) -> str:
         return bytes(i for i in ids.tolist() if i < 256).decode("utf-8", errors="replace")
 
@@ -179,6 +183,10 @@ class BpeTokenizer:
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = True
         return ids, mask
+
+    def length(self, text: str) -> int:
+        """The tokens of ``text`` with the start and end tokens, before any is cut to max_length."""
+        return len(self.tokenizer.encode(str(text)).ids) + 2
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode([i for i in ids.tolist() if i > self.EOS])
