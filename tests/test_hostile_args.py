@@ -304,3 +304,14 @@ def test_a_text_preset_before_its_encoder_is_trained_names_the_command(
     )
     refused(capsys, [*argv, "--no-progress"], tmp_path / "runs" / "fashion-mnist-text", *words)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_latent_preset_before_its_autoencoder_is_trained_names_the_command(
+    idx_dir, tmp_path, capsys, monkeypatch, parts
+):
+    monkeypatch.chdir(tmp_path)  # a text encoder is there, the autoencoder not yet
+    argv = ["train", "--preset", "fashion-mnist-latent-text", "--data-dir", str(idx_dir), "--device", "cpu"]
+    argv += ["--set", f"model.text_encoder={parts / 'encoder'}", "--no-progress"]
+    words = ("autoencoder runs/autoencoder does not exist", "ddpm train-autoencoder --out runs/autoencoder")
+    refused(capsys, argv, tmp_path / "runs" / "fashion-mnist-latent-text", *words)
+    assert not (tmp_path / "runs").exists()
