@@ -4,7 +4,16 @@ import torch
 from PIL import Image
 
 from ddpm.errors import DataError
-from ddpm.images import load_samples, make_grid, save_grid, save_npz, save_pngs, to_model_range, to_uint8
+from ddpm.images import (
+    load_sample_labels,
+    load_samples,
+    make_grid,
+    save_grid,
+    save_npz,
+    save_pngs,
+    to_model_range,
+    to_uint8,
+)
 
 
 def test_pixel_conversions_round_trip_every_level():
@@ -77,3 +86,14 @@ def test_sample_labels_round_trip_and_old_samples_have_none(tmp_path):
     save_npz(images, tmp_path / "samples.npz", torch.tensor([4, 0, 9]))
     assert load_sample_labels(tmp_path).tolist() == [4, 0, 9]
     assert torch.equal(load_samples(tmp_path), images)  # arr_0 as before, for the common FID tools
+
+
+def test_a_truncated_samples_file_is_one_line(tmp_path):
+    np.savez(tmp_path / "samples.npz", np.zeros((4, 8, 8, 1), np.uint8))
+    whole = (tmp_path / "samples.npz").read_bytes()
+    for cut in (whole[: len(whole) // 2], whole[:-10], b"PK\x03\x04junk"):
+        (tmp_path / "samples.npz").write_bytes(cut)
+        with pytest.raises(DataError, match="cannot read samples"):
+            load_samples(tmp_path)
+        with pytest.raises(DataError, match="cannot read samples"):
+            load_sample_labels(tmp_path)

@@ -4,6 +4,7 @@ and writing / reading samples (grids, single PNGs, the uint8 .npz that FID tools
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def load_samples(path: str | Path) -> torch.Tensor:
     try:
         with np.load(path, allow_pickle=False) as npz:
             array = npz["arr_0"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"cannot read samples from {path} ({e})") from None
     if array.ndim == 4 and array.shape[0] == 0:
         raise DataError(f"{path} holds no samples")
@@ -113,7 +114,7 @@ def load_sample_labels(path: str | Path) -> torch.Tensor | None:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return torch.from_numpy(npz["labels"]) if "labels" in npz.files else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"cannot read samples from {path} ({e})") from None
 
 
