@@ -82,7 +82,7 @@ def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_pat
     assert main(["eval", "fid", str(tmp_path / "run"), "--num", "7"]) == 2
     assert seen["num"] == 7
     assert main(["eval", "fid", str(tmp_path / "run"), "--num", "0"]) == 2
-    assert seen["num"] == 0  # passed on (and refused by sampling), not replaced by the default
+    assert seen["num"] == 7  # refused by the parser: not replaced by the default and sampled
 
 
 def test_eval_fid_on_a_missing_source_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -193,8 +193,9 @@ def test_a_latent_run_keeps_its_autoencoder_and_samples_without_the_original(run
     assert main(["generate", str(tmp_path / "pipe"), *args, "--out", str(tmp_path / "g")]) == 0
     assert torch.equal(load_samples(tmp_path / "g"), load_samples(tmp_path / "after"))
     # a pixel generator has no decoder of its own
+    Trainer(tiny_config(data, steps=2), tmp_path / "pixel", progress=False).train()
     capsys.readouterr()
-    assert main(["pipeline", str(tmp_path / "p2"), "--generator", str(base / "ae")]) == 2
+    assert main(["pipeline", str(tmp_path / "p2"), "--generator", str(tmp_path / "pixel")]) == 2
     assert "name one (--decoder)" in capsys.readouterr().err and not (tmp_path / "p2").exists()
 
 

@@ -192,7 +192,7 @@ def test_eval_text_refuses_bad_input_in_one_line(class_run, text_run, tmp_path, 
     cases = [
         ([str(class_run[0])], "is not text-conditional"),
         ([str(tmp_path / "gone")], "does not exist"),
-        ([str(text_run[0]), "--per-prompt", "0"], "--per-prompt must be positive"),
+        ([str(text_run[0]), "--per-prompt", "0"], "--per-prompt: must be positive"),
         ([str(text_run[0]), "--clip-model", str(tmp_path)], "cannot load CLIP model"),
         ([str(tmp_path / "class-samples")], "no prompts in samples.json"),
     ]

@@ -9,13 +9,44 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import COMPILE_MODES, PRECISIONS
+from .config import COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, PRECISIONS, check_seed
 from .errors import DDPMError
 from .runtime import finish_processes, keep_freed_memory
 from .sample import SampleOptions
 from .samplers import SAMPLERS, SPACINGS
 
 SAMPLE_DEFAULTS = SampleOptions()
+
+# ---- argument types: argparse refuses a bad count itself, naming the flag, in one line (the config's
+# numbers are checked with the config, and the sampling ones with the run: ddpm.sample, ddpm.conditions) ----
+
+INT64_MAX = 2**63 - 1  # what a tensor, a seed or a JSON reader downstream can hold
+MAX_IMAGES = 10**6  # images `invert` and `eval nll` take (--num): more than any split holds
+
+
+def integer(low: int = 0, high: int = INT64_MAX):
+    """An argparse type: an integer in low..high."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < low:
+            least = "positive" if low == 1 else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {least}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+positive = integer(1)
+batch_size = integer(1, MAX_BATCH_SIZE)
+image_count = integer(1, MAX_IMAGES)
+image_size = integer(1, MAX_IMAGE_SIZE)
+figure_count = integer(2, 1000)  # images in a figure's row or column
 
 # Flags that are shortcuts for config keys.
 SHORTCUTS = {
@@ -54,8 +85,8 @@ FLAGS = {
         help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and ddim), "
         "leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
     ),
-    "--seed": dict(type=int, default=0),
-    "--batch-size": dict(type=int, default=64),
+    "--seed": dict(type=int, default=0),  # 0..2**63-1: checked by the commands (check_seed)
+    "--batch-size": dict(type=batch_size, default=64),
     "--split": dict(default="test", choices=("train", "test"), help="the data split (default test)"),
     "--cache-dir": dict(
         help="cache of the domain classifier / Inception reference statistics (default ~/.cache/ddpm)"
@@ -70,7 +101,7 @@ FLAGS = {
         help="text-conditional runs: condition on this text; default: the empty text (unconditional branch)"
     ),
     "--guidance": dict(
-        type=float,
+        type=float,  # bounds: ddpm.conditions
         default=0.0,
         metavar="W",
         help="classifier-free guidance, Ho and Salimans' w: 0 (default) is plain conditional sampling",
@@ -104,8 +135,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "--dataset", help="fashion-mnist, mnist, cifar10, folder, shards, swiss-roll, s-curve or moons"
     )
     p.add_argument("--data-dir", help="data directory (image folder, or where the dataset files are)")
+    # (their ranges are the config's: ddpm.config.validate names the key)
     p.add_argument("--image-size", type=int)
-    p.add_argument("--channels", type=int, help="1 or 3; default: the data's own")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3; default: the data's own")
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -128,7 +160,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """How to sample: shared by `sample` and `eval fid CHECKPOINT`."""
-    p.add_argument("--steps", type=int, help="sampling steps on a subset of timesteps (default: all T)")
+    p.add_argument("--steps", type=positive, help="sampling steps on a subset of timesteps (default: all T)")
     p.add_argument(
         "--sampler",
         choices=tuple(SAMPLERS),
@@ -138,7 +170,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--eta",
-        type=float,
+        type=float,  # bounds: the sampler's (ddpm.samplers.check_eta)
         help="noise level: DDIM's (0 deterministic, the default; 1 = ancestral fixed-small) or the SDE "
         "solvers' (1 the reverse SDE, the default; 0 the ODE; more adds noise)",
     )
@@ -149,13 +181,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--class", "--guidance", class_name=dict(help=every_class + "equal blocks, one grid row each"))
     p.add_argument(
         "--guidance-interval",
-        type=int,
+        type=int,  # bounds: the run's timesteps (ddpm.sample)
         nargs=2,
         metavar=("LO", "HI"),
         help="guide only at model timesteps LO..HI (0-based; outside, the conditional model alone)",
     )
     p.add_argument(
-        "--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2024), 0 (off) to 1"
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="CFG rescale (Lin et al. 2024), 0 (off) to 1",
     )
     p.add_argument(
         "--prompt",
@@ -175,7 +210,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--low-res-noise",
-        type=int,
+        type=int,  # bounds: the stage's timesteps (ddpm.sample)
         metavar="LEVEL",
         help="super-resolution stages: the augmentation noise level of the low-resolution input "
         "(0 = clean; default the stage's model.low_res_noise)",
@@ -407,6 +442,7 @@ def cmd_eval_fid(args) -> int:
 def cmd_eval_nll(args) -> int:
     from .likelihood import evaluate_nll
 
+    check_seed(args.seed)
     out = _output_dir(args, f"nll-{args.split}")
     summary = evaluate_nll(
         args.checkpoint,
@@ -460,6 +496,7 @@ def cmd_train_classifier(args) -> int:
 def cmd_figures(args) -> int:
     from .figures import make_figures
 
+    check_seed(args.seed)
     out = _output_dir(args, "figures")
     info = make_figures(
         args.checkpoint,
@@ -490,15 +527,50 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import resolve_config
+    from .config import resolve_config, validate
 
     cfg = resolve_config(None, args.preset, args.config, _config_values(args), args.set)
+    validate(cfg)  # a starting point that `ddpm train` would refuse is no starting point
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``ddpm: error: ...`` and exit code 2, no usage block
+    (``--help`` still shows it). The subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
+            line = f"ddpm: error: {message} (see `{self.prog} --help`)"
+            # a value that is not valid UTF-8 is shown escaped (a terminal may not take it as it is)
+            sys.stderr.write(line.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
+        sys.exit(2)
+
+
+def _refuse_invalid_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2, one line) a flag or positional argument whose value was not valid UTF-8 on the
+    command line (Python holds such bytes as surrogate escapes): e.g. a path or a prompt in another
+    encoding, which would fail later when written or printed."""
+    from .conditions import check_text
+
+    names, chosen, command = {}, [parser], parser
+    while chosen:  # the parser, then the subcommand's parser (and its own subcommand's)
+        command = chosen.pop()
+        for action in command._actions:
+            names.setdefault(action.dest, action.option_strings[0] if action.option_strings else action.dest)
+            if isinstance(action, argparse._SubParsersAction):
+                chosen.append(action.choices[getattr(args, action.dest)])
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    check_text(text, names.get(dest, dest))
+                except DDPMError as e:
+                    command.error(str(e))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models")
+    parser = Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (Algorithm 1)")
@@ -520,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num",
         "--num-samples",  # torchrun's own parser takes a bare --num for its --numa-binding
         dest="num",
-        type=int,
+        type=positive,  # at most what memory holds (ddpm.sample)
         default=SAMPLE_DEFAULTS.num,
         help=f"number of samples (default {SAMPLE_DEFAULTS.num}; --num-samples under torchrun)",
     )
@@ -558,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pipeline", help="a pipeline folder (see `ddpm pipeline`)")
     p.add_argument("--out", help="output directory (default PIPELINE/generated)")
-    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--num", type=positive, default=16, help="number of images (default 16)")
     p.add_argument(
         "--prompt",
         action="append",
@@ -568,16 +640,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", help="guide away from this text (default: the empty text)")
     _add(p, "--class", "--guidance", "--seed", "--batch-size", "--device", "--precision", "--no-progress")
     p.add_argument(
-        "--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"), help="guide only at timesteps LO..HI"
+        "--guidance-interval",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only at timesteps LO..HI",
     )
     p.add_argument(
         "--sampler", choices=tuple(SAMPLERS), default="ddim", help="the generator's sampler (default ddim)"
     )
-    p.add_argument("--steps", type=int, default=50, help="the generator's sampling steps (default 50)")
+    p.add_argument("--steps", type=positive, default=50, help="the generator's sampling steps (default 50)")
     p.add_argument(
         "--decoder-sampler", choices=tuple(SAMPLERS), default="ddim", help="the decoder's (default ddim)"
     )
-    p.add_argument("--decoder-steps", type=int, default=50, help="the decoder's sampling steps (default 50)")
+    p.add_argument(
+        "--decoder-steps", type=positive, default=50, help="the decoder's sampling steps (default 50)"
+    )
     p.add_argument(
         "--low-res-noise",
         type=int,
@@ -589,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
     _add_checkpoint(p, "inversion")
     p.add_argument("--images", help="samples.npz (or its folder) to invert (default: the run's test split)")
-    p.add_argument("--num", type=int, default=8, help="how many images (default 8)")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps each way (default 100)")
+    p.add_argument("--num", type=image_count, default=8, help="how many images (default 8)")
+    p.add_argument("--steps", type=positive, default=100, help="DDIM steps each way (default 100)")
     spacing = dict(
         default="linspace",
         help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
@@ -602,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
     p.add_argument("folder", help="the image folder (every image below it)")
     p.add_argument("--out", required=True, help="directory for shard-NNNNNN.tar and shards.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive, default=1000, help="images per shard (default 1000)")
     p.set_defaults(func=cmd_make_shards)
 
     p = sub.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
@@ -639,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num",
         "--num-samples",
         dest="num",
-        type=int,
+        type=positive,
         help="with a checkpoint: samples to draw (default 50,000 for cifar10, else 10,000; "
         "--num-samples under torchrun)",
     )
@@ -652,11 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = eval_sub.add_parser("nll", help="the NLL bound in bits/dim, per-t terms and rate/distortion")
     _add_checkpoint(e, "nll-SPLIT")
     _add(e, "--split")
-    e.add_argument("--num", type=int, help="evaluate the first N images (default: the whole split)")
+    e.add_argument("--num", type=image_count, help="evaluate the first N images (default: the whole split)")
     _add(e, "--no-clip", no_clip=dict(help="do not clip x0 in the model mean (default: clip)"))
     e.add_argument(
         "--estimate-steps",
-        type=int,
+        type=positive,
         metavar="K",
         help="ESTIMATE from K evenly spaced timesteps instead of all T (labelled as such)",
     )
@@ -682,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--per-prompt",
-        type=int,
+        type=positive,
         default=20,
         help="with a run: samples per prompt (default 20; the prompts: --prompt, else for each class "
         "'a photo of a CLASS' and its dark / light / small / large variants)",
@@ -704,8 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train (or retrain) the domain classifier used by eval fid")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--image-size", type=image_size, default=28)
+    p.add_argument("--epochs", type=positive, default=2)
     _add(p, "--cache-dir")
     _add(p, "--data-dir", "--no-progress", data_dir=dict(help="where the dataset is"))
     p.set_defaults(func=cmd_train_classifier)
@@ -730,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="forward, progressive, shared, interpolate or gif (repeatable; default all)",
     )
-    p.add_argument("--num", type=int, default=8, help="images per row (default 8)")
-    p.add_argument("--frames", type=int, default=10, help="columns along the chain (default 10)")
+    p.add_argument("--num", type=figure_count, default=8, help="images per row (default 8)")
+    p.add_argument("--frames", type=figure_count, default=10, help="columns along the chain (default 10)")
     _add(
         p, "--seed", "--no-ema", "--device", "--precision", "--data-dir", "--class", "--prompt", "--guidance"
     )
@@ -747,7 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _refuse_invalid_utf8(parser, args)  # before anything is read or written
+    except SystemExit as e:  # a refusal (2, its one line said) or --help (0): a code, as below
+        return e.code if isinstance(e.code, int) else 0
     # Under torchrun every process meets the same error: rank 0 alone says it.
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     keep_freed_memory()  # ~20% faster sampling on the CPU (see its docstring)

@@ -541,6 +541,7 @@ LIMITS = {
     "train.batch_size": MAX_BATCH_SIZE,
     "train.num_sample_images": 2**16,
     "data.num_points": 10**8,
+    "data.channels": MAX_WIDTH,
     "data.loader_workers": 1024,
     "diffusion.num_timesteps": 10**6,
     "model.num_classes": 10**6,
@@ -585,8 +586,8 @@ def validate(cfg: Config) -> None:
                 if isinstance(number, int | float) and not 0 <= number <= high:
                     bound = "must be >= 0" if number < 0 else f"must be at most {LIMITS.get(key, '2**63-1')}"
                     raise ConfigError(f"{key} {bound}, got {number}")
-    if data.channels not in (None, 1, 3):
-        raise ConfigError(f"data.channels must be 1 or 3 (or none: the data's own), got {data.channels}")
+    if data.channels == 0:  # (images have 1 or 3, checked with the data; 2-D points 2)
+        raise ConfigError("data.channels must be positive (or none: the data's own)")
     if m.ch * max(m.ch_mult, default=1) > MAX_WIDTH:
         raise ConfigError(f"model.ch times model.ch_mult's largest must be at most {MAX_WIDTH}")
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
@@ -698,6 +699,8 @@ def _validate_text_encoder(cfg: Config) -> None:
     for name in sizes:
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    if data.image_size <= 0:  # the image tower's input
+        raise ConfigError(f"data.image_size must be positive, got {data.image_size}")
     if m.text_width % m.text_heads:
         raise ConfigError(f"model.text_width={m.text_width} must be divisible by model.text_heads")
     if m.text_max_length < 3:

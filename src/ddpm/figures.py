@@ -166,8 +166,6 @@ def make_figures(
     model = for_request(network, cfg, class_name, guidance, prompt, checkpoint)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     T = diffusion.num_timesteps
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = {}
     needs_data = {"forward", "shared", "interpolate"} & set(which)
     if needs_data:
@@ -179,6 +177,8 @@ def make_figures(
             raise DataError(f"the test split has fewer than 2 images of class {name!r}")
         picks = torch.randperm(len(data), generator=_generator(seed, 0))[: max(num, 2)]
         real = to_model_range(data[picks])
+    out = Path(out_dir)  # made once the data is known to be there: a refusal leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     if "forward" in which:
         times = [0] + _times(T, frames)[::-1][1:]
         rows, snr = forward_process(diffusion, real[:num], times, _generator(seed, 1))

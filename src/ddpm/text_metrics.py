@@ -227,6 +227,9 @@ def evaluate_text(
         raise DataError(f"--per-prompt must be positive, got {per_prompt}")
     if clip is not None:
         clip = PretrainedClip(clip)  # a bad model fails before any sampling
+    for flag, folder in (("--domain-clip", domain_clip), ("--data-dir", data_dir)):
+        if folder is not None and not Path(folder).is_dir():  # so does a missing folder
+            raise DataError(f"{flag} {folder} is not a folder")
     sampling = sampling or SampleOptions()
     if (source / "pipeline.json").is_file():
         source = _generate_through(source, per_prompt, sampling, progress)
