@@ -92,3 +92,37 @@ def test_one_writer_per_output_folder(tmp_path):
     assert first.staging.is_dir()  # the second one did not clean up the first one's work
     first.discard()
     OutputFolder(tmp_path / "out", last="samples.json").discard()
+
+
+@pytest.mark.parametrize("names", ['["../victim.txt"]', "[5]", '["grid.png", "/etc/passwd"]'])
+def test_a_planted_staging_folder_moves_nothing(tmp_path, names):
+    """A `.partial-*` folder someone else left, whose manifest names anything but ddpm's results, is
+    refused before anything moves (it once moved ../victim.txt into place and deleted the original)."""
+    from ddpm.errors import ConfigError
+    from ddpm.files import OutputFolder
+
+    (tmp_path / "victim.txt").write_text("mine")
+    publish(tmp_path / "out", grid_png="old grid", samples_json="old")
+    staging = tmp_path / "out" / ".partial-x"
+    staging.mkdir()
+    (staging / "samples.json").write_text("planted")
+    (staging / ".names").write_text(names)
+    (tmp_path / "out" / "victim.txt").write_text("planted")
+    with pytest.raises(ConfigError, match="which ddpm never writes"):
+        OutputFolder(tmp_path / "out", last="samples.json")
+    assert (tmp_path / "victim.txt").read_text() == "mine"
+    assert (tmp_path / "out" / "samples.json").read_text() == "old"
+    assert (tmp_path / "out" / "grid.png").read_text() == "old grid"
+
+
+def test_records_ddpm_writes_read_back_unless_strict(tmp_path):
+    """json.dumps writes a NaN as NaN and a class folder's non-UTF-8 name as a lone surrogate: ddpm's own
+    records read back (strict=False), while files users write are held to plain JSON."""
+    from ddpm.errors import DataError
+    from ddpm.files import read_json
+
+    write_json(tmp_path / "samples.json", {"class_names": ["caf\udce9"], "fid": float("nan")})
+    record = read_json(tmp_path / "samples.json", strict=False)
+    assert record["class_names"] == ["caf\udce9"] and record["fid"] != record["fid"]
+    with pytest.raises(DataError, match="not Unicode|NaN"):
+        read_json(tmp_path / "samples.json")

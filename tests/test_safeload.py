@@ -399,3 +399,10 @@ def test_samples_that_are_pickles_are_refused(tmp_path, capsys, marker):
     refused(
         ["eval", "fid", str(folder), "--dataset", "cifar10", "--no-progress"], capsys, "cannot read samples"
     )
+
+
+def test_an_error_is_quoted_in_one_line_even_without_a_message():
+    from ddpm.errors import first_line
+
+    assert first_line(RuntimeError("\x1b[31mbad\x1b[0m file\nmore")) == "bad file"
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  ")) == "ValueError"

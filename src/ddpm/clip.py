@@ -266,7 +266,7 @@ def info_file(folder: str | Path) -> Path | None:
     if (folder / INFO_FILE).is_file():
         return folder / INFO_FILE
     try:
-        if read_json(folder / "config.json", expect=dict).get("format") == FORMAT:
+        if read_json(folder / "config.json", expect=dict, strict=False).get("format") == FORMAT:
             return folder / "config.json"
     except DataError:
         pass
@@ -279,7 +279,7 @@ def is_text_encoder(folder: str | Path) -> bool:
     if info_file(folder) is not None:
         return True
     try:
-        return read_json(folder / "config.json", expect=dict)["model"]["kind"] == "text-encoder"
+        return read_json(folder / "config.json", expect=dict, strict=False)["model"]["kind"] == "text-encoder"
     except (DataError, KeyError, TypeError):
         return False
 
@@ -322,7 +322,7 @@ def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
             f"{folder} holds no text encoder ({INFO_FILE}); train one with `ddpm train-text-encoder`"
         )
     try:
-        info = read_json(info_path, expect=dict)
+        info = read_json(info_path, expect=dict, strict=False)
         if info.get("format") != FORMAT:
             raise ValueError(f"format {info.get('format')!r}, expected {FORMAT!r}")
         config = ClipConfig(**info["model"])

@@ -14,7 +14,7 @@ import torch
 from .build import build_model, load_weights
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, validate
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .files import read_json, write_json
 from .safeload import load_state_dict
 
@@ -211,7 +211,7 @@ def load_diffusers_folder(folder: str | Path) -> tuple[Config, dict[str, torch.T
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch.load raise several types for a damaged file
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0]  # one line, no colour codes
+        first = first_line(e)
         raise CheckpointError(f"cannot read the weights in {unet_dir}: {first}") from None
 
     dataset = "cifar10" if (size, channels) == (32, 3) else "folder"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .safeload import TRANSFORMERS_PICKLES, TRANSFORMERS_SAFETENSORS, refuse_pickled_folder
 from .text import TextEncoding, TextTransformer, TokenIds
 
@@ -92,7 +92,7 @@ class PretrainedTextEncoder:
                 raise DataError(f"{name}: a {config.model_type!r} model; text encoders are CLIP or T5")
             self.model = cls.from_pretrained(name, use_safetensors=True).eval()
         except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged model.safetensors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise DataError(f"cannot load text encoder {name!r}: {first}") from None
         text_config = getattr(config, "text_config", config)
         self.width = getattr(text_config, "hidden_size", None) or text_config.d_model

@@ -15,3 +15,12 @@ class DataError(DDPMError):
 
 class CheckpointError(DDPMError):
     """A missing, damaged or incompatible checkpoint."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message without terminal colour codes (torch colours parts of
+    its messages), or its type's name when it has none: what a one-line error may quote of it."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -76,7 +76,7 @@ def evaluate_fid(
     folder = source if source.is_dir() else source.parent
     made = {}
     if (folder / "samples.json").is_file():  # how the samples were made: checkpoint, seed, steps, ...
-        made = read_json(folder / "samples.json", expect=dict)
+        made = read_json(folder / "samples.json", expect=dict, strict=False)
     dataset = dataset or check_fid_dataset(made.get("dataset", "fashion-mnist"))
     samples = load_samples(source)
     labels = load_sample_labels(source)  # the class each sample was conditioned on, if any

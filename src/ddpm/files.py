@@ -136,12 +136,17 @@ def read_json(
     error: type[DDPMError] = DataError,
     expect: type | None = None,
     max_bytes: int = MAX_JSON_BYTES,
+    strict: bool = True,
 ):
     """The JSON value in the file ``path`` (``what`` says what it is, for errors), read the one safe
-    way: any fault (missing, too large, not UTF-8, invalid JSON or NaN, too deep, not ``expect``) is one
-    line of ``error`` naming the file. Writers are unchanged: ddpm writes plain JSON."""
+    way: any fault (missing, too large, not UTF-8, invalid JSON, too deep, not ``expect``; when
+    ``strict``, NaN or a lone surrogate) is one line of ``error`` naming the file. Records ddpm writes
+    itself are read with ``strict=False``: json.dumps writes a NaN as NaN, and a class folder's name that
+    is not UTF-8 as a lone surrogate."""
     data = read_bytes(path, what, error=error, max_bytes=max_bytes)
-    return parse_json(data, _label(path, what), error=error, expect=expect, max_bytes=max_bytes)
+    return parse_json(
+        data, _label(path, what), error=error, expect=expect, max_bytes=max_bytes, strict=strict
+    )
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -233,6 +238,8 @@ class OutputFolder:
         self.lock.acquire()
         try:
             for leftover in sorted(self.path.glob(".partial-*")):
+                if leftover.is_symlink() or not leftover.is_dir():
+                    continue  # not a staging folder ddpm made
                 if (leftover / last).is_file():
                     self._move_into_place(leftover)  # killed while publishing: finish the job
                 else:
@@ -261,17 +268,23 @@ class OutputFolder:
         self.lock.release()
 
     def _move_into_place(self, staging: Path) -> None:
+        manifest = staging / ".names"  # what this publish moves, kept for a run that must finish it
+        if manifest.is_file():
+            names = read_json(manifest, error=ConfigError, expect=list)
+            planted = [name for name in names if not (isinstance(name, str) and name in PUBLISHED)]
+            if planted:  # only ddpm's own result names, never a path out of the folder
+                raise ConfigError(
+                    f"{manifest} lists {planted[0]!r}, which ddpm never writes: it is not ddpm's; "
+                    f"remove {staging} or choose another --out"
+                )
+        else:
+            names = sorted(p.name for p in staging.iterdir() if p.name not in (".old", self.last))
+            atomic_write_text(manifest, json.dumps(names))
         old = staging / ".old"  # what is replaced goes here first: every step is a rename
         old.mkdir(exist_ok=True)
         description = self.path / self.last
         if description.exists():
             os.replace(description, old / self.last)  # no description of a half-replaced folder
-        manifest = staging / ".names"  # what this publish moves, kept for a run that must finish it
-        if manifest.is_file():
-            names = read_json(manifest, error=ConfigError, expect=list)
-        else:
-            names = sorted(p.name for p in staging.iterdir() if p.name not in (".old", self.last))
-            atomic_write_text(manifest, json.dumps(names))
         for name in [*self.stale(names), *names]:
             if (staging / name).exists():  # (else moved before a kill)
                 if (self.path / name).exists():

@@ -23,7 +23,7 @@ import torch
 
 from .config import DataConfig
 from .data import CACHE, load_dataset
-from .errors import DataError
+from .errors import DataError, first_line
 from .metrics import classifier_score, feature_statistics, frechet_distance, kernel_inception_distance
 from .safeload import load_state_dict, sha256_file
 
@@ -133,9 +133,8 @@ def load_inception(weights: str | Path | None = None, device="cpu", progress: bo
             model = cls("inception-v3-compat", list(FEATURES))
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         # wrong or missing tensors, or tensors of other shapes
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"{source} is not an InceptionV3 state dict for torch-fidelity ({first_line})"
+            f"{source} is not an InceptionV3 state dict for torch-fidelity ({first_line(e)})"
         ) from None
     if weights is not None and path.name == WEIGHTS_NAME and not sha256_file(path).startswith(WEIGHTS_SHA256):
         # a user's own file may be fine (it is named by its hash in results), but not under this name

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 SAFE_TORCH_LOAD = (2, 6)  # the first torch whose weights-only unpickler has no known way to run code
 
@@ -52,11 +52,6 @@ def torch_load_is_safe(version: str | None = None) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) >= SAFE_TORCH_LOAD
 
 
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _refusal(e: pickle.UnpicklingError) -> str:
     """What the weights-only unpickler refused, in a few words."""
     text = str(e)
@@ -87,7 +82,7 @@ def load_state_dict(
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise error(f"{source} is not {kind} (a damaged safetensors file: {_first_line(e)})") from None
+            raise error(f"{source} is not {kind} (a damaged safetensors file: {first_line(e)})") from None
     if not torch_load_is_safe():
         raise error(
             f"{source} is a pickle-based torch file, which torch {torch.__version__} cannot read without "
@@ -100,7 +95,7 @@ def load_state_dict(
     except pickle.UnpicklingError as e:
         raise error(f"{source} was refused unread: {_refusal(e)}; only tensors are loaded") from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise error(f"{source} is not {kind} (cannot read it as a torch file: {_first_line(e)})") from None
+        raise error(f"{source} is not {kind} (cannot read it as a torch file: {first_line(e)})") from None
     if not isinstance(state, dict):
         raise error(f"{source} is not {kind} (it holds a {type(state).__name__})")
     wrong = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]

@@ -70,9 +70,10 @@ def _owned_shards(out: Path) -> set[str]:
 
 def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> dict:
     """Write every image below ``folder`` into tar shards of ``shard_size`` images in ``out`` (the
-    original file bytes, keys in sorted order), plus shards.json. Returns the index. ``out`` is new, empty
-    or make_shards' own (its shard files listed in its shards.json): others are refused untouched, and
-    nothing is written before every image has decoded."""
+    original file bytes, keys in sorted order), plus shards.json. Returns the index. Only its own files
+    are ever replaced or removed: a folder holding shard files or a shards.json that make_shards did not
+    write is refused untouched (other files beside them are left alone), and nothing is written before
+    every image has decoded."""
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
     out = Path(out)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import first_line
+
 
 @dataclass
 class TextEncoding:
@@ -168,7 +170,7 @@ class BpeTokenizer:
         try:
             tokenizer = cls._module().Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
-            raise ValueError(f"not a tokenizers JSON ({str(e).splitlines()[0] if str(e) else e})") from None
+            raise ValueError(f"not a tokenizers JSON ({first_line(e)})") from None
         return cls(tokenizer, max_length)
 
     def to_json(self) -> str:

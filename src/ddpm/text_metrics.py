@@ -26,7 +26,7 @@ import torch
 from .captions import article
 from .checkpoint import Checkpoint
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, first_line
 from .files import read_json, write_json
 from .images import load_samples
 from .safeload import TRANSFORMERS_PICKLES, TRANSFORMERS_SAFETENSORS, refuse_pickled_folder
@@ -139,7 +139,7 @@ class PretrainedClip:
                 str(name), trust_remote_code=False
             )
         except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged model.safetensors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise DataError(f"cannot load CLIP model {str(name)!r}: {first}") from None
         self.name = str(name)
         self.max_length = self.model.config.text_config.max_position_embeddings
@@ -176,9 +176,9 @@ def sample_record(folder: Path) -> dict:
     """How a folder's samples were made: the samples.json of `ddpm sample`, or the generator's record in
     the generate.json of `ddpm generate` (a pipeline's images), or {} when there is neither."""
     if (folder / "samples.json").is_file():
-        return read_json(folder / "samples.json", expect=dict)
+        return read_json(folder / "samples.json", expect=dict, strict=False)
     if (folder / "generate.json").is_file():
-        return read_json(folder / "generate.json", expect=dict).get("generator", {})
+        return read_json(folder / "generate.json", expect=dict, strict=False).get("generator", {})
     return {}
 
 
@@ -282,7 +282,7 @@ def evaluate_text(
             result["clip_score"]["real_test_images"] = round(clip.score(*real), 4)
     result["sampling"] = made
     if (folder / "generate.json").is_file() and not (folder / "samples.json").is_file():
-        result["pipeline"] = read_json(folder / "generate.json", expect=dict)
+        result["pipeline"] = read_json(folder / "generate.json", expect=dict, strict=False)
     path = Path(out) if out else folder / "text-eval.json"
     write_json(path, result)
     return path, result
