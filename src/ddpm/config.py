@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .files import check_tree, read_json, read_text
 
 TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
@@ -64,8 +64,6 @@ def check_run_config(config: dict, where) -> None:
     a missing one with defaults would rebuild another model and refuse it for a misleading reason."""
     missing = [name for name in RUN_SECTIONS if not isinstance(config.get(name), dict)]
     if missing:
-        from .errors import CheckpointError
-
         raise CheckpointError(
             f"{where}: its config is incomplete (no {' or '.join(missing)} section), so the model cannot "
             "be rebuilt"
@@ -584,7 +582,13 @@ def validate(cfg: Config) -> None:
             high = LIMITS.get(key, 2**63 - 1)
             for number in value if isinstance(value, tuple) else (value,):
                 if isinstance(number, int | float) and not 0 <= number <= high:
-                    bound = "must be >= 0" if number < 0 else f"must be at most {LIMITS.get(key, '2**63-1')}"
+                    bound = (
+                        "must be a number"
+                        if number != number  # NaN
+                        else "must be >= 0"
+                        if number < 0
+                        else f"must be at most {LIMITS.get(key, '2**63-1')}"
+                    )
                     raise ConfigError(f"{key} {bound}, got {number}")
     if data.channels == 0:  # (images have 1 or 3, checked with the data; 2-D points 2)
         raise ConfigError("data.channels must be positive (or none: the data's own)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .config import check_run_config
-from .data import CLASS_NAMES, TOYS
+from .data import CLASS_NAMES, DATASETS, TOYS
 from .errors import DataError
 from .files import read_json, write_json
 from .images import load_sample_labels, load_samples
@@ -16,7 +16,7 @@ from .runtime import init_processes, resolve_device
 from .sample import SampleOptions, sample_to_dir
 
 # The reference datasets FID can compare images with (the 2-D toys are points, not images).
-FID_DATASETS = ("fashion-mnist", "mnist", "cifar10", "folder", "shards")
+FID_DATASETS = tuple(d for d in DATASETS if d not in TOYS)
 # Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
 FID_SAMPLES = {"cifar10": 50_000}
 DEFAULT_FID_SAMPLES = 10_000
