@@ -315,3 +315,11 @@ def test_a_latent_preset_before_its_autoencoder_is_trained_names_the_command(
     words = ("autoencoder runs/autoencoder does not exist", "ddpm train-autoencoder --out runs/autoencoder")
     refused(capsys, argv, tmp_path / "runs" / "fashion-mnist-latent-text", *words)
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_fid_checks_the_inception_weights_before_sampling(class_run, tmp_path, capsys):
+    run, _ = class_run
+    argv = ["eval", "fid", str(run), "--extractor", "inception", "--num", "2", "--no-progress"]
+    argv += ["--inception-weights", str(tmp_path / "missing.pth")]
+    refused(capsys, argv, tmp_path / "fid.json", "--inception-weights: no file at")
+    assert not list(run.glob("fid-samples-*"))  # refused before it sampled

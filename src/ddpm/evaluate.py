@@ -58,6 +58,8 @@ def evaluate_fid(
     others return (None, {})."""
     if dataset is not None:  # before anything is loaded, downloaded or sampled
         check_fid_dataset(dataset)
+    if inception_weights is not None and not Path(inception_weights).is_file():  # not after sampling
+        raise DataError(f"--inception-weights: no file at {inception_weights}")
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
