@@ -582,13 +582,7 @@ def validate(cfg: Config) -> None:
             high = LIMITS.get(key, 2**63 - 1)
             for number in value if isinstance(value, tuple) else (value,):
                 if isinstance(number, int | float) and not 0 <= number <= high:
-                    bound = (
-                        "must be a number"
-                        if number != number  # NaN
-                        else "must be >= 0"
-                        if number < 0
-                        else f"must be at most {LIMITS.get(key, '2**63-1')}"
-                    )
+                    bound = "must be >= 0" if number < 0 else f"must be at most {LIMITS.get(key, '2**63-1')}"
                     raise ConfigError(f"{key} {bound}, got {number}")
     if data.channels == 0:  # (images have 1 or 3, checked with the data; 2-D points 2)
         raise ConfigError("data.channels must be positive (or none: the data's own)")
