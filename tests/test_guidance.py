@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import linear
 
+from ddpm.errors import ConfigError
 from ddpm.guidance import guided
 from ddpm.samplers import SAMPLERS, sampling_chain
 from ddpm.unet import UNet
@@ -73,7 +74,7 @@ def test_interval_and_rescale():
     assert calls == [3, 6]
     full = guided(model, 2, 0, 3.0, rescale=1.0)(x, torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(full.std(dim=1), (3 * x).std(dim=1))  # the conditional output's spread
-    with pytest.raises(ValueError, match="guidance scale"):
+    with pytest.raises(ConfigError, match="guidance scale must be a finite number"):
         guided(model, 2, 0, float("nan"))
 
 

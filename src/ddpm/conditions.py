@@ -7,7 +7,6 @@ branch that condition dropout trains). Guidance is Ho and Salimans' w (w = 0 is 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 from .captions import article
 from .diffusion import VarType, parse_option
 from .errors import ConfigError
-from .guidance import MAX_GUIDANCE, guided
+from .guidance import check_guidance, guided
 
 
 def class_index(cfg, name: str | int) -> int:
@@ -36,12 +35,6 @@ def class_index(cfg, name: str | int) -> int:
     if str(name).isdecimal() and int(name) < cfg.model.num_classes:
         return int(name)
     raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
-
-
-def check_guidance(guidance: float, what: str = "--guidance") -> None:
-    """Guidance is a finite w in [0, MAX_GUIDANCE] (see ddpm.guidance)."""
-    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        raise ConfigError(f"{what} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {guidance}")
 
 
 def check_text(text: str, what: str = "--prompt") -> None:

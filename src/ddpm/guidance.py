@@ -7,10 +7,12 @@ conditional sampling. Both branches run in one batched forward pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from .errors import ConfigError
 from .text import TEXT_CONDITIONS
 
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -19,6 +21,12 @@ ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 # at w = 100 the guided output is already dominated by the difference of the branches, and far beyond
 # it float32 overflows, so a typo such as 1e308 gave images of only 0 and 255 without a word.
 MAX_GUIDANCE = 100.0
+
+
+def check_guidance(guidance: float, what: str = "--guidance") -> None:
+    """Guidance is a finite w in [0, MAX_GUIDANCE]."""
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise ConfigError(f"{what} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {guidance}")
 
 
 def guided(
@@ -41,8 +49,7 @@ def guided(
       it the conditional branch alone runs;
     - ``rescale``: CFG rescale (Lin et al. 2024), blending the guided output towards one with the
       conditional output's per-example standard deviation, 0 (off) to 1."""
-    if not (0 <= scale <= MAX_GUIDANCE):  # (NaN fails every comparison)
-        raise ValueError(f"the guidance scale must be a number in [0, {MAX_GUIDANCE:g}], got {scale}")
+    check_guidance(scale, "the guidance scale")
 
     def per_example(c, x: torch.Tensor):
         if isinstance(c, TEXT_CONDITIONS):

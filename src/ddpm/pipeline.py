@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
+from .config import check_run_config
 from .errors import ConfigError, DDPMError
 from .files import read_json, write_json
 from .images import to_uint8
@@ -87,7 +88,7 @@ class Pipeline:
                 f"{folder} is not a pipeline (no {PIPELINE_FILE}); make one with `ddpm pipeline`"
             )
         try:
-            spec = read_json(spec_path, error=ConfigError)
+            spec = read_json(spec_path, error=ConfigError, expect=dict)
             if spec.get("format") != FORMAT:
                 raise ValueError(f"format {spec.get('format')!r}, expected {FORMAT!r}")
             parts = [Part(p["role"], _resolve(folder, p["path"]), p.get("kind")) for p in spec["parts"]]
@@ -252,7 +253,7 @@ class Pipeline:
             g_data = self.generator.config["data"]
             size = g_data["image_size"]
             one = torch.zeros(1, g_data["channels"], size, size, dtype=torch.uint8)
-            placeholder = one.expand(num, -1, -1, -1)  # num views of one image: no memory for a large num
+            placeholder = one.expand(num, -1, -1, -1)  # num views of one image, not num copies
             prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder))
         return functools.partial(self._draw, first, second_opts)
 
@@ -335,8 +336,6 @@ def _checked_parts(parts: list[Part], where) -> list[Part]:
 
 
 def _checkpoint(part: Part) -> Checkpoint:
-    from .config import check_run_config
-
     try:
         ckpt = Checkpoint(part.path)
         check_run_config(ckpt.config, f"checkpoint {ckpt.path}")

@@ -19,7 +19,6 @@ from .build import load_model
 from .checkpoint import Checkpoint
 from .conditions import (
     balanced_classes,
-    check_guidance,
     check_request,
     check_text,
     grid_prompts,
@@ -30,6 +29,7 @@ from .config import check_seed
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
 from .files import OutputFolder, write_json
+from .guidance import check_guidance
 from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import Processes, init_processes, resolve_device, wrap_network
