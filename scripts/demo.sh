@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end: set up, train the fashion-mnist preset on CPU (about 9 minutes on 2 cores),
+# The main job end to end: set up, train the fashion-mnist preset on CPU (6-9 minutes on 2 cores, by CPU),
 # then sample 64 images from the EMA weights. Writes runs/fashion-mnist-demo/{checkpoint.safetensors,
 # samples/, metrics.jsonl} and runs/fashion-mnist-demo/final/{grid.png,images/,samples.npz}.
 set -euo pipefail
