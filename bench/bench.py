@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ddpm.build import build_diffusion, build_model
-from ddpm.config import preset
 from ddpm.convert import diffusers_unet_config
+from ddpm.presets import preset
 from ddpm.runtime import keep_freed_memory, wrap_network
 from ddpm.sample import generate
 from ddpm.text import TextEncoding

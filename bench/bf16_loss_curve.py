@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from ddpm.config import preset
+from ddpm.presets import preset
 from ddpm.train import Trainer
 
 

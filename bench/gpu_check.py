@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ddpm.build import build_diffusion, build_model
-from ddpm.config import resolve_config
+from ddpm.presets import resolve_config
 from ddpm.runtime import keep_freed_memory, wrap_network
 from ddpm.samplers import ddim_sample_loop, sampling_chain
 from ddpm.train import Trainer

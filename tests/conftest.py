@@ -16,6 +16,10 @@ def linear(T=1000, **kwargs) -> GaussianDiffusion:
     return GaussianDiffusion(make_betas("linear", T), **kwargs)
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def gaussian_optimal_eps(d: GaussianDiffusion, mu: float, sigma: float):
     """The exact E[eps | x_t] for data x0 ~ N(mu, sigma^2): the optimal noise predictor."""
     ab = torch.tensor(d.alphas_cumprod).float()

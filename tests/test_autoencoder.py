@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from ddpm.autoencoder import Autoencoder, AutoencoderObjective
+from ddpm.autoencoder import Autoencoder, autoencoder_loss
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
 from ddpm.images import to_model_range
 from ddpm.latent import measure_scale
-from ddpm.rng import sampling_generator
+from ddpm.rng import sampling_generator, step_generator
 from ddpm.train import Trainer
 
 
@@ -41,14 +41,14 @@ def test_the_loss_terms_are_l1_reconstruction_and_the_kl_from_a_standard_normal(
     expected_kl = torch.distributions.kl_divergence(posterior, prior).flatten(1).sum(1)
     assert torch.allclose(terms[:, 0], expected_rec, atol=1e-6)
     assert torch.allclose(terms[:, 1], expected_kl, rtol=1e-5)
-    loss = AutoencoderObjective(0.01).training_losses(ae, x, torch.zeros(3), noise)["loss"]
+    loss = autoencoder_loss(ae(x, noise), 0.01)
     assert torch.allclose(loss, expected_rec + 0.01 * expected_kl, rtol=1e-5)
 
 
 def test_training_draws_latent_noise_records_the_scale_and_learns(idx_dir, tmp_path):
     trainer = Trainer(ae_config(idx_dir, steps=40), tmp_path / "run", progress=False)
-    assert trainer.noise_shape == (2, 4, 4)
-    images = to_model_range(trainer.data[:16])
+    assert trainer.task.batch(0, step_generator(0, 0)).noise.shape == (4, 2, 4, 4)  # latent-shaped
+    images = to_model_range(trainer.task.examples.data[:16])
     with torch.no_grad():
         before = (trainer.model.decode(trainer.model.encode(images)[0]) - images).abs().mean()
     trainer.train()
@@ -57,7 +57,7 @@ def test_training_draws_latent_noise_records_the_scale_and_learns(idx_dir, tmp_p
     assert after < 0.7 * before
     ckpt = Checkpoint(tmp_path / "run")
     ema = trainer.ema.model_copy(trainer.model)
-    expected = measure_scale(ema, to_model_range(trainer.data[:1024]), sampling_generator(0, 0))
+    expected = measure_scale(ema, to_model_range(trainer.task.examples.data[:1024]), sampling_generator(0, 0))
     assert ckpt.train_state["latent_scale"] == pytest.approx(expected, rel=1e-6)
     assert (tmp_path / "run" / "samples" / "step_0000040.png").is_file()  # originals over reconstructions
 

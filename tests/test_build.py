@@ -1,13 +1,13 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import count_parameters, tiny_config
 
 from ddpm.build import build_diffusion, build_model, load_model
 from ddpm.checkpoint import save_checkpoint
-from ddpm.config import preset
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.mlp import MLPDenoiser
-from ddpm.unet import UNet, count_parameters
+from ddpm.presets import preset
+from ddpm.unet import UNet
 
 
 def test_models_follow_the_config(tmp_path):
@@ -71,3 +71,36 @@ def test_nan_weights_are_refused_not_sampled_black(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(conv_out.bias\)"):
         load_model(tmp_path)
+
+
+def test_load_network_gives_the_ema_weights_wrapped_for_the_runtime(tmp_path):
+    from ddpm.build import load_network
+    from ddpm.runtime import Runtime, wrap_network
+
+    cfg = tiny_config(tmp_path)
+    cfg.data.channels = 1
+    torch.manual_seed(0)
+    model, ema = build_model(cfg, 1), build_model(cfg, 1)
+    save_checkpoint(tmp_path / "checkpoint.safetensors", cfg.to_dict(), model.state_dict(), ema.state_dict())
+    loaded = load_network(tmp_path, runtime=Runtime("cpu"))
+    assert loaded.weights == "ema" and loaded.device == torch.device("cpu") and not loaded.model.training
+    for key, value in ema.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+    assert loaded.network is loaded.model  # fp32 without speed options: the model itself
+    assert loaded.diffusion.num_timesteps == loaded.cfg.diffusion.num_timesteps == 50
+    assert loaded.checkpoint.path == tmp_path / "checkpoint.safetensors"
+    raw = load_network(tmp_path, "model", Runtime("cpu"), var_type="fixedsmall")
+    assert raw.weights == "model" and torch.equal(raw.model.conv_in.weight, model.conv_in.weight)
+    assert raw.diffusion.var_type == "fixedsmall"
+    # the runtime's options reach the network: as wrap_network gives them
+    fast = load_network(tmp_path, runtime=Runtime("cpu", "bf16", channels_last=True))
+    assert fast.runtime == Runtime(torch.device("cpu"), "bf16", channels_last=True)
+    assert fast.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
+    with torch.no_grad():
+        expected = wrap_network(load_model(tmp_path)[0], "cpu", "bf16", channels_last=True)(x, t)
+        assert torch.equal(fast.network(x, t), expected)
+    with pytest.raises(ConfigError, match=r"^weights must be one of ema, model, got 'raw'$"):
+        load_network(tmp_path, "raw")
+    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+        load_network(tmp_path, runtime=Runtime(precision="fp16"))

@@ -15,6 +15,7 @@ from ddpm.checkpoint import (
     Checkpoint,
     load_optimizer_state,
     optimizer_tensors,
+    resolved_values,
     save_checkpoint,
 )
 from ddpm.errors import CheckpointError
@@ -272,7 +273,16 @@ def test_wrong_format_version(tmp_path, version):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("config", "{not json"), ("train_state", "[1, 2"), ("optimizer", "nul"), ("config", None)]
+    "field,value",
+    [
+        ("config", "{not json"),
+        ("train_state", "[1, 2"),
+        ("optimizer", "nul"),
+        ("config", None),
+        ("resolved", "[1]"),
+        ("resolved", '{"nosection.field": 1}'),
+        ("resolved", '{"model": 1}'),
+    ],
 )
 def test_damaged_json_metadata(tmp_path, field, value):
     path = write_raw(tmp_path / CHECKPOINT_NAME, meta=metadata(**{field: value}))
@@ -285,7 +295,21 @@ def test_valid_raw_file_loads(tmp_path):
     path = write_raw(tmp_path / CHECKPOINT_NAME, meta=metadata())
     ckpt = Checkpoint(path)
     assert ckpt.config == CONFIG and ckpt.train_state == {"step": 1}
+    assert ckpt.request == CONFIG and ckpt.resolved == {}  # (written before the resolved record)
     assert torch.equal(ckpt.model["w"], torch.ones(2, 2))
+
+
+def test_the_resolved_values_complete_the_requested_config(tmp_path):
+    resolved = {"model.ch": 16, "data.channels": 1}
+    with pytest.raises(CheckpointError):  # (a section the request lacks)
+        save_checkpoint(tmp_path / CHECKPOINT_NAME, CONFIG, {"w": torch.ones(3)}, resolved=resolved)
+        Checkpoint(tmp_path)
+    request = {**CONFIG, "data": {"channels": None}}
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, request, {"w": torch.ones(3)}, resolved=resolved)
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.request == request and ckpt.resolved == resolved
+    assert ckpt.config == {**CONFIG, "model": {"ch": 16, "ch_mult": [1, 2]}, "data": {"channels": 1}}
+    assert resolved_values(ckpt.config, ckpt.request) == resolved
 
 
 @pytest.mark.parametrize("name", ["extra.w", "weights", "Model.w", "emaw"])
@@ -347,8 +371,8 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "meta,message",
     [
-        ({"config": "[1, 2]"}, "config and train_state must be objects"),
-        ({"train_state": '"done"'}, "config and train_state must be objects"),
+        ({"config": "[1, 2]"}, "config, resolved and train_state must be objects"),
+        ({"train_state": '"done"'}, "config, resolved and train_state must be objects"),
         ({"optimizer": "3"}, "optimizer must be an object"),
         ({"train_state": '{"step": "12"}'}, "step '12' is not a count"),
         ({"train_state": '{"step": -1}'}, "step -1 is not a count"),

@@ -236,3 +236,48 @@ def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, incep
     assert result["reference"] == {"dataset": "cifar10", "split": "train", "num_images": 10}
     assert result["sampling"]["var_type"] == "fixedlarge" and result["sampling"]["steps"] == 2
     assert result["fid"] > 0 and result["num_samples"] == 2
+
+
+def test_every_command_that_runs_a_network_takes_the_runtime_flags_alike(tmp_path, monkeypatch):
+    """--device, --precision, --channels-last, --compile and --compile-mode: declared once (cli.FLAGS) with
+    one help text and Runtime()'s defaults, taken by every command that runs a network, and parsed into
+    the one Runtime value that the command hands on."""
+    import argparse
+
+    from ddpm import cli, pipeline
+    from ddpm.runtime import Runtime
+
+    def subcommand(parser, *words):
+        for word in words:
+            action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = action.choices[word]
+        return parser
+
+    parser = cli.build_parser()
+    commands = {
+        ("sample",): ["RUN"],
+        ("generate",): ["PIPE"],
+        ("invert",): ["RUN"],
+        ("eval", "fid"): ["RUN"],
+        ("eval", "nll"): ["RUN"],
+        ("eval", "text"): ["RUN"],
+        ("figures",): ["RUN"],
+    }
+    speed = ["--device", "cpu", "--precision", "bf16", "--channels-last", "--compile"]
+    speed += ["--compile-mode", "reduce-overhead"]
+    expected = Runtime("cpu", "bf16", True, True, "reduce-overhead")
+    for words, positional in commands.items():
+        flags = {a.option_strings[0]: a for a in subcommand(parser, *words)._actions if a.option_strings}
+        for name in cli.RUNTIME_FLAGS:
+            assert flags[name].help == cli.FLAGS[name]["help"], (words, name)
+            assert flags[name].default == getattr(Runtime(), flags[name].dest), (words, name)
+        assert cli._runtime(parser.parse_args([*words, *positional])) == Runtime()
+        args = parser.parse_args([*words, *positional, *speed])
+        assert cli._runtime(args) == expected, words
+        if words != ("generate",) and hasattr(args, "sampler"):
+            assert cli._sample_options(args).runtime == expected, words
+    # generate hands them to both of its stages
+    stages = []
+    monkeypatch.setattr(pipeline, "generate_to_dir", lambda *a, **k: stages.append(k) or {})
+    assert main(["generate", str(tmp_path), *speed, "--out", str(tmp_path / "out")]) == 0
+    assert [stages[0][k].runtime for k in ("generator_options", "decoder_options")] == [expected] * 2

@@ -13,16 +13,18 @@ from ddpm.checkpoint import Checkpoint
 from ddpm.clip import (
     ClipConfig,
     DomainClip,
+    TokenizedCaptions,
     clip_config,
-    contrastive_loss,
     export_text_encoder,
     is_text_encoder,
     load_clip,
     save_clip,
 )
-from ddpm.config import Config, resolve_config
+from ddpm.config import Config
 from ddpm.data import BatchOrder
 from ddpm.errors import ConfigError, DataError
+from ddpm.images import to_model_range
+from ddpm.presets import resolve_config
 from ddpm.rng import step_generator
 from ddpm.train import Trainer, learning_rate
 
@@ -43,6 +45,23 @@ def bars_dir(path, n_train=200, n_test=100):
     return path
 
 
+def objective_loss(model: DomainClip, images_uint8: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The batch mean of the loss the text encoder's task takes for images and their captions: the pair's
+    training pass on the images and the batch's distinct captions."""
+    tokenized = TokenizedCaptions(model.tokenizer, captions)
+    return model(to_model_range(images_uint8), tokenized.batch(tokenized.ids)).mean()
+
+
+def clip_loss(model: DomainClip, images_uint8: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy written out, pairs that share a caption counted as matches."""
+    image = F.normalize(model.encode_images(images_uint8), dim=-1)
+    text = F.normalize(model.encode_text(captions).pooled, dim=-1)
+    logits = model.logit_scale.exp() * image @ text.T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def test_the_loss_is_clips_when_captions_differ_and_counts_repeats_as_matches():
     torch.manual_seed(0)
     model = DomainClip(ClipConfig(**TINY))
@@ -52,13 +71,14 @@ def test_the_loss_is_clips_when_captions_differ_and_counts_repeats_as_matches():
     text = F.normalize(model.encode_text(captions).pooled, dim=-1)
     logits = model.logit_scale.exp() * image @ text.T
     clip = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
-    torch.testing.assert_close(contrastive_loss(model, images, captions), clip)
+    torch.testing.assert_close(objective_loss(model, images, captions), clip)
     repeated = ["a coat", "a coat", "a shoe"]
     text = F.normalize(model.encode_text(repeated).pooled, dim=-1)
     logits = model.logit_scale.exp() * image @ text.T
     targets = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]])
     expected = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    torch.testing.assert_close(contrastive_loss(model, images, repeated), expected)
+    torch.testing.assert_close(objective_loss(model, images, repeated), expected)
+    torch.testing.assert_close(clip_loss(model, images, repeated), expected)
 
 
 TINY_RUN = [
@@ -106,7 +126,7 @@ def test_training_learns_the_classes_zero_shot_and_the_folder_round_trips(tmp_pa
 
 def test_the_pairs_loss_and_schedule_are_the_ones_it_trained_with_before_the_trainer(tmp_path):
     """The Trainer's step is the old hand-written loop's: AdamW (decay 0.01), warm-up then cosine decay,
-    the loss of contrastive_loss on the batch's uint8 images and captions."""
+    CLIP's loss (``clip_loss``) on the batch's uint8 images and captions."""
     bars = bars_dir(tmp_path / "bars")
     trainer, _, _ = train_encoder(tmp_path / "enc", bars, steps=1)
     cfg = trainer.cfg
@@ -118,13 +138,13 @@ def test_the_pairs_loss_and_schedule_are_the_ones_it_trained_with_before_the_tra
     )
     torch.manual_seed(cfg.train.seed)
     model = DomainClip(clip_config(cfg, 1))
-    idx = BatchOrder(len(trainer.dataset), 64, cfg.train.seed).indices(0)
-    g = step_generator(cfg.train.seed, 0)
-    x, rows, noise, y = trainer.batch(0, g)
+    dataset = trainer.task.examples.dataset
+    idx = BatchOrder(len(dataset), 64, cfg.train.seed).indices(0)
+    batch = trainer.task.batch(0, step_generator(cfg.train.seed, 0))
     trainer.model.load_state_dict(model.state_dict())
-    captions = [trainer.dataset.captions[i] for i in idx.tolist()]
-    expected = contrastive_loss(model, trainer.dataset.data[idx], captions)
-    got = trainer.objective.training_losses(trainer.network, x, rows, noise)["loss"].mean()
+    captions = [dataset.captions[i] for i in idx.tolist()]
+    expected = clip_loss(model, dataset.data[idx], captions)
+    got = trainer.task.loss(trainer.network, batch).mean()
     torch.testing.assert_close(got, expected)
 
 

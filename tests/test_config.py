@@ -3,8 +3,8 @@ import json
 import pytest
 
 from ddpm.cli import main
-from ddpm.config import preset
 from ddpm.errors import ConfigError
+from ddpm.presets import preset
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
@@ -15,49 +15,19 @@ def test_config_file_and_overrides(tmp_path, capsys):
     assert cfg["train"]["batch_size"] == 32 and cfg["model"]["ch_mult"] == [1, 2, 2, 2]
 
 
-def test_paper_preset_values():
-    cfg = preset("cifar10")
-    t = cfg.train
-    assert (t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, t.batch_size) == (2e-4, 5000, 1.0, 0.9999, 128)
-    assert (cfg.model.dropout, cfg.data.random_flip, cfg.diffusion.var_type) == (0.1, True, "fixedlarge")
-    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.num_timesteps) == (
-        1e-4,
-        0.02,
-        1000,
-    )
-    big = preset("celebahq256")
-    assert (big.train.lr, big.train.batch_size, big.model.dropout) == (2e-5, 64, 0.0)
+def test_read_config_file_returns_the_sections_as_written(tmp_path):
+    """Parsing only: the file's `preset` is kept for ddpm.presets.load_file to start from."""
+    from ddpm.config import read_config_file
 
-
-@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun256", "fashion-mnist", "toy2d"])
-def test_config_files_match_presets(name):
-    """configs/*.json are the presets written out (`ddpm config --preset NAME`); they must not drift."""
-    from pathlib import Path
-
-    from ddpm.config import load_file
-
-    path = Path(__file__).parent.parent / "configs" / f"{name}.json"
-    assert load_file(path).to_dict() == preset(name).to_dict()
-
-
-def test_resolve_config_order_preset_file_values_overrides(tmp_path):
-    from ddpm.config import resolve_config
-
-    (tmp_path / "c.json").write_text('{"train": {"lr": 0.5, "batch_size": 8}}')
-    cfg = resolve_config(
-        None,
-        "cifar10",
-        tmp_path / "c.json",
-        {"train.lr": 0.25, "train.seed": None, "data.image_size": 16},
-        ["train.lr=0.125"],
-    )
-    assert cfg.name == "cifar10" and cfg.train.batch_size == 8  # the file over the preset
-    assert cfg.train.lr == 0.125 and cfg.data.image_size == 16 and cfg.train.seed == 0  # None skipped
-    assert resolve_config().name == "fashion-mnist"  # the default preset
-    base = preset("toy2d")
-    assert resolve_config(base, values={"train.steps": 9}) is base and base.train.steps == 9
-    with pytest.raises(ConfigError, match="a resumed run keeps its own config"):
-        resolve_config(base, "cifar10")
+    (tmp_path / "c.toml").write_text('preset = "toy2d"\n[train]\nlr = 1e-4\n')
+    (tmp_path / "c.json").write_text('{"preset": "toy2d", "train": {"lr": 1e-4}}')
+    for name in ("c.toml", "c.json"):
+        assert read_config_file(tmp_path / name) == {"preset": "toy2d", "train": {"lr": 1e-4}}
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        read_config_file(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_config_file(tmp_path / "none.json")
 
 
 @pytest.mark.parametrize(

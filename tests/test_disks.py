@@ -78,8 +78,8 @@ def test_a_read_only_disk_is_one_line_before_any_work(idx_dir, tmp_path):
 def test_a_full_disk_during_import_is_one_line(tmp_path):
     from diffusers import UNet2DModel
 
-    from ddpm.config import preset
     from ddpm.convert import diffusers_unet_config
+    from ddpm.presets import preset
 
     cfg = preset("cifar10").model
     cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_resolutions = 32, (1, 2), 1, (16,)

@@ -62,7 +62,7 @@ def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_pat
     from ddpm import evaluate
     from ddpm.build import build_model
     from ddpm.checkpoint import save_checkpoint
-    from ddpm.config import preset
+    from ddpm.presets import preset
 
     cfg = preset("cifar10")
     cfg.model.ch, cfg.model.ch_mult, cfg.model.num_res_blocks, cfg.model.attn_resolutions = 8, (1,), 1, ()

@@ -60,3 +60,35 @@ def test_invert_of_a_class_conditional_run_takes_a_class(class_run, tmp_path, ca
     capsys.readouterr()
     assert main(["invert", str(run), *flags, "--class", "Hat", "--out", str(tmp_path / "x")]) == 2
     assert "unknown class 'Hat'" in capsys.readouterr().err
+
+
+def test_invert_takes_the_speed_options_of_sample(class_run, tmp_path, monkeypatch):
+    """--channels-last, --compile and --compile-mode reach the network (through wrap_network) and the
+    record, as `ddpm sample`'s do; on a CPU, channels_last inverts as the default layout does."""
+    import json
+
+    from ddpm import runtime
+    from ddpm.cli import main
+
+    run, data = class_run
+    seen, wrap = [], runtime.wrap_network
+
+    def spy(model, *options):
+        seen.append(options)
+        return wrap(model, *options)
+
+    monkeypatch.setattr(runtime, "wrap_network", spy)
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    flags = ["--num", "2", "--steps", "5", "--data-dir", str(data), "--device", "cpu"]
+    assert main(["invert", str(run), *flags, "--out", str(tmp_path / "plain")]) == 0
+    assert seen == [(torch.device("cpu"), "fp32", False, False, "default")]
+    speed = ["--channels-last", "--compile", "--compile-mode", "max-autotune"]
+    assert main(["invert", str(run), *flags, *speed, "--out", str(tmp_path / "fast")]) == 0
+    assert seen[1:] == [(torch.device("cpu"), "fp32", True, True, "max-autotune")]
+    plain, fast = (json.loads((tmp_path / n / "invert.json").read_text()) for n in ("plain", "fast"))
+    assert fast.pop("channels_last") is True and fast.pop("compile") == "max-autotune"
+    assert fast.keys() == plain.keys() and fast["precision"] == "fp32"
+    for key in ("rmse_0_255", "latent_mean", "latent_std"):
+        assert fast[key] == pytest.approx(plain[key], abs=2e-3), key
+    latents = [np.load(tmp_path / n / "latents.npy") for n in ("plain", "fast")]
+    np.testing.assert_allclose(latents[1], latents[0], atol=1e-4)

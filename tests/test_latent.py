@@ -83,15 +83,17 @@ def test_a_step_draws_scaled_latents_from_each_images_posterior(runs, tmp_path):
     cfg = tiny_config(data, steps=3)
     cfg.model.autoencoder = str(base / "ae")
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    assert trainer.example_shape == (2, 4, 4) and cfg.model.latent_size == 4
+    assert trainer.task.example_shape == (2, 4, 4) and trainer.cfg.model.latent_size == 4
+    assert cfg.model.latent_size == 0  # resolved into the run's config, not into the caller's
     step = 2
-    x, *_ = trainer.batch(step, step_generator(0, step))
+    x = trainer.task.batch(step, step_generator(0, step)).x
     g = step_generator(0, step)  # the trainer's draws: flips, t, noise, then the latents' noise
     flip = torch.rand(4, generator=g) < 0.5
     torch.randint(0, 50, (4,), generator=g), torch.randn((4, 2, 4, 4), generator=g)
     eps = torch.randn((4, 2, 4, 4), generator=g)
     ae = load_autoencoder(base / "ae")
-    images = to_model_range(trainer.data[trainer.order.indices(step)])
+    examples = trainer.task.examples
+    images = to_model_range(examples.data[examples.indices(step)])
     images = torch.where(flip[:, None, None, None], images.flip(3), images)
     mean, logvar = ae.encode(images)
     assert torch.allclose(x, (mean + torch.exp(0.5 * logvar) * eps) * ae.scale, atol=1e-5)

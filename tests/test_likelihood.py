@@ -130,3 +130,30 @@ def test_eval_nll_of_a_class_conditional_run_is_the_bound_given_the_class(class_
     absent = next(c for c in range(10) if (labels == c).sum() == 0)
     assert main(["eval", "nll", str(run), *flags, "--class", str(absent), "--out", str(tmp_path / "x")]) == 2
     assert "has no images of class" in capsys.readouterr().err
+
+
+def test_eval_nll_takes_the_speed_options_of_sample(class_run, tmp_path, monkeypatch):
+    """--channels-last, --compile and --compile-mode reach the network (through wrap_network) and
+    nll.json, as `ddpm sample`'s do; on a CPU, channels_last gives the bound the default layout does."""
+    from ddpm import runtime
+
+    run, data = class_run
+    seen, wrap = [], runtime.wrap_network
+
+    def spy(model, *options):
+        seen.append(options)
+        return wrap(model, *options)
+
+    monkeypatch.setattr(runtime, "wrap_network", spy)
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    flags = ["--num", "3", "--data-dir", str(data), "--device", "cpu", "--precision", "bf16", "--no-progress"]
+    assert main(["eval", "nll", str(run), *flags, "--out", str(tmp_path / "plain")]) == 0
+    assert seen == [(torch.device("cpu"), "bf16", False, False, "default")]
+    speed = ["--channels-last", "--compile", "--compile-mode", "reduce-overhead"]
+    assert main(["eval", "nll", str(run), *flags, *speed, "--out", str(tmp_path / "fast")]) == 0
+    assert seen[1:] == [(torch.device("cpu"), "bf16", True, True, "reduce-overhead")]
+    plain, fast = (json.loads((tmp_path / n / "nll.json").read_text()) for n in ("plain", "fast"))
+    assert fast["channels_last"] is True and fast["compile"] == "reduce-overhead"
+    assert "channels_last" not in plain and plain["precision"] == fast["precision"] == "bf16"
+    for key in ("nll_bpd", "prior_bpd", "rate_bpd", "distortion_bpd", "distortion_rmse_0_255"):
+        assert fast[key] == pytest.approx(plain[key], rel=1e-3), key

@@ -1,6 +1,7 @@
 """The three-part pipeline: assembled from trained parts, run end to end (equal to running the two
 stages by hand), and refused with one line naming the part when the parts do not fit."""
 
+import dataclasses
 import json
 import shutil
 
@@ -207,3 +208,36 @@ def test_eval_text_scores_a_pipeline_on_its_final_images(parts, tmp_path, capsys
     assert result["sampling"]["prompts"] == ["a photo of a dark coat", "a photo of a bag"]
     assert result["domain_clip_score"]["model"].endswith("text-4/text-encoder")
     assert result["class_agreement"]["samples_naming_a_class"] == 4
+
+
+def test_generate_loads_each_part_once(parts, tmp_path, monkeypatch):
+    """The decoder's network is loaded once, before the generator draws (its options checked then, not
+    on stand-in images), and the text encoder once: the pipeline's, handed to the generator's sampling."""
+    from ddpm import build, encoders
+
+    pipe = tmp_path / "pipe"
+    assert assemble(pipe, parts / "text-4", parts / "sr-4-8", "--text-encoder", str(parts / "encoder")) == 0
+    loaded, encoded = [], []
+    load_model, make_encoder = build.load_model, encoders.DomainTextEncoder.__init__
+
+    def counted_load(ckpt, *args, **kwargs):
+        loaded.append(ckpt.path.parent.name)
+        return load_model(ckpt, *args, **kwargs)
+
+    def counted_encoder(self, folder):
+        encoded.append(folder)
+        make_encoder(self, folder)
+
+    monkeypatch.setattr(build, "load_model", counted_load)
+    monkeypatch.setattr(encoders.DomainTextEncoder, "__init__", counted_encoder)
+    options = ddpm.SampleOptions(sampler="ddim", steps=3, progress=False)
+    pipeline = ddpm.Pipeline.load(pipe)
+    draw = pipeline.prepare(prompts=["a coat"], num=2, generator_options=options, decoder_options=options)
+    assert loaded == ["text-4", "sr-4-8"] and len(encoded) == 1
+    made = draw()
+    assert loaded == ["text-4", "sr-4-8"] and len(encoded) == 1 and made.images.shape == (2, 1, 8, 8)
+    assert made.record["decoder"]["low_res"] == "the generator's samples"
+    # the decoder's options are checked before anything is drawn
+    bad = dataclasses.replace(options, guidance=1.0)
+    with pytest.raises(ddpm.ConfigError, match="super-resolution stage: it takes --low-res, not a class"):
+        pipeline.prepare(prompts=["a coat"], num=2, decoder_options=bad)

@@ -7,7 +7,7 @@ import torch
 
 from ddpm.config import PRECISIONS
 from ddpm.errors import ConfigError
-from ddpm.runtime import resolve_device, wrap_network
+from ddpm.runtime import Runtime, resolve_device, wrap_network
 from ddpm.unet import GroupNorm, UNet
 
 
@@ -124,6 +124,26 @@ def test_precisions_are_checked():
     assert PRECISIONS == ("fp32", "bf16", "bf16-norm")
     with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, bf16-norm, got 'fp16'"):
         wrap_network(small_unet(), precision="fp16")
+
+
+def test_a_runtime_is_the_speed_options_as_one_checked_value():
+    assert Runtime() == Runtime("auto", "fp32", False, False, "default")  # wrap_network's own defaults
+    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+        Runtime(precision="fp16")
+    with pytest.raises(ConfigError, match=r"^compile mode must be one of default, .*, got 'fast'$"):
+        Runtime(compile_mode="fast")
+    runtime = Runtime("cpu", "bf16", channels_last=True)
+    assert runtime.resolve() == Runtime(torch.device("cpu"), "bf16", channels_last=True)
+    assert runtime.record() == {"precision": "bf16", "channels_last": True}
+    compiled = Runtime(compile=True, compile_mode="reduce-overhead")
+    assert compiled.record() == {"precision": "fp32", "compile": "reduce-overhead"}
+    # wrap is wrap_network with its options: the same outputs, the weights stored channels_last
+    model, reference = small_unet(), small_unet()
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40])
+    with torch.no_grad():
+        assert torch.equal(runtime.wrap(model)(x, t), wrap_network(reference, "cpu", "bf16", True)(x, t))
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert Runtime("cpu").wrap(model) is model  # fp32 without speed options: the model itself
 
 
 HEAP_AFTER_FREE = """

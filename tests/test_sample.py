@@ -492,3 +492,48 @@ def test_only_a_domain_encoder_can_train_its_tower(text_run, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.text_tower must be frozen, finetune, scratch"):
         ddpm.Trainer(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_runtime_reaches_the_network_once_and_generate_takes_it_wrapped(class_run, tmp_path, monkeypatch):
+    """SampleOptions' device, precision and speed options travel as one Runtime to load_network, which
+    wraps the network once: generate then calls it as it is (precision=None), with no second wrap. A bad
+    precision is a one-line ConfigError before the run is loaded."""
+    import numpy as np
+
+    from ddpm import runtime, sample
+    from ddpm.errors import ConfigError
+    from ddpm.runtime import Runtime
+    from ddpm.sample import SampleOptions, sample_to_dir
+
+    run, _ = class_run
+    seen, wrap = [], runtime.wrap_network
+
+    def spy(model, *options):
+        seen.append(options)
+        return wrap(model, *options)
+
+    monkeypatch.setattr(runtime, "wrap_network", spy)
+    monkeypatch.setattr(sample, "wrap_network", spy)  # generate's own
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    options = SampleOptions(num=4, batch_size=2, seed=1, steps=4, device="cpu", precision="bf16")
+    options.progress = False
+    assert options.runtime == Runtime("cpu", "bf16")
+    plain = sample_to_dir(run, tmp_path / "plain", options)
+    assert seen == [(torch.device("cpu"), "bf16", False, False, "default")]
+    fast = sample_to_dir(run, tmp_path / "fast", options, channels_last=True, compile=True)
+    assert seen[1:] == [(torch.device("cpu"), "bf16", True, True, "default")]
+    assert fast.pop("channels_last") is True and fast.pop("compile") == "default"
+    fast["seconds"] = plain["seconds"]
+    assert fast == plain
+    a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"].astype(int) for n in ("plain", "fast"))
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.02  # float rounding at most
+    # generate: a network wrapped for its runtime is called as it is; a model is wrapped for precision
+    model, diffusion, _ = ddpm.load_model(run)
+    kwargs = dict(num=2, shape=(1, 8, 8), steps=3, seed=2, cond=torch.tensor([0, 1]))
+    seen.clear()
+    wrapped = ddpm.generate(Runtime("cpu", "bf16").wrap(model), diffusion, precision=None, **kwargs)
+    assert len(seen) == 1  # by Runtime.wrap alone
+    assert torch.equal(wrapped, ddpm.generate(model, diffusion, precision="bf16", **kwargs))
+    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+        sample_to_dir(tmp_path / "no-run", tmp_path / "c", options, precision="fp16")  # before loading
+    assert not (tmp_path / "c").exists()

@@ -396,7 +396,6 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
     import inspect
 
     from ddpm.samplers import (
-        DEFAULT_SPACING,
         ETA_DEFAULTS,
         SAMPLERS,
         get_sampler,
@@ -405,21 +404,21 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
     )
 
     assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m", "sde-dpm++3m"}
-    assert DEFAULT_SPACING == {
+    assert {name: sampler.default_spacing for name, sampler in SAMPLERS.items()} == {
         "ancestral": "linspace",
         "ddim": "linspace",
         "dpm++2m": "logsnr",
         "sde-dpm++2m": "logsnr",
         "sde-dpm++3m": "linspace",
     }
-    expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress"]
+    expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress", "callback"]
     d = linear(T=100)
     model = gaussian_optimal_eps(d, 0.3, 0.2)
     x_T = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
     for name, sampler in SAMPLERS.items():
         params = inspect.signature(sampler.loop).parameters
         assert list(params)[:3] == ["chain", "model", "shape"]
-        assert [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY][:6] == expected
+        assert [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY][:7] == expected
         chain = sampling_chain(d, name, 10)
         assert chain.num_timesteps == 10
         kept = sampler.timesteps(100, 10, sampler.default_spacing, d.alphas_cumprod)
@@ -433,6 +432,46 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
     assert sampling_chain(d, "ddim", None) is d and sampling_chain(d, "ddim", 100) is d
     with pytest.raises(ConfigError, match="unknown sampler 'euler'; choose one of ancestral, ddim, dpm"):
         get_sampler("euler")
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_calls_back_after_every_step_and_samples_the_same(name):
+    """The callback sees each step in order (its number, the chain timestep it started from, the new x,
+    the x0 prediction), the last x is the sample, and watching changes nothing."""
+    d = linear(T=100)
+    chain = d.respaced(8)
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    x_T = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def watch(step, t, x, pred_x0):
+        seen.append((step, t, x.clone(), pred_x0.clone()))
+
+    def draw(**kwargs):
+        g = torch.Generator().manual_seed(1)
+        return SAMPLERS[name].loop(chain, model, (6, 1), x_start=x_T, generator=g, **kwargs)
+
+    plain, watched = draw(), draw(callback=watch)
+    assert torch.equal(plain, watched)
+    assert [(step, t) for step, t, _, _ in seen] == [(n, 7 - n) for n in range(8)]
+    assert torch.equal(seen[-1][2], watched)
+    assert all(x.shape == pred_x0.shape == (6, 1) for _, _, x, pred_x0 in seen)
+
+
+def test_the_ancestral_callback_sees_the_progressive_steps():
+    d = linear(T=20)
+    model = gaussian_optimal_eps(d, 0.3, 0.2)
+    steps = list(d.p_sample_loop_progressive(model, (3, 1), generator=torch.Generator().manual_seed(0)))
+    seen = []
+    d.p_sample_loop(
+        model,
+        (3, 1),
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda step, t, x, pred_x0: seen.append((step, t, x, pred_x0)),
+    )
+    assert [(n, s.t) for n, s in enumerate(steps)] == [(n, t) for n, t, _, _ in seen]
+    for s, (_, _, x, pred_x0) in zip(steps, seen, strict=True):
+        assert torch.equal(s.sample, x) and torch.equal(s.pred_x0, pred_x0)
 
 
 def test_the_cli_offers_what_the_registry_has():

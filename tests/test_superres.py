@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import linear, tiny_config
+from conftest import count_parameters, linear, tiny_config
 
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
@@ -18,7 +18,7 @@ from ddpm.images import load_samples, save_npz, to_model_range
 from ddpm.rng import step_generator
 from ddpm.superres import LowResImage, downsample, low_res_condition
 from ddpm.train import Trainer
-from ddpm.unet import UNet, count_parameters
+from ddpm.unet import UNet
 
 
 def sr_config(data_dir, **train):
@@ -84,17 +84,19 @@ def test_the_unet_reads_the_low_res_image_and_its_level():
 def test_a_training_batch_carries_the_noised_low_res_image_of_its_own_examples(idx_dir, tmp_path):
     trainer = Trainer(sr_config(idx_dir), tmp_path / "run", progress=False)
     step = 3
-    x, t, noise, y = trainer.batch(step, step_generator(0, step))
+    batch = trainer.task.batch(step, step_generator(0, step))
+    x, y = batch.x, batch.cond
     # the same draws, in the trainer's order: flips, t, noise, then the levels and the augmentation noise
     g = step_generator(0, step)
     flip = torch.rand(4, generator=g) < 0.5
     torch.randint(0, 50, (4,), generator=g), torch.randn((4, 1, 8, 8), generator=g)
     level = torch.randint(0, 20, (4,), generator=g)
     augmentation = torch.randn((4, 1, 8, 8), generator=g)
-    images = trainer.data[trainer.order.indices(step)]
+    examples = trainer.task.examples
+    images = examples.data[examples.indices(step)]
     low = to_model_range(downsample(images, 4))
     low = torch.where(flip[:, None, None, None], low.flip(3), low)
-    expected = low_res_condition(low, 8, level, augmentation, trainer.diffusion.np["alphas_cumprod"])
+    expected = low_res_condition(low, 8, level, augmentation, trainer.task.diffusion.np["alphas_cumprod"])
     assert torch.equal(y.level, level) and torch.equal(y.image, expected.image)
     # and x0 is those images at full size, flipped alike: the pair matches
     assert torch.equal(

@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import count_parameters
 
 from ddpm.build import build_model
-from ddpm.config import preset
 from ddpm.convert import unet_state_dict_from_diffusers
-from ddpm.unet import Downsample, UNet, count_parameters, timestep_embedding
+from ddpm.presets import preset
+from ddpm.unet import Downsample, UNet, timestep_embedding
 
 
 @pytest.mark.parametrize(
@@ -125,8 +126,8 @@ def test_diffusers_config_export_round_trips_and_computes_the_same_function():
     from diffusers import UNet2DModel
 
     from ddpm.build import build_model
-    from ddpm.config import preset
     from ddpm.convert import diffusers_unet_config, model_config_from_diffusers
+    from ddpm.presets import preset
 
     cfg = preset("fashion-mnist")
     cfg.model.dropout = 0.0
@@ -147,7 +148,7 @@ def test_diffusers_config_export_round_trips_and_computes_the_same_function():
 
 
 def test_class_conditioning_adds_an_embedding_and_keeps_the_unconditional_net():
-    from ddpm.config import preset
+    from ddpm.presets import preset
 
     base = build_model(preset("cifar10"), 3)
     torch.manual_seed(0)

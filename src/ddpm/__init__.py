@@ -7,15 +7,16 @@ model, diffusion, cfg = ddpm.load_model("runs/fm")
 images = ddpm.generate(model, diffusion, num=16, shape=(1, 28, 28), steps=100)
 """
 
-from .build import build_diffusion, build_model, load_model
+from .build import build_diffusion, build_model, load_model, load_network
 from .checkpoint import Checkpoint
-from .config import Config, preset
+from .config import Config
 from .data import load_dataset
 from .diffusion import GaussianDiffusion, LossType, MeanType, VarType
 from .errors import CheckpointError, ConfigError, DataError, DDPMError
 from .images import save_grid, to_model_range, to_uint8
 from .pipeline import Pipeline
-from .runtime import wrap_network
+from .presets import preset
+from .runtime import Runtime, wrap_network
 from .sample import SampleOptions, generate, sample_to_dir
 from .samplers import SAMPLERS, sampling_chain
 from .schedules import make_betas
@@ -35,6 +36,7 @@ __all__ = [
     "LossType",
     "MeanType",
     "Pipeline",
+    "Runtime",
     "SAMPLERS",
     "SampleOptions",
     "Trainer",
@@ -45,6 +47,7 @@ __all__ = [
     "generate",
     "load_dataset",
     "load_model",
+    "load_network",
     "make_betas",
     "preset",
     "sample_to_dir",

@@ -87,13 +87,6 @@ class Autoencoder(nn.Module):
         return torch.stack([reconstruction, kl], dim=1)
 
 
-class AutoencoderObjective:
-    """The autoencoder's training loss in the place of the diffusion's: ``training_losses(network, x0, t,
-    noise)["loss"]`` per example, with ``network(x0, noise)`` the autoencoder's training pass (t unused)."""
-
-    def __init__(self, kl_weight: float):
-        self.kl_weight = kl_weight
-
-    def training_losses(self, network, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
-        terms = network(x0, noise)
-        return {"loss": terms[:, 0] + self.kl_weight * terms[:, 1], "kl": terms[:, 1]}
+def autoencoder_loss(terms: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """The per-example training loss from the training pass's terms ([B, 2]: reconstruction, KL)."""
+    return terms[:, 0] + kl_weight * terms[:, 1]

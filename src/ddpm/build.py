@@ -1,7 +1,9 @@
-"""Build the model and the diffusion that a config describes, fresh or from a checkpoint."""
+"""Build the model and the diffusion that a config describes, fresh or from a checkpoint, and a run's
+network ready to call (``load_network``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from .config import Config, check_run_config, validate
 from .diffusion import GaussianDiffusion, VarType, parse_option
 from .errors import CheckpointError, ConfigError
 from .mlp import MLPDenoiser
+from .runtime import Network, Runtime
 from .schedules import make_betas
 from .text import TextTowerDenoiser
 from .unet import UNet
@@ -103,6 +106,45 @@ def load_model(
     if broken:  # they would sample black images without a word
         raise CheckpointError(f"checkpoint {ckpt.path} has NaN or infinite weights ({', '.join(broken[:3])})")
     return model.to(device).eval(), build_diffusion(cfg), cfg
+
+
+WEIGHTS = ("ema", "model")  # a checkpoint's weights: the EMA (what sampling uses), or the raw ones
+
+
+@dataclass(frozen=True)
+class LoadedNetwork:
+    """A run's network ready to call, with what it was trained with: what ``load_network`` returns."""
+
+    network: Network  # the model wrapped for ``runtime``: network(x, t, *cond)
+    model: nn.Module  # the bare model with the loaded weights, on runtime.device, in eval mode
+    diffusion: GaussianDiffusion
+    cfg: Config
+    checkpoint: Checkpoint
+    weights: str  # "ema" or "model"
+    runtime: Runtime  # its device resolved
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+
+def load_network(
+    checkpoint: str | Path | Checkpoint,
+    weights: str = "ema",
+    runtime: Runtime | None = None,
+    var_type: str | None = None,
+) -> LoadedNetwork:
+    """The network of the run at ``checkpoint`` (its directory, its checkpoint file or a Checkpoint) with
+    its ``weights`` ("ema", the default, or "model", the raw ones), on ``runtime``'s device and wrapped
+    for its precision and speed options (default ``Runtime()``: auto, fp32); with its diffusion (``var_type``:
+    see ``load_model``), config and checkpoint. Sampling, inversion, the likelihood and the figures all
+    load their network here."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    runtime = (runtime or Runtime()).resolve()
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    model, diffusion, cfg = load_model(ckpt, weights == "ema", runtime.device, var_type)
+    return LoadedNetwork(runtime.wrap(model), model, diffusion, cfg, ckpt, weights, runtime)
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:

@@ -63,8 +63,11 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
+    resolved: dict | None = None,
 ) -> None:
-    """Write one checkpoint file atomically."""
+    """Write one checkpoint file atomically. ``config`` is the run's config as it was asked for;
+    ``resolved`` ({"section.field": value}) what training resolved from the data and the run's parts
+    (the data's channels, the classes, a text encoder's width, a latent shape)."""
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
@@ -77,6 +80,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(config),
+        "resolved": json.dumps(resolved or {}),
         "train_state": json.dumps(train_state or {}),
         "optimizer": json.dumps(optim_meta),
     }
@@ -86,8 +90,34 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {path}: {e}; the previous one is intact") from None
 
 
+def with_resolved(config: dict, resolved: dict, path: Path | None = None) -> dict:
+    """``config`` (a config dict) with the ``resolved`` values ({"section.field": value}) put in."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key, value in resolved.items():
+        section, _, field = key.partition(".")
+        if not isinstance(merged.get(section), dict) or not field:
+            raise CheckpointError(f"checkpoint {path} has damaged metadata (resolved names {key!r})")
+        merged[section][field] = value
+    return merged
+
+
+def resolved_values(config: dict, request: dict) -> dict:
+    """The fields where ``config`` differs from ``request`` (config dicts), as {"section.field": value}."""
+    return {
+        f"{section}.{field}": value
+        for section, values in config.items()
+        if isinstance(values, dict)
+        for field, value in values.items()
+        if request.get(section, {}).get(field) != value
+    }
+
+
 class Checkpoint:
-    """A loaded checkpoint: config, model / EMA weights, optimiser state and training state."""
+    """A loaded checkpoint: config, model / EMA weights, optimiser state and training state.
+
+    ``request`` is the config the run was asked for, ``resolved`` what training resolved from the data
+    and the run's parts, and ``config`` the two together: the config the networks were built from.
+    (Checkpoints written before the resolved record hold both in ``request``.)"""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -117,15 +147,17 @@ class Checkpoint:
             def read(text, what):
                 return parse_json(text, what, error=CheckpointError, strict=False)
 
-            self.config = read(metadata["config"], "its config")
+            self.request = read(metadata["config"], "its config")
+            self.resolved = read(metadata.get("resolved", "{}"), "its resolved values")
             self.train_state = read(metadata.get("train_state", "{}"), "its train_state")
             self.optimizer_meta = read(metadata.get("optimizer", "null"), "its optimizer")
         except (KeyError, CheckpointError) as e:
             raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
-        if not isinstance(self.config, dict) or not isinstance(self.train_state, dict):
+        if not all(isinstance(v, dict) for v in (self.request, self.resolved, self.train_state)):
             raise CheckpointError(
-                f"checkpoint {path} has damaged metadata (config and train_state must be objects)"
+                f"checkpoint {path} has damaged metadata (config, resolved and train_state must be objects)"
             )
+        self.config = with_resolved(self.request, self.resolved, path)
         if not isinstance(self.optimizer_meta, dict | None):
             raise CheckpointError(f"checkpoint {path} has damaged metadata (optimizer must be an object)")
         step = self.train_state.get("step", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from .config import COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, PRECISIONS, check_seed
 from .errors import DDPMError
-from .runtime import finish_processes, keep_freed_memory
+from .runtime import Runtime, finish_processes, keep_freed_memory
 from .sample import SampleOptions
 from .samplers import SAMPLERS, SPACINGS
 
 SAMPLE_DEFAULTS = SampleOptions()
+RUNTIME_DEFAULTS = Runtime()
 
 # ---- argument types: argparse refuses a bad count itself, naming the flag, in one line (the config's
 # numbers are checked with the config, and the sampling ones with the run: ddpm.sample, ddpm.conditions) ----
@@ -66,12 +68,19 @@ SHORTCUTS = {
 
 # Flags that several subcommands take, declared once: name -> argparse keywords.
 FLAGS = {
-    "--device": dict(default="auto", help="auto (default), cpu, cuda or cuda:N"),
+    "--device": dict(default=RUNTIME_DEFAULTS.device, help="auto (default), cpu, cuda or cuda:N"),
     "--precision": dict(
         choices=PRECISIONS,
-        default="fp32",
+        default=RUNTIME_DEFAULTS.precision,
         help="bf16 runs the network under autocast: faster, not bit-identical to fp32; bf16-norm also "
         "keeps GroupNorm in bf16 (no casts around it on CUDA) (default fp32)",
+    ),
+    "--channels-last": dict(action="store_true", help="NHWC layout for the network (speed option)"),
+    "--compile": dict(action="store_true", help="torch.compile the network (speed option)"),
+    "--compile-mode": dict(
+        choices=COMPILE_MODES,
+        default=RUNTIME_DEFAULTS.compile_mode,
+        help="torch.compile's mode with --compile: reduce-overhead replays CUDA graphs (default: default)",
     ),
     "--no-ema": dict(action="store_true", help="use the raw weights instead of the EMA"),
     "--data-dir": dict(help="where the dataset is (default: as in the run's config)"),
@@ -107,6 +116,10 @@ FLAGS = {
         help="classifier-free guidance, Ho and Salimans' w: 0 (default) is plain conditional sampling",
     ),
 }
+
+
+# Where and how a command runs its network (ddpm.runtime.Runtime): every command that runs one takes them all.
+RUNTIME_FLAGS = ("--device", "--precision", "--channels-last", "--compile", "--compile-mode")
 
 
 def _add(p: argparse.ArgumentParser, *names: str, **changes) -> None:
@@ -155,7 +168,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     _add_config_flags(p)
     p.add_argument("--out", help="run directory (default runs/PRESET)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    _add(p, "--no-progress")
+    _add(p, "--no-progress", "--cache-dir")  # (the cache: for an autoencoder's report at its finish)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -176,7 +189,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     no_clip = dict(help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)")
     _add(p, "--no-clip", no_clip=no_clip)
-    _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", "--device", "--precision", "--var-type")
+    _add(p, "--batch-size", "--seed", "--spacing", "--no-ema", *RUNTIME_FLAGS, "--var-type")
     every_class = "class-conditional runs: sample this class (name or index); default: every class in "
     _add(p, "--class", "--guidance", class_name=dict(help=every_class + "equal blocks, one grid row each"))
     p.add_argument(
@@ -215,19 +228,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         help="super-resolution stages: the augmentation noise level of the low-resolution input "
         "(0 = clean; default the stage's model.low_res_noise)",
     )
-    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network (speed option)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (speed option)")
-    p.add_argument(
-        "--compile-mode",
-        choices=COMPILE_MODES,
-        default="default",
-        help="torch.compile's mode with --compile: reduce-overhead replays CUDA graphs (default: default)",
-    )
 
 
 def _config_values(args) -> dict:
     """The shortcut flags as config keys (None for those not given)."""
     return {key: getattr(args, flag, None) for flag, key in SHORTCUTS.items()}
+
+
+def _runtime(args) -> Runtime:
+    """The RUNTIME_FLAGS as one value."""
+    return Runtime(args.device, args.precision, args.channels_last, args.compile, args.compile_mode)
 
 
 def _sample_options(args):
@@ -243,11 +253,7 @@ def _sample_options(args):
         clip_denoised=False if args.no_clip else None,  # None: clip images, never points
         use_ema=not args.no_ema,
         var_type=args.var_type,
-        device=args.device,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        compile_mode=args.compile_mode,
+        **dataclasses.asdict(_runtime(args)),  # SampleOptions' fields of the same names
         progress=not args.no_progress,
         class_name=args.class_name,
         guidance=args.guidance,
@@ -278,10 +284,11 @@ def _print(**result) -> int:
 
 def cmd_train(args, kind: str | None = None) -> int:
     """`ddpm train`; with ``kind`` (train-autoencoder, train-text-encoder) the config must build that kind of
-    model, and a finished autoencoder is scored, a finished text encoder exported."""
+    model."""
     from .checkpoint import CHECKPOINT_NAME, Checkpoint
-    from .config import Config, resolve_config
+    from .config import Config
     from .errors import ConfigError
+    from .presets import resolve_config
     from .train import Trainer
 
     values = _config_values(args)
@@ -289,34 +296,23 @@ def cmd_train(args, kind: str | None = None) -> int:
         args.preset = f"fashion-mnist-{kind}"
     if args.resume:
         run_dir = Path(args.resume)
-        base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).config)
+        base = Config.from_dict(Checkpoint(run_dir / CHECKPOINT_NAME).request)  # as the run was asked
         cfg = resolve_config(base, args.preset, args.config, values, args.set)
     else:
         cfg = resolve_config(None, args.preset, args.config, values, args.set)
         run_dir = Path(args.out or f"runs/{cfg.name}")
     if kind is not None and cfg.model.kind != kind:
         raise ConfigError(f"`ddpm train-{kind}` trains model.kind={kind}; this config's is {cfg.model.kind}")
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    result = trainer.train()
+    trainer = Trainer(
+        cfg,
+        run_dir,
+        resume=bool(args.resume),
+        progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+    )
+    result = trainer.train()  # (a finished run is finished by its task: a report, an export)
     if not trainer.procs.is_main:
         return 0
-    finished = result["stopped"] in ("done", "time limit")
-    if cfg.model.kind == "autoencoder" and finished:
-        from .files import write_json
-        from .latent import evaluate_reconstructions
-
-        result["reconstruction"] = evaluate_reconstructions(
-            run_dir,
-            cache_dir=getattr(args, "cache_dir", None),
-            device=trainer.device,
-            progress=not args.no_progress,
-        )
-        write_json(run_dir / "reconstruction.json", result["reconstruction"])
-    if cfg.model.kind == "text-encoder" and finished:
-        from .clip import export_text_encoder
-
-        info = export_text_encoder(run_dir, trainer.device)
-        result.update({k: v for k, v in info.items() if k not in ("format", "class_names", "steps")})
     _print(run_dir=str(run_dir), **result)
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         print(
@@ -353,8 +349,7 @@ def cmd_generate(args) -> int:
             steps=steps,
             sampler=sampler,
             batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
+            **dataclasses.asdict(_runtime(args)),  # SampleOptions' fields of the same names
             progress=not args.no_progress,
             **extra,
         )
@@ -392,8 +387,7 @@ def cmd_invert(args) -> int:
         spacing=args.spacing,
         batch_size=args.batch_size,
         use_ema=not args.no_ema,
-        device=args.device,
-        precision=args.precision,
+        runtime=_runtime(args),
         data_dir=args.data_dir,
         class_name=args.class_name,
         guidance=args.guidance,
@@ -454,9 +448,8 @@ def cmd_eval_nll(args) -> int:
         estimate_steps=args.estimate_steps,
         seed=args.seed,
         use_ema=not args.no_ema,
-        device=args.device,
+        runtime=_runtime(args),
         data_dir=args.data_dir,
-        precision=args.precision,
         progress=not args.no_progress,
         var_type=args.var_type,
         class_name=args.class_name,
@@ -506,9 +499,8 @@ def cmd_figures(args) -> int:
         num=args.num,
         frames=args.frames,
         use_ema=not args.no_ema,
-        device=args.device,
+        runtime=_runtime(args),
         data_dir=args.data_dir,
-        precision=args.precision,
         class_name=args.class_name,
         guidance=args.guidance,
         prompt=args.prompt,
@@ -517,7 +509,7 @@ def cmd_figures(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import PRESETS, preset
+    from .presets import PRESETS, preset
 
     for name in PRESETS:
         doc = (PRESETS[name].__doc__ or "").strip().splitlines()
@@ -527,7 +519,8 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import resolve_config, validate
+    from .config import validate
+    from .presets import resolve_config
 
     cfg = resolve_config(None, args.preset, args.config, _config_values(args), args.set)
     validate(cfg)  # a starting point that `ddpm train` would refuse is no starting point
@@ -583,7 +576,6 @@ def build_parser() -> argparse.ArgumentParser:
         "report its reconstruction error and domain FID on the test split",
     )
     _add_training_flags(p)
-    _add(p, "--cache-dir")
     p.set_defaults(func=lambda args: cmd_train(args, kind="autoencoder"))
 
     p = sub.add_parser("sample", help="sample from a checkpoint (Algorithm 2)")
@@ -638,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a prompt (repeatable: equal blocks, a grid row each; default one per class of the data)",
     )
     p.add_argument("--negative-prompt", help="guide away from this text (default: the empty text)")
-    _add(p, "--class", "--guidance", "--seed", "--batch-size", "--device", "--precision", "--no-progress")
+    _add(p, "--class", "--guidance", "--seed", "--batch-size", *RUNTIME_FLAGS, "--no-progress")
     p.add_argument(
         "--guidance-interval",
         type=int,
@@ -673,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="linspace",
         help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
     )
-    _add(p, "--spacing", "--batch-size", "--no-ema", "--device", "--precision", "--data-dir", spacing=spacing)
+    _add(p, "--spacing", "--batch-size", "--no-ema", *RUNTIME_FLAGS, "--data-dir", spacing=spacing)
     _add(p, "--class", "--prompt", "--guidance")
     p.set_defaults(func=cmd_invert)
 
@@ -739,9 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ESTIMATE from K evenly spaced timesteps instead of all T (labelled as such)",
     )
     nll_batch = dict(default=100)
-    _add(
-        e, "--batch-size", "--seed", "--no-ema", "--device", "--precision", "--data-dir", batch_size=nll_batch
-    )
+    _add(e, "--batch-size", "--seed", "--no-ema", *RUNTIME_FLAGS, "--data-dir", batch_size=nll_batch)
     _add(e, "--var-type", "--no-progress")
     nll_class = "class-conditional runs: the bound on log p(x | class) over the split's images of this class"
     _add(
@@ -810,9 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=figure_count, default=8, help="images per row (default 8)")
     p.add_argument("--frames", type=figure_count, default=10, help="columns along the chain (default 10)")
-    _add(
-        p, "--seed", "--no-ema", "--device", "--precision", "--data-dir", "--class", "--prompt", "--guidance"
-    )
+    _add(p, "--seed", "--no-ema", *RUNTIME_FLAGS, "--data-dir", "--class", "--prompt", "--guidance")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -164,25 +164,6 @@ def clip_config(cfg, channels: int) -> ClipConfig:
     )
 
 
-class ContrastiveObjective:
-    """The pair's training loss in the place of the diffusion's: ``training_losses(network, images, rows,
-    noise)["loss"]`` per image, with the images' caption rows in the place of the timesteps (the noise is
-    unused) and ``network(images, CaptionBatch)`` the pair's training pass."""
-
-    def __init__(self, captions: TokenizedCaptions):
-        self.captions = captions
-
-    def training_losses(self, network, x0: torch.Tensor, rows: torch.Tensor, noise: torch.Tensor) -> dict:
-        return {"loss": network(x0, self.captions.batch(rows))}
-
-
-def contrastive_loss(model: DomainClip, images_uint8: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """The pair's mean loss on images and their captions (see ``DomainClip.forward``)."""
-    tokenized = TokenizedCaptions(model.tokenizer, captions).to(model.logit_scale.device)
-    images = to_model_range(images_uint8).to(model.logit_scale.device)
-    return model(images, tokenized.batch(tokenized.ids)).mean()
-
-
 @torch.no_grad()
 def zero_shot_accuracy(
     model: DomainClip, images_uint8, labels, class_names, classes=None, batch_size: int = 500

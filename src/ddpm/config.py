@@ -1,8 +1,8 @@
-"""Configuration: dataclasses, presets, config files (JSON or TOML) and `section.field=value` overrides."""
+"""Configuration: the dataclasses, config files (JSON or TOML), `section.field=value` overrides and
+validation. The named presets, and resolving a run's config from them, are in ddpm.presets."""
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import sys
@@ -199,200 +199,6 @@ class Config:
         return cfg
 
 
-def _preset_cifar10() -> Config:
-    """The paper's CIFAR-10 model and training, exactly (35,746,307 parameters)."""
-    return Config(
-        name="cifar10",
-        data=DataConfig(dataset="cifar10", image_size=32),
-    )
-
-
-def _preset_256(name: str, steps: int) -> Config:
-    """The paper's 256x256 model (113,673,219 parameters): CelebA-HQ / LSUN, from an image folder."""
-    return Config(
-        name=name,
-        model=ModelConfig(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
-        diffusion=DiffusionConfig(var_type="fixedsmall"),
-        # The paper flipped CelebA-HQ and LSUN Church but not LSUN Bedroom (the 2.4M-step lsun256 run).
-        data=DataConfig(dataset="folder", image_size=256, random_flip=name != "lsun256"),
-        train=TrainConfig(steps=steps, batch_size=64, lr=2e-5, sample_steps=250),
-    )
-
-
-def _preset_fashion_mnist() -> Config:
-    """A small U-Net tuned for good Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
-
-    Departures from the paper, each chosen by measurement on this budget (see README): a 1.1M-parameter
-    network (ch 32, one res block per level, two downsamplings, attention at 7x7, GroupNorm with 8
-    groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8 on 2026-11-24, a
-    57.1 not reproduced since: see README), no dropout, a 5x larger learning rate with a 100-step
-    warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near the initial weights after 1,375
-    steps), bf16 autocast, and the fixed-small variance, which gives clean samples on 100 respaced steps
-    where fixed-large leaves visible grain.
-    """
-    return Config(
-        name="fashion-mnist",
-        model=ModelConfig(
-            ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0, num_groups=8
-        ),
-        diffusion=DiffusionConfig(var_type="fixedsmall"),
-        data=DataConfig(dataset="fashion-mnist", image_size=28),
-        train=TrainConfig(
-            steps=1375,
-            batch_size=64,
-            lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            precision="bf16",
-            log_every=50,
-            checkpoint_every=200,
-            sample_every=700,
-            sample_steps=100,
-        ),
-    )
-
-
-def _preset_fashion_mnist_class() -> Config:
-    """The fashion-mnist preset conditioned on the ten class labels (condition dropout 0.1 trains the
-    unconditional branch for guidance), with a 10 x 10 training grid: a row per class. Same network,
-    steps and time as the unconditional preset, so their FIDs compare at equal training time."""
-    cfg = _preset_fashion_mnist()
-    cfg.name = "fashion-mnist-class"
-    cfg.data.labels = "classes"
-    cfg.train.num_sample_images = 100
-    return cfg
-
-
-def _preset_fashion_mnist_text() -> Config:
-    """The fashion-mnist preset conditioned on captions ("a photo of a large dark coat") through the
-    frozen domain text encoder that `ddpm train-text-encoder --out runs/text-encoder` trains first
-    (cross-attention at 7x7 and in the middle, the pooled text added to the time embedding); a 10 x 10
-    training grid, a row per class prompt."""
-    cfg = _preset_fashion_mnist()
-    cfg.name = "fashion-mnist-text"
-    cfg.data.labels = "captions"
-    cfg.model.text_encoder = "runs/text-encoder"
-    cfg.train.num_sample_images = 100
-    return cfg
-
-
-def _preset_fashion_mnist_text_14() -> Config:
-    """The base of the cascaded text-to-image pipeline: fashion-mnist-text at 14x14 (U-Net levels 14 and
-    7, attention and cross-attention at 7x7); fashion-mnist-sr takes its samples to 28x28."""
-    cfg = _preset_fashion_mnist_text()
-    cfg.name = "fashion-mnist-text-14"
-    cfg.data.image_size = 14
-    cfg.model.ch_mult = (1, 2)
-    cfg.train.steps = 4000
-    cfg.train.checkpoint_every, cfg.train.sample_every = 500, 2000
-    return cfg
-
-
-def _preset_fashion_mnist_sr() -> Config:
-    """The cascade's super-resolution stage, 14x14 -> 28x28 (Ho et al. 2022): the fashion-mnist U-Net with
-    the 14x14 image, upsampled (bilinear) and noise-augmented, as a second input channel and its
-    augmentation level embedded into the time embedding. Trained on real pairs with no text: levels drawn
-    from 0..249 of the schedule, sampled at level 50."""
-    cfg = _preset_fashion_mnist()
-    cfg.name = "fashion-mnist-sr"
-    cfg.model.low_res = 14
-    return cfg
-
-
-def _preset_fashion_mnist_autoencoder() -> Config:
-    """Latent diffusion's first stage for Fashion-MNIST: a KL autoencoder from 1x28x28 to 4x14x14 latents
-    (levels of 32 and 64 channels, one residual block each), trained like the fashion-mnist preset. At
-    equal training budget its latent generator matched the pixel model's FID where one on 4x7x7 latents
-    (`--set model.ch_mult=1,2,2`) fell 38% short (README)."""
-    cfg = _preset_fashion_mnist()
-    cfg.name = "fashion-mnist-autoencoder"
-    cfg.model = ModelConfig(kind="autoencoder", ch=32, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
-    cfg.model.latent_channels, cfg.model.kl_weight, cfg.model.dropout = 4, 1e-6, 0.0
-    cfg.train.steps = 4000
-    return cfg
-
-
-def _preset_fashion_mnist_latent_text() -> Config:
-    """The latent generator of the text-to-image pipeline: fashion-mnist-text on the 4x14x14 latents of the
-    autoencoder in runs/autoencoder (U-Net levels 14 and 7, self- and cross-attention at 7); sampling
-    decodes with it."""
-    cfg = _preset_fashion_mnist_text()
-    cfg.name = "fashion-mnist-latent-text"
-    cfg.model.autoencoder = "runs/autoencoder"
-    cfg.model.ch_mult = (1, 2)
-    cfg.train.steps = 4000
-    cfg.train.checkpoint_every, cfg.train.sample_every = 500, 2000
-    return cfg
-
-
-def _preset_fashion_mnist_text_encoder() -> Config:
-    """The domain CLIP pair that the text presets condition on: a 3-layer, 128-wide causal transformer
-    over UTF-8 bytes and a 3-convolution image tower, trained contrastively on the made captions for 600
-    steps of 256 (AdamW, weight decay 0.01, 100 warm-up steps then cosine decay, no clipping, no flips)."""
-    return Config(
-        name="fashion-mnist-text-encoder",
-        model=ModelConfig(kind="text-encoder", dropout=0.0),
-        data=DataConfig(dataset="fashion-mnist", image_size=28, random_flip=False, labels="captions"),
-        train=TrainConfig(
-            steps=600,
-            batch_size=256,
-            lr=1e-3,
-            warmup_steps=100,
-            optimizer="adamw",
-            weight_decay=0.01,
-            lr_schedule="cosine",
-            grad_clip=0.0,  # none: clipped at 1, its zero-shot accuracy was 61.7% against 62.8%
-            ema_decay=0.0,  # the cosine decay already settles the weights: the run exports its last ones
-            log_every=50,
-            checkpoint_every=100,
-            sample_every=600,
-        ),
-    )
-
-
-def _preset_toy2d() -> Config:
-    """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
-    return Config(
-        name="toy2d",
-        model=ModelConfig(kind="mlp", mlp_hidden=128, mlp_layers=3, dropout=0.0),
-        diffusion=DiffusionConfig(beta_start=1e-5, beta_end=2e-3),
-        data=DataConfig(dataset="swiss-roll", image_size=0, random_flip=False),
-        train=TrainConfig(
-            steps=4000,
-            batch_size=256,
-            lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            log_every=100,
-            checkpoint_every=1000,
-            sample_every=4000,
-            num_sample_images=2000,
-        ),
-    )
-
-
-PRESETS = {
-    "cifar10": _preset_cifar10,
-    "celebahq256": lambda: _preset_256("celebahq256", 500_000),
-    "lsun256": lambda: _preset_256("lsun256", 2_400_000),
-    "fashion-mnist": _preset_fashion_mnist,
-    "fashion-mnist-class": _preset_fashion_mnist_class,
-    "fashion-mnist-text": _preset_fashion_mnist_text,
-    "fashion-mnist-text-14": _preset_fashion_mnist_text_14,
-    "fashion-mnist-sr": _preset_fashion_mnist_sr,
-    "fashion-mnist-autoencoder": _preset_fashion_mnist_autoencoder,
-    "fashion-mnist-latent-text": _preset_fashion_mnist_latent_text,
-    "fashion-mnist-text-encoder": _preset_fashion_mnist_text_encoder,
-    "toy2d": _preset_toy2d,
-}
-
-
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
 # ---- files and overrides ----
 
 
@@ -464,8 +270,9 @@ def apply_dict(cfg: Config, d: dict) -> None:
             set_value(cfg, key, value)
 
 
-def load_file(path: str | Path, base: Config | None = None) -> Config:
-    """A JSON or TOML config file; values not in the file come from ``base`` (or the file's ``preset``)."""
+def read_config_file(path: str | Path) -> dict:
+    """A JSON or TOML config file's mapping of sections as written, with its ``preset`` key if it has one
+    (ddpm.presets.load_file starts it from that preset)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -482,12 +289,7 @@ def load_file(path: str | Path, base: Config | None = None) -> Config:
         check_tree(d, f"config file {path}", ConfigError)
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    d = dict(d)
-    start = d.pop("preset", None)
-    # Without a preset named in the file or given, start from the CLI's default preset.
-    cfg = copy.deepcopy(base) if base is not None else preset(start or "fashion-mnist")
-    apply_dict(cfg, d)
-    return cfg
+    return dict(d)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -495,32 +297,6 @@ def parse_override(text: str) -> tuple[str, str]:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
-
-
-def resolve_config(
-    base: Config | None = None,
-    preset_name: str | None = None,
-    config_file: str | Path | None = None,
-    values: dict[str, object] | None = None,
-    overrides: list[str] = (),
-) -> Config:
-    """Preset -> config file -> ``values`` ({"train.lr": 1e-4, ...}; None values are skipped) ->
-    ``section.field=value`` overrides, later ones winning. ``base``, a run's own config (for resuming),
-    replaces the first two: a resumed run cannot take another preset or file."""
-    if base is not None:
-        if preset_name or config_file:
-            raise ConfigError("a resumed run keeps its own config: no preset or config file, only overrides")
-        cfg = base
-    elif config_file:
-        cfg = load_file(config_file, base=preset(preset_name) if preset_name else None)
-    else:
-        cfg = preset(preset_name or "fashion-mnist")
-    for key, value in (values or {}).items():
-        if value is not None:
-            set_value(cfg, key, value)
-    for text in overrides:
-        set_value(cfg, *parse_override(text))
-    return cfg
 
 
 def _section_name(cfg: Config, section) -> str:

@@ -7,7 +7,9 @@ Conventions (see shared/PAPER.md):
 
 The model is any callable ``model(x_t, t) -> output``; it is always called with timesteps of the
 original (un-respaced) chain, so a model trained on T steps can be sampled on a strided subset.
-The samplers that walk the reverse chain (Algorithm 2 among them) are in :mod:`ddpm.samplers`.
+The paper's sampler, Algorithm 2, is here (``p_sample``, ``ancestral_progressive`` and
+``GaussianDiffusion.p_sample_loop``); the other samplers and the registry of all of them are in
+:mod:`ddpm.samplers`, which builds on this module.
 """
 
 from __future__ import annotations
@@ -16,19 +18,18 @@ import enum
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .rng import randn_like
-
-if TYPE_CHECKING:
-    from .samplers import SampleStep
+from .rng import randn, randn_like
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Called by every sampling loop after each step: (the step's number from 0, the chain timestep it started
+# from, the new x, the x0 prediction the step used). For figures and previews; it must not change x.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], object]
 
 
 class MeanType(str, enum.Enum):
@@ -306,20 +307,26 @@ class GaussianDiffusion:
         """Call the network on x_t at timesteps t of this chain and form p_theta(x_{t-1} | x_t)."""
         return self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
 
-    # The ancestral sampler (Algorithm 2) lives in ddpm.samplers; these are aliases of its loops, for
-    # the names the README documented (``diffusion.respaced(50).p_sample_loop_progressive(...)``).
+    # ---- Algorithm 2 on this chain (see ancestral_progressive below) ----
 
     def p_sample_loop_progressive(
         self, model: Model, shape: tuple[int, ...], *args, **kwargs
     ) -> Iterator[SampleStep]:
-        from .samplers import ancestral_progressive
-
+        """Every step of Algorithm 2 on this chain: :func:`ancestral_progressive` (same arguments)."""
         return ancestral_progressive(self, model, shape, *args, **kwargs)
 
-    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
-        from .samplers import ancestral_sample_loop
-
-        return ancestral_sample_loop(self, model, shape, **kwargs)
+    @torch.inference_mode()
+    def p_sample_loop(
+        self, model: Model, shape: tuple[int, ...], *, callback: StepCallback | None = None, **options
+    ) -> torch.Tensor:
+        """The final sample of Algorithm 2 on this chain (in [-1, 1] when x0 is clipped). ``options`` are
+        those of :func:`ancestral_progressive`; ``callback`` (a :data:`StepCallback`) sees every step."""
+        last = None
+        for n, step in enumerate(ancestral_progressive(self, model, shape, **options)):
+            if callback is not None:
+                callback(n, step.t, step.sample, step.pred_x0)
+            last = step  # the earlier steps are dropped as they come
+        return last.sample
 
     # ---- losses and the variational bound ----
 
@@ -433,3 +440,77 @@ def kl_weights(kept: list[int], T: int) -> torch.Tensor:
         nearest = np.abs(all_t[:, None] - kl_kept[None, :]).argmin(1)
         weights[1:] = torch.from_numpy(np.bincount(nearest, minlength=len(kl_kept))).float()
     return weights
+
+
+# ---- the reverse chain: Algorithm 2, and what every sampling loop starts from ----
+
+
+@dataclass
+class SampleStep:
+    """One step of the reverse chain: the timestep just taken, the new sample and the x0 prediction."""
+
+    t: int
+    sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def initial_sample(shape, generator, device, x_start: torch.Tensor | None) -> torch.Tensor:
+    """x_T ~ N(0, I) from the generator, or the given starting point."""
+    return randn(shape, generator, device) if x_start is None else x_start.to(device)
+
+
+def reverse_indices(first: int, progress: bool):
+    """A chain's indices from ``first`` down to 0, with a progress bar when asked."""
+    steps = range(first, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+    return steps
+
+
+def timestep_batch(i: int, batch: int, device) -> torch.Tensor:
+    """Chain index ``i`` for every example of a batch (int64 [batch])."""
+    return torch.full((batch,), i, device=device, dtype=torch.long)
+
+
+def p_sample(
+    chain: GaussianDiffusion,
+    model: Model,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    shared_noise: bool = False,
+    index: int | None = None,
+) -> SampleStep:
+    """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0.
+    ``shared_noise`` uses the same z for every example of the batch (for interpolations); ``index``, the
+    step's timestep when the caller knows it, spares reading it back from the device."""
+    out = chain.predict(model, x_t, t, clip_denoised)
+    noise = randn_like(x_t[:1], generator).expand_as(x_t) if shared_noise else randn_like(x_t, generator)
+    nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+    sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
+    return SampleStep(t=int(t[0]) if index is None else index, sample=sample, pred_x0=out.pred_x0)
+
+
+def ancestral_progressive(
+    chain: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    clip_denoised: bool = True,
+    x_start: torch.Tensor | None = None,
+    t_start: int | None = None,
+    progress: bool = False,
+    shared_noise: bool = False,
+) -> Iterator[SampleStep]:
+    """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
+    x = initial_sample(shape, generator, device, x_start)
+    first = chain.num_timesteps - 1 if t_start is None else t_start
+    for i in reverse_indices(first, progress):
+        t = timestep_batch(i, shape[0], device)
+        step = p_sample(chain, model, x, t, clip_denoised, generator, shared_noise, index=i)
+        x = step.sample
+        yield step

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .build import load_model, require_pixel_diffusion
+from .build import load_network, require_pixel_diffusion
 from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
@@ -18,8 +18,8 @@ from .errors import ConfigError, DataError
 from .files import atomic_write, write_json
 from .images import make_grid, to_model_range, to_uint8
 from .rng import randn, sampling_generator
-from .runtime import resolve_device, wrap_network
-from .samplers import ancestral_progressive, ancestral_sample_loop
+from .runtime import Runtime
+from .samplers import ancestral_sample_loop, check_eta, get_sampler
 
 FIGURES = ("forward", "progressive", "shared", "interpolate", "gif")
 
@@ -54,17 +54,33 @@ def forward_process(diffusion: GaussianDiffusion, x0: torch.Tensor, times: list[
     return rows, (abar / (1 - abar)).tolist()
 
 
+def _complete(model, diffusion: GaussianDiffusion, x_t, t: int, sampler: str, g, device, **options):
+    """x_t, at timestep t of ``diffusion``, carried to x0 by ``sampler``: Algorithm 2 from t (``options``:
+    its ``shared_noise``), or the sampler on the chain's steps 0..t."""
+    if sampler == "ancestral":
+        return ancestral_sample_loop(
+            diffusion, model, tuple(x_t.shape), generator=g, device=device, x_start=x_t, t_start=t, **options
+        )
+    chain = diffusion.respaced(list(range(t + 1)))
+    return get_sampler(sampler).loop(chain, model, tuple(x_t.shape), generator=g, device=device, x_start=x_t)
+
+
 @torch.no_grad()
 def progressive(
-    model, diffusion: GaussianDiffusion, n: int, shape, frames: int, g, device
+    model, diffusion: GaussianDiffusion, n: int, shape, frames: int, g, device, sampler: str = "ancestral"
 ) -> tuple[list, list]:
-    """Figure 6: x_t (top) and the predicted x0 (bottom) at ``frames`` times along one reverse chain."""
+    """Figure 6: x_t (top) and the predicted x0 (bottom) at ``frames`` times along one reverse chain of
+    ``sampler`` (a name in ddpm.samplers.SAMPLERS) on ``diffusion``; x_t is the sample after the step
+    from t."""
     keep = set(_times(diffusion.num_timesteps, frames))
     xs, x0s = [], []
-    for step in ancestral_progressive(diffusion, model, (n, *shape), generator=g, device=device):
-        if step.t in keep:
-            xs.append(step.sample.cpu())
-            x0s.append(step.pred_x0.cpu())
+
+    def record(step, t, x, pred_x0):
+        if t in keep:
+            xs.append(x.cpu())
+            x0s.append(pred_x0.cpu())
+
+    get_sampler(sampler).loop(diffusion, model, (n, *shape), generator=g, device=device, callback=record)
     # One row per sample, one column per time.
     return [torch.stack([x[i] for x in xs]) for i in range(n)], [
         torch.stack([x[i] for x in x0s]) for i in range(n)
@@ -73,26 +89,45 @@ def progressive(
 
 @torch.no_grad()
 def shared_latents(
-    model, diffusion: GaussianDiffusion, x0: torch.Tensor, times: list[int], n: int, g, device
+    model,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    times: list[int],
+    n: int,
+    g,
+    device,
+    sampler: str = "ancestral",
 ):
-    """Figure 7: one x_t ~ q(x_t | x0) per t, completed ``n`` times by the reverse process."""
+    """Figure 7: one x_t ~ q(x_t | x0) per t, completed ``n`` times by the reverse process (``sampler``'s;
+    a deterministic one completes them all alike)."""
     rows = []
     for t in times:
         x_t = diffusion.q_sample(x0[None], torch.tensor([t]), randn(x0[None].shape, g, "cpu"))
         start = x_t.expand(n, *x0.shape).to(device)
-        done = ancestral_sample_loop(
-            diffusion, model, (n, *x0.shape), generator=g, device=device, x_start=start, t_start=t
-        )
+        done = _complete(model, diffusion, start, t, sampler, g, device)
         rows.append(torch.cat([x0[None], done.cpu()]))
     return rows
 
 
 @torch.no_grad()
 def interpolate(
-    model, diffusion: GaussianDiffusion, xa, xb, times: list[int], lambdas: list[float], g, device
+    model,
+    diffusion: GaussianDiffusion,
+    xa,
+    xb,
+    times: list[int],
+    lambdas: list[float],
+    g,
+    device,
+    sampler: str = "ancestral",
 ):
     """Figure 8: noise two images to t with q (shared noise), mix the latents, denoise each mixture
-    with shared reverse noise."""
+    with shared reverse noise (Algorithm 2's) or none (a deterministic ``sampler``)."""
+    if sampler != "ancestral" and check_eta(sampler, None) > 0:
+        raise ConfigError(
+            f"interpolation gives every mixture the same reverse noise, which the {sampler} sampler does "
+            "not: use ancestral or a sampler without noise"
+        )
     rows = []
     for t in times:
         noise = randn(xa[None].shape, g, "cpu")
@@ -100,30 +135,33 @@ def interpolate(
         za, zb = diffusion.q_sample(xa[None], tt, noise), diffusion.q_sample(xb[None], tt, noise)
         mixed = torch.cat([(1 - lam) * za + lam * zb for lam in lambdas]).to(device)
         # The same reverse noise for every lambda, so the row changes only through the latent.
-        done = ancestral_sample_loop(
-            diffusion,
-            model,
-            tuple(mixed.shape),
-            generator=g,
-            device=device,
-            x_start=mixed,
-            t_start=t,
-            shared_noise=True,
-        )
+        done = _complete(model, diffusion, mixed, t, sampler, g, device, shared_noise=True)
         rows.append(torch.cat([xa[None], done.cpu(), xb[None]]))
     return rows
 
 
 @torch.no_grad()
 def denoising_gif(
-    model, diffusion: GaussianDiffusion, n: int, shape, frames: int, g, device, path: Path
+    model,
+    diffusion: GaussianDiffusion,
+    n: int,
+    shape,
+    frames: int,
+    g,
+    device,
+    path: Path,
+    sampler: str = "ancestral",
 ) -> None:
+    """An animated reverse chain of ``sampler``: the samples at ``frames`` times, the last held."""
     keep = set(_times(diffusion.num_timesteps, frames))
     images = []
-    for step in ancestral_progressive(diffusion, model, (n, *shape), generator=g, device=device):
-        if step.t in keep:
-            grid = make_grid(to_uint8(step.sample.cpu()), padding=1)
+
+    def record(step, t, x, pred_x0):
+        if t in keep:
+            grid = make_grid(to_uint8(x.cpu()), padding=1)
             images.append(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid))
+
+    get_sampler(sampler).loop(diffusion, model, (n, *shape), generator=g, device=device, callback=record)
     images += [images[-1]] * 10  # hold the final frame
     atomic_write(
         path,
@@ -139,15 +177,15 @@ def make_figures(
     num: int = 8,
     frames: int = 10,
     use_ema: bool = True,
-    device: str = "auto",
+    runtime: Runtime | None = None,
     data_dir: str | None = None,
-    precision: str = "fp32",
     class_name: str | int | None = None,
     guidance: float = 0.0,
     prompt: str | None = None,
 ) -> dict:
     """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
-    ``precision="bf16"`` runs the network under bf16 autocast (see ``ddpm.runtime.wrap_network``).
+    The network runs on ``runtime`` (default ``Runtime()``: auto, fp32; ``Runtime(precision="bf16")``
+    runs it under bf16 autocast; see ``ddpm.runtime.Runtime``).
     Conditional runs draw ``class_name`` (the real images are then of that class) or ``prompt``, guided
     with w = ``guidance``, or the null condition's when none is given."""
     which = list(FIGURES) if not which else which
@@ -156,14 +194,13 @@ def make_figures(
         raise ConfigError(f"unknown figure {sorted(unknown)[0]!r}; choose from {', '.join(FIGURES)}")
     if num < 2 or frames < 2:
         raise ConfigError("--num and --frames must be at least 2")
-    dev = resolve_device(device)
-    model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
+    loaded = load_network(checkpoint, "ema" if use_ema else "model", runtime)
+    diffusion, cfg, dev = loaded.diffusion, loaded.cfg, loaded.device
     require_pixel_diffusion(cfg, "ddpm figures")
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
     index = check_request(cfg, class_name, guidance, prompt)
-    network = wrap_network(model, dev, precision)
-    model = for_request(network, cfg, class_name, guidance, prompt, checkpoint)
+    model = for_request(loaded.network, cfg, class_name, guidance, prompt, checkpoint)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     T = diffusion.num_timesteps
     written = {}
@@ -213,7 +250,7 @@ def make_figures(
         "checkpoint": str(checkpoint),
         "seed": seed,
         "weights": weights,
-        "precision": precision,
+        **loaded.runtime.record(),
         **({"class": index, "guidance": guidance} if index is not None else {}),
         **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         **written,

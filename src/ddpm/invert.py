@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import load_model, require_pixel_diffusion
+from .build import load_network, require_pixel_diffusion
 from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
 from .files import write_json
 from .images import load_samples, save_grid, to_model_range, to_uint8
-from .runtime import resolve_device, wrap_network
+from .runtime import Runtime
 from .samplers import ddim_invert, ddim_sample_loop, sampling_chain
 
 
@@ -27,8 +27,7 @@ def invert_to_dir(
     spacing: str = "linspace",
     batch_size: int = 64,
     use_ema: bool = True,
-    device: str = "auto",
-    precision: str = "fp32",
+    runtime: Runtime | None = None,
     data_dir: str | None = None,
     class_name: str | int | None = None,
     guidance: float = 0.0,
@@ -38,11 +37,12 @@ def invert_to_dir(
     latents with DDIM on ``steps`` timesteps, regenerate them from those latents, and write latents.npy
     (float32 N,C,H,W), reconstruction.png (originals above, reconstructions below) and invert.json with
     the round-trip error on the 0..255 scale. Conditional runs invert and regenerate under ``class_name``
-    or ``prompt`` (guided with w = ``guidance``), or the null condition when none is given."""
+    or ``prompt`` (guided with w = ``guidance``), or the null condition when none is given. The network
+    runs on ``runtime`` (default ``Runtime()``: auto, fp32; see ``ddpm.runtime.Runtime``)."""
     if num <= 0 or batch_size <= 0:
         raise ConfigError("--num and --batch-size must be positive")
-    dev = resolve_device(device)
-    model, diffusion, cfg = load_model(checkpoint, use_ema, dev)
+    loaded = load_network(checkpoint, "ema" if use_ema else "model", runtime)
+    diffusion, cfg, dev = loaded.diffusion, loaded.cfg, loaded.device
     require_pixel_diffusion(cfg, "ddpm invert")
     if cfg.model.kind != "unet":
         raise ConfigError("inversion is for image models")
@@ -56,7 +56,7 @@ def invert_to_dir(
     if tuple(originals.shape[1:]) != expected:
         raise DataError(f"images have shape {tuple(originals.shape[1:])}; the model takes {expected}")
     chain = sampling_chain(diffusion, "ddim", steps, spacing)
-    network = for_request(wrap_network(model, dev, precision), cfg, class_name, guidance, prompt, checkpoint)
+    network = for_request(loaded.network, cfg, class_name, guidance, prompt, checkpoint)
     latents, recon = [], []
     for start in range(0, len(originals), batch_size):
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)
@@ -77,7 +77,7 @@ def invert_to_dir(
         "source": str(images) if images is not None else f"{cfg.data.dataset} test split",
         "steps": steps,
         "spacing": spacing,
-        "precision": precision,
+        **loaded.runtime.record(),
         **({"class": index, "guidance": guidance} if index is not None else {}),
         **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         "rmse_0_255": round(diff.pow(2).mean().sqrt().item(), 3),

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .build import load_model, require_pixel_diffusion
-from .checkpoint import Checkpoint
+from .build import load_network, require_pixel_diffusion
 from .conditions import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
@@ -24,7 +23,7 @@ from .errors import ConfigError, DataError
 from .files import atomic_write, write_json
 from .images import to_model_range
 from .rng import sampling_generator
-from .runtime import resolve_device, wrap_network
+from .runtime import Runtime
 
 
 def evaluate_nll(
@@ -37,9 +36,8 @@ def evaluate_nll(
     estimate_steps: int | None = None,
     seed: int = 0,
     use_ema: bool = True,
-    device: str = "auto",
+    runtime: Runtime | None = None,
     data_dir: str | None = None,
-    precision: str = "fp32",
     progress: bool = True,
     var_type: str | None = None,
     class_name: str | int | None = None,
@@ -49,10 +47,10 @@ def evaluate_nll(
     rate_distortion.csv and rate_distortion.png into ``out_dir`` and returns the summary.
     Class-conditional runs: with ``class_name`` the bound on log p(x | class) over the split's images of
     that class; without, the null class's (the unconditional branch's) over all of them. Text-conditional
-    runs: with ``prompt`` the bound on log p(x | prompt), else the empty text's."""
-    dev = resolve_device(device)
-    ckpt = Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, use_ema, dev, var_type)
+    runs: with ``prompt`` the bound on log p(x | prompt), else the empty text's. The network runs on
+    ``runtime`` (default ``Runtime()``: auto, fp32; see ``ddpm.runtime.Runtime``)."""
+    loaded = load_network(checkpoint, "ema" if use_ema else "model", runtime, var_type)
+    diffusion, cfg, dev, ckpt = loaded.diffusion, loaded.cfg, loaded.device, loaded.checkpoint
     require_pixel_diffusion(cfg, "ddpm eval nll")
     if cfg.model.kind != "unet":
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
@@ -72,9 +70,7 @@ def evaluate_nll(
             raise ConfigError(f"--estimate-steps must be in 2..{T}")
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
-    net = for_request(
-        wrap_network(model, dev, precision), cfg, class_name, prompt=prompt, checkpoint=checkpoint
-    )
+    net = for_request(loaded.network, cfg, class_name, prompt=prompt, checkpoint=checkpoint)
 
     totals, priors, vb_sum, mse_sum, kept, weights = [], [], None, None, None, None
     batches = range(math.ceil(len(images) / batch_size))
@@ -113,7 +109,7 @@ def evaluate_nll(
     summary = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.train_state.get("step"),
-        "weights": "ema" if use_ema else "model",
+        "weights": loaded.weights,
         "dataset": cfg.data.dataset,
         "split": split,
         **({"class": index, "class_name": cfg.data.class_names[index]} if index is not None else {}),
@@ -129,7 +125,7 @@ def evaluate_nll(
         "var_type": cfg.diffusion.var_type,
         "estimate": timesteps is not None,
         "timesteps_evaluated": len(kept),
-        "precision": precision,
+        **loaded.runtime.record(),
         "seed": seed,
         "seconds": round(time.time() - start, 1),
     }

@@ -30,7 +30,7 @@ from .config import check_run_config
 from .errors import ConfigError, DDPMError
 from .files import read_json, write_json
 from .images import to_uint8
-from .sample import SampleOptions, prepare
+from .sample import LoadedRun, SampleOptions, load_run, prepare
 
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "ddpm-pipeline"
@@ -71,6 +71,7 @@ class Pipeline:
         self.generator = _generator(by_role["generator"])
         self.decoder_part = by_role["decoder"]
         self.text_encoder = by_role.get("text-encoder")
+        self.encoder = None  # the text encoder, loaded: the generator's sampling encodes with it
         if self.decoder_part.kind == "latent":
             self.decoder = self._check_latent_decoder()
         else:
@@ -187,7 +188,8 @@ class Pipeline:
         return ae
 
     def _check_text_encoder(self, g_model: dict) -> None:
-        """The named encoder must be the one the generator was trained with: same width, same weights."""
+        """The named encoder must be the one the generator was trained with: same width, same weights.
+        Kept (``self.encoder``) for the generator's sampling where it is the encoder that would load."""
         from .clip import info_file
         from .encoders import RUN_COPY, load_text_encoder
 
@@ -214,6 +216,12 @@ class Pipeline:
                 f"pipeline text encoder {path} is not the one the generator was trained with "
                 f"({g_model.get('text_encoder')})"
             )
+        # Sampling encodes with the run's own copy, else with the encoder its config names (this one): the
+        # encoder loaded here serves it where the two are the same files (a trained tower is the model's).
+        if g_model.get("text_tower", "frozen") == "frozen" and (
+            info_file(own) is None or _files_digest(own) == _files_digest(path)
+        ):
+            self.encoder = encoder
 
     def __call__(self, **request) -> Generated:
         """Run the pipeline; see ``prepare`` for the arguments."""
@@ -241,7 +249,7 @@ class Pipeline:
             prompts=tuple(prompts) if prompts else None,
             class_name=class_name,
         )
-        first = prepare(self.generator, base)
+        first = prepare(self.generator, base, text_encoder=self.encoder)
         second_opts = dataclasses.replace(
             decoder_options or SampleOptions(sampler="ddim", steps=50, progress=False), num=num, seed=seed
         )
@@ -249,15 +257,15 @@ class Pipeline:
             raise ConfigError(
                 "--low-res-noise is a super-resolution decoder's; this pipeline's decoder is latent"
             )
-        if self.decoder_part.kind != "latent":  # the decoder's options, checked on stand-in images
-            g_data = self.generator.config["data"]
-            size = g_data["image_size"]
-            one = torch.zeros(1, g_data["channels"], size, size, dtype=torch.uint8)
-            placeholder = one.expand(num, -1, -1, -1)  # num views of one image, not num copies
-            prepare(self.decoder, dataclasses.replace(second_opts, low_res=placeholder))
-        return functools.partial(self._draw, first, second_opts)
+        second = None
+        if self.decoder_part.kind != "latent":
+            # Loaded once, on the generator's device, and checked but for its low-resolution images: they
+            # are the generator's, whose size and channels the pipeline's checks matched to the decoder's.
+            second = load_run(self.decoder, second_opts, first.device, first.procs)
+            second.check_before_low_res()
+        return functools.partial(self._draw, first, second)
 
-    def _draw(self, first, second_opts: SampleOptions) -> Generated:
+    def _draw(self, first, second: LoadedRun | None) -> Generated:
         start = time.time()
         if self.decoder_part.kind == "latent":  # the generator's latents, decoded by this pipeline's decoder
             first.autoencoder = self.decoder.to(first.device)
@@ -270,9 +278,7 @@ class Pipeline:
             return Generated(images, None, first.labels, record)
         low = to_uint8(first.draw())
         middle = time.time()
-        second = prepare(
-            self.decoder, dataclasses.replace(second_opts, low_res=low), first.device, first.procs
-        )
+        second = second.request(low_res=low)
         images = to_uint8(second.draw())
         record = {
             "pipeline": str(self.folder),
@@ -367,6 +373,13 @@ def _weights_digest(folder: Path) -> str:
 
     path = Path(folder) / MODEL_FILE
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def _files_digest(folder: Path) -> dict[str, str]:
+    """Of each file of a text encoder folder, by name: two folders alike here load the same encoder."""
+    from .clip import folder_files
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder_files(folder)}
 
 
 def _resolve(folder: Path, path: str) -> Path:

@@ -2,7 +2,8 @@
 the speed options.
 
 Training, sampling, the likelihood, inversion and the figures all get their network from
-``wrap_network``, so a speed option means the same thing everywhere.
+``wrap_network`` (the last four through one ``Runtime`` value and ``ddpm.build.load_network``), so a speed
+option means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -119,6 +120,45 @@ def wrap_network(
                 return inner(x, t, *cond).float()
 
     return network
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a network runs, as one value: what sampling, inversion, the likelihood and the
+    figures take (the CLI's --device, --precision, --channels-last, --compile and --compile-mode; training
+    reads the same five from its config's train section).
+
+    ``device``: auto (the GPU when there is one), cpu, cuda or cuda:N (``resolve_device``, when the
+    network is loaded); the others: see ``wrap_network``. A bad precision or compile mode is a one-line
+    ConfigError when the value is made."""
+
+    device: str | torch.device = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+
+    def __post_init__(self):
+        check_precision(self.precision)
+        check_compile_mode(self.compile_mode)
+
+    def resolve(self) -> Runtime:
+        """This runtime on a definite device: "auto" becomes cuda or cpu (see ``resolve_device``)."""
+        return replace(self, device=resolve_device(self.device))
+
+    def wrap(self, model: nn.Module | Network) -> Network:
+        """``model`` as the network the maths calls, on this runtime (``wrap_network``)."""
+        device, precision = resolve_device(self.device), self.precision
+        return wrap_network(model, device, precision, self.channels_last, self.compile, self.compile_mode)
+
+    def record(self) -> dict:
+        """How the network ran, for a command's JSON record: the precision, and the speed options that
+        were on (they change float rounding, not the maths)."""
+        return {
+            "precision": self.precision,
+            **({"channels_last": True} if self.channels_last else {}),
+            **({"compile": self.compile_mode} if self.compile else {}),
+        }
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import load_model
+from .build import LoadedNetwork, load_model, load_network
 from .checkpoint import Checkpoint
 from .conditions import (
     balanced_classes,
@@ -32,10 +32,20 @@ from .files import OutputFolder, write_json
 from .guidance import check_guidance
 from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
-from .runtime import Processes, init_processes, resolve_device, wrap_network
+from .runtime import Network, Processes, Runtime, init_processes, wrap_network
 from .samplers import ETA_DEFAULTS, check_eta, get_sampler, sampling_chain
 
-__all__ = ["Request", "SampleOptions", "generate", "load_model", "prepare", "sample_to_dir", "sampling_chain"]
+__all__ = [
+    "LoadedRun",
+    "Request",
+    "SampleOptions",
+    "generate",
+    "load_model",
+    "load_run",
+    "prepare",
+    "sample_to_dir",
+    "sampling_chain",
+]
 
 
 @dataclass
@@ -48,7 +58,7 @@ class SampleOptions:
     steps: int | None = None  # timesteps on the respaced chain; None = all T
     sampler: str = "ancestral"  # a name in ddpm.samplers.SAMPLERS
     eta: float | None = None  # the noise level of ddim (default 0) and the SDE solvers (default 1)
-    spacing: str | None = None  # None = the sampler's default (ddpm.samplers.DEFAULT_SPACING)
+    spacing: str | None = None  # None = the sampler's default (SAMPLERS[name].default_spacing)
     clip_denoised: bool | None = None  # None = clip images to [-1, 1], never 2-D points
     use_ema: bool = True
     var_type: str | None = None  # swap fixedsmall <-> fixedlarge; None = the checkpoint's
@@ -72,10 +82,16 @@ class SampleOptions:
     low_res: str | Path | torch.Tensor | None = None
     low_res_noise: int | None = None
 
+    @property
+    def runtime(self) -> Runtime:
+        """Where and how the network runs (device, precision and the speed options) as one value;
+        a bad precision or compile mode is a one-line ConfigError."""
+        return Runtime(self.device, self.precision, self.channels_last, self.compile, self.compile_mode)
+
 
 @torch.inference_mode()
 def generate(
-    model: nn.Module,
+    model: nn.Module | Network,
     diffusion: GaussianDiffusion,
     num: int,
     shape: tuple[int, ...],
@@ -85,7 +101,7 @@ def generate(
     clip_denoised: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    precision: str = "fp32",
+    precision: str | None = "fp32",
     sampler: str = "ancestral",
     eta: float | None = None,
     spacing: str | None = None,
@@ -106,14 +122,16 @@ def generate(
     ``model(x, t, cond)`` with each batch's rows.
 
     ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
-    chain's arithmetic stays in fp32. The default fp32 is the reference."""
+    chain's arithmetic stays in fp32. The default fp32 is the reference. ``precision=None``: ``model`` is
+    a network already wrapped for its runtime (``ddpm.build.load_network``, ``Runtime.wrap``), called as
+    it is."""
     if num <= 0 or batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
     if cond is not None and len(cond) != num:
         raise ConfigError(f"{len(cond)} conditions for {num} samples")
     loop = get_sampler(sampler).loop
     chain = sampling_chain(diffusion, sampler, steps, spacing)
-    network = wrap_network(model, device, precision)
+    network = model if precision is None else wrap_network(model, device, precision)
     procs = procs or Processes()
     progress = progress and procs.is_main
     out = []
@@ -225,18 +243,18 @@ class Request:
             self.diffusion,
             opts.num,
             _shape(self.cfg),
-            opts.batch_size,
-            opts.seed,
-            opts.steps,
-            self.clip_denoised,
-            self.device,
-            opts.progress,
-            "fp32",  # the network is already wrapped for opts.precision
-            opts.sampler,
-            opts.eta,
-            opts.spacing,
-            self.procs,
-            self.cond,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            steps=opts.steps,
+            clip_denoised=self.clip_denoised,
+            device=self.device,
+            progress=opts.progress,
+            precision=None,  # wrapped for opts.runtime when it was loaded (load_network)
+            sampler=opts.sampler,
+            eta=opts.eta,
+            spacing=opts.spacing,
+            procs=self.procs,
+            cond=self.cond,
         )
         if samples is None or self.autoencoder is None:
             return samples
@@ -260,9 +278,7 @@ class Request:
             "var_type": self.cfg.diffusion.var_type,
             "steps": opts.steps or self.diffusion.num_timesteps,
             "clip_denoised": self.clip_denoised,
-            "precision": opts.precision,
-            **({"channels_last": True} if opts.channels_last else {}),
-            **({"compile": opts.compile_mode} if opts.compile else {}),
+            **opts.runtime.record(),
             **({"processes": self.procs.world_size} if self.procs.distributed else {}),
             **({"autoencoder": self.autoencoder.source} if self.autoencoder is not None else {}),
             **self.conditions,
@@ -274,14 +290,28 @@ def prepare(
     opts: SampleOptions,
     device: torch.device | None = None,
     procs: Processes | None = None,
+    text_encoder=None,
 ) -> Request:
     """Check ``opts`` against the run at ``checkpoint`` and get its network ready (one-line errors for
-    bad input, before anything is sampled or written)."""
+    bad input, before anything is sampled or written). ``device`` replaces ``opts.device``;
+    ``text_encoder``: the run's, where the caller has it loaded already (a pipeline's)."""
+    return load_run(checkpoint, opts, device, procs).request(text_encoder=text_encoder)
+
+
+def load_run(
+    checkpoint: str | Path | Checkpoint,
+    opts: SampleOptions,
+    device: torch.device | None = None,
+    procs: Processes | None = None,
+) -> LoadedRun:
+    """``prepare``'s first half: check ``opts``, and load the run's network for them, all but its
+    conditions (``LoadedRun.request`` adds them)."""
     check_options(opts)  # bad options fail before the checkpoint is loaded
-    device = device or resolve_device(opts.device)
-    procs = procs or init_processes(device)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, opts.use_ema, device, opts.var_type)
+    runtime = opts.runtime if device is None else dataclasses.replace(opts.runtime, device=device)
+    runtime = runtime.resolve()
+    procs = procs or init_processes(runtime.device)
+    loaded = load_network(checkpoint, "ema" if opts.use_ema else "model", runtime, opts.var_type)
+    cfg = loaded.cfg
     if cfg.model.kind == "autoencoder":
         raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
     check_memory(opts.num, _shape(cfg), _image_shape(cfg) if cfg.model.autoencoder else None)
@@ -289,29 +319,59 @@ def prepare(
     if cfg.model.autoencoder:
         from .latent import run_autoencoder
 
-        autoencoder = run_autoencoder(cfg, ckpt.path.parent, device)
-    sampling_chain(diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
-    network = wrap_network(model, device, opts.precision, opts.channels_last, opts.compile, opts.compile_mode)
-    network, labels, cond, conditions = _conditioned(
-        network, cfg, opts, diffusion.num_timesteps, ckpt, device
-    )
-    clip_denoised = opts.clip_denoised
-    if clip_denoised is None:  # images are bounded to [-1, 1]; 2-D points and latents are not
-        clip_denoised = cfg.model.kind == "unet" and autoencoder is None
-    return Request(
-        ckpt,
-        cfg,
-        diffusion,
-        network,
-        opts,
-        clip_denoised,
-        device,
-        procs,
-        labels,
-        cond,
-        conditions,
-        autoencoder,
-    )
+        autoencoder = run_autoencoder(cfg, loaded.checkpoint.path.parent, loaded.device)
+    sampling_chain(loaded.diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
+    return LoadedRun(loaded, opts, procs, autoencoder)
+
+
+@dataclass
+class LoadedRun:
+    """A run loaded to sample with ``opts``: its network on their runtime, not yet conditioned. A
+    pipeline loads its decoder so before the generator has drawn the images that condition it."""
+
+    loaded: LoadedNetwork
+    opts: SampleOptions
+    procs: Processes
+    autoencoder: object = None  # a latent diffusion run's (FrozenAutoencoder): decodes the samples
+
+    def request(self, low_res: torch.Tensor | None = None, text_encoder=None) -> Request:
+        """The checked request: the network conditioned as the options ask, with ``low_res`` (uint8
+        [N, C, H, W]) in place of ``opts.low_res`` where given, and ``text_encoder`` (the run's) used
+        instead of loading it again."""
+        opts = self.opts if low_res is None else dataclasses.replace(self.opts, low_res=low_res)
+        loaded, cfg = self.loaded, self.loaded.cfg
+        network, labels, cond, conditions = _conditioned(
+            loaded.network,
+            cfg,
+            opts,
+            loaded.diffusion.num_timesteps,
+            loaded.checkpoint,
+            loaded.device,
+            text_encoder,
+        )
+        clip_denoised = opts.clip_denoised
+        if clip_denoised is None:  # images are bounded to [-1, 1]; 2-D points and latents are not
+            clip_denoised = cfg.model.kind == "unet" and self.autoencoder is None
+        return Request(
+            loaded.checkpoint,
+            cfg,
+            loaded.diffusion,
+            network,
+            opts,
+            clip_denoised,
+            loaded.device,
+            self.procs,
+            labels,
+            cond,
+            conditions,
+            self.autoencoder,
+        )
+
+    def check_before_low_res(self) -> None:
+        """What a super-resolution stage's request can be checked for before its low-resolution images
+        exist (a pipeline's decoder, before the generator draws them): all but the images."""
+        if self.loaded.cfg.model.low_res:
+            _check_super_resolution(self.loaded.cfg, self.opts, low_res_to_come=True)
 
 
 def check_options(opts: SampleOptions) -> None:
@@ -385,10 +445,11 @@ def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=No
         plot_points(samples, folder / "points.png")
 
 
-def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device):
+def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device, text_encoder=None):
     """For a conditional run: the guided ``network(x, t, cond)``, each sample's row (class id, or the
     index of its prompt), the conditions to feed (class ids, or the prompts' encodings) and how they were
-    chosen, for samples.json. Unconditional runs: the network, None, None, {}."""
+    chosen, for samples.json. Unconditional runs: the network, None, None, {}. A text-conditional run
+    encodes with ``text_encoder`` where given (its own, already loaded), else loads its own."""
     if cfg.model.low_res:
         return _super_resolution(network, cfg, opts)
     if opts.low_res is not None or opts.low_res_noise is not None:
@@ -418,7 +479,7 @@ def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, de
         prompts = list(opts.prompts or grid_prompts(cfg))
         if not prompts:
             raise ConfigError("this model is text-conditional: give --prompt")
-        encoder = run_text_encoder(cfg, ckpt.path.parent)
+        encoder = text_encoder or run_text_encoder(cfg, ckpt.path.parent)
         cut = warn_cut_prompts(encoder, prompts)
         if opts.negative_prompt:
             cut += warn_cut_prompts(encoder, [opts.negative_prompt], "--negative-prompt")
@@ -452,16 +513,7 @@ def _super_resolution(network, cfg, opts: SampleOptions):
     from .images import load_samples
     from .superres import conditions_for
 
-    if opts.class_name is not None or opts.prompts or opts.negative_prompt is not None or opts.guidance:
-        raise ConfigError("this run is a super-resolution stage: it takes --low-res, not a class or prompt")
-    if opts.low_res is None:
-        raise ConfigError(
-            "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
-        )
-    T = cfg.diffusion.num_timesteps
-    if opts.low_res_noise is not None and not 0 <= opts.low_res_noise <= T:
-        level = opts.low_res_noise
-        raise ConfigError(f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}")
+    _check_super_resolution(cfg, opts)
     images = opts.low_res if isinstance(opts.low_res, torch.Tensor) else load_samples(opts.low_res)
     if len(images) < opts.num:
         raise ConfigError(f"--low-res holds {len(images)} images; {opts.num} samples were asked for")
@@ -474,6 +526,21 @@ def _super_resolution(network, cfg, opts: SampleOptions):
     source = "tensor" if isinstance(opts.low_res, torch.Tensor) else str(opts.low_res)
     info = {"low_res": source, "low_res_size": cfg.model.low_res, "low_res_noise": int(cond.level[0])}
     return network, None, cond, info
+
+
+def _check_super_resolution(cfg, opts: SampleOptions, low_res_to_come: bool = False) -> None:
+    """A super-resolution stage's request: no class or prompt, the low-resolution images (unless
+    ``low_res_to_come``: a pipeline's generator has yet to draw them) and a noise level of its schedule."""
+    if opts.class_name is not None or opts.prompts or opts.negative_prompt is not None or opts.guidance:
+        raise ConfigError("this run is a super-resolution stage: it takes --low-res, not a class or prompt")
+    if opts.low_res is None and not low_res_to_come:
+        raise ConfigError(
+            "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
+        )
+    T = cfg.diffusion.num_timesteps
+    if opts.low_res_noise is not None and not 0 <= opts.low_res_noise <= T:
+        level = opts.low_res_noise
+        raise ConfigError(f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}")
 
 
 @dataclass

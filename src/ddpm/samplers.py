@@ -7,36 +7,41 @@ a named spacing (:func:`sampling_chain`), which is a respaced diffusion whose ev
 next kept timestep. Every loop has one signature:
 
     loop(chain, model, shape, *, generator=None, device="cpu", clip_denoised=True, x_start=None, eta=0.0,
-         progress=False)
+         progress=False, callback=None)
 
-and returns the final sample; ``model`` is any callable ``(x_t, t) -> output``.
+and returns the final sample; ``model`` is any callable ``(x_t, t) -> output``. ``callback`` (a
+:data:`ddpm.diffusion.StepCallback`) is called after every step with (the step's number, the chain
+timestep it started from, the new x, the x0 prediction it used), as k-diffusion's samplers do: the
+figures draw their chains with it. Algorithm 2 itself (``p_sample``, ``ancestral_progressive``) is in
+:mod:`ddpm.diffusion`; the names are kept here too.
 """
 
 from __future__ import annotations
 
-import collections
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, Model, space_timesteps
+from .diffusion import (
+    GaussianDiffusion,
+    Model,
+    StepCallback,
+    initial_sample,
+    reverse_indices,
+    space_timesteps,
+    timestep_batch,
+)
+from .diffusion import SampleStep as SampleStep  # Algorithm 2's pieces, importable from here as before
+from .diffusion import ancestral_progressive as ancestral_progressive
+from .diffusion import p_sample as p_sample
 from .errors import ConfigError
-from .rng import randn, randn_like
+from .rng import randn_like
 
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
 KARRAS_RHO = 7.0  # Karras et al. 2022's rho: larger puts more steps near t = 0
-
-
-@dataclass
-class SampleStep:
-    """One step of the reverse chain: the timestep just taken, the new sample and the x0 prediction."""
-
-    t: int
-    sample: torch.Tensor
-    pred_x0: torch.Tensor
 
 
 # ---- which timesteps a chain of N steps keeps ----
@@ -98,25 +103,6 @@ def solver_timesteps(
 # ---- the loops ----
 
 
-def _start(shape, generator, device, x_start: torch.Tensor | None) -> torch.Tensor:
-    """x_T ~ N(0, I) from the generator, or the given starting point."""
-    return randn(shape, generator, device) if x_start is None else x_start.to(device)
-
-
-def _reverse(first: int, progress: bool):
-    """The chain's indices from ``first`` down to 0, with a progress bar when asked."""
-    steps = range(first, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-    return steps
-
-
-def _timestep(i: int, batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), i, device=device, dtype=torch.long)
-
-
 # The samplers with a noise level eta, and their default: DDIM's (0 deterministic, 1 = Algorithm 2 with the
 # fixed-small variance) and the SDE solvers' (0 = the probability-flow ODE, 1 = the reverse SDE, more =
 # extra noise: each step forgets more of x_s and re-noises more of its x0 prediction).
@@ -153,48 +139,6 @@ def check_eta(sampler: str, eta: float | None) -> float:
     return eta
 
 
-def p_sample(
-    chain: GaussianDiffusion,
-    model: Model,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
-    shared_noise: bool = False,
-    index: int | None = None,
-) -> SampleStep:
-    """One step of Algorithm 2: x_{t-1} = mean + sigma z, with no noise at t = 0.
-    ``shared_noise`` uses the same z for every example of the batch (for interpolations); ``index``, the
-    step's timestep when the caller knows it, spares reading it back from the device."""
-    out = chain.predict(model, x_t, t, clip_denoised)
-    noise = randn_like(x_t[:1], generator).expand_as(x_t) if shared_noise else randn_like(x_t, generator)
-    nonzero = (t != 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
-    sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
-    return SampleStep(t=int(t[0]) if index is None else index, sample=sample, pred_x0=out.pred_x0)
-
-
-def ancestral_progressive(
-    chain: GaussianDiffusion,
-    model: Model,
-    shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    clip_denoised: bool = True,
-    x_start: torch.Tensor | None = None,
-    t_start: int | None = None,
-    progress: bool = False,
-    shared_noise: bool = False,
-) -> Iterator[SampleStep]:
-    """Algorithm 2, yielding every step. Starts from x_T ~ N(0, I), or from ``x_start`` at ``t_start``."""
-    x = _start(shape, generator, device, x_start)
-    first = chain.num_timesteps - 1 if t_start is None else t_start
-    for i in _reverse(first, progress):
-        t = _timestep(i, shape[0], device)
-        step = p_sample(chain, model, x, t, clip_denoised, generator, shared_noise, index=i)
-        x = step.sample
-        yield step
-
-
 @torch.inference_mode()
 def ancestral_sample_loop(
     chain: GaussianDiffusion,
@@ -207,16 +151,23 @@ def ancestral_sample_loop(
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
     progress: bool = False,
+    callback: StepCallback | None = None,
     **options,
 ) -> torch.Tensor:
-    """The final sample of Algorithm 2 (in [-1, 1] when x0 is clipped). ``options`` are those of
-    :func:`ancestral_progressive` (``t_start``, ``shared_noise``)."""
+    """The final sample of Algorithm 2 (``chain.p_sample_loop``; in [-1, 1] when x0 is clipped).
+    ``options`` are those of :func:`ancestral_progressive` (``t_start``, ``shared_noise``)."""
     check_eta("ancestral", eta)
-    steps = ancestral_progressive(
-        chain, model, shape, generator, device, clip_denoised, x_start, progress=progress, **options
+    return chain.p_sample_loop(
+        model,
+        shape,
+        generator=generator,
+        device=device,
+        clip_denoised=clip_denoised,
+        x_start=x_start,
+        progress=progress,
+        callback=callback,
+        **options,
     )
-    (last,) = collections.deque(steps, maxlen=1)  # intermediate samples are dropped as they come
-    return last.sample
 
 
 @torch.inference_mode()
@@ -231,14 +182,15 @@ def ddim_sample_loop(
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDIM on ``chain``: eta = 0 is deterministic given x_T; eta = 1 is the ancestral sampler with the
     fixed-small variance. eps is recomputed from the (clipped) x0, as in Improved DDPM's
     implementation, so both views agree."""
     check_eta("ddim", eta)
-    x = _start(shape, generator, device, x_start)
-    for i in _reverse(chain.num_timesteps - 1, progress):
-        t = _timestep(i, shape[0], device)
+    x = initial_sample(shape, generator, device, x_start)
+    for n, i in enumerate(reverse_indices(chain.num_timesteps - 1, progress)):
+        t = timestep_batch(i, shape[0], device)
         out = chain.predict(model, x, t, clip_denoised)
         eps = chain.pred_eps_from_x0(x, t, out.pred_x0)
         ab = chain.coef("alphas_cumprod", t, x.ndim)
@@ -247,6 +199,8 @@ def ddim_sample_loop(
         mean = out.pred_x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
         noise = randn_like(x, generator)
         x = mean + (sigma * noise if i > 0 else 0.0)
+        if callback is not None:
+            callback(n, i, x, out.pred_x0)
     return x
 
 
@@ -266,13 +220,26 @@ def ddim_invert(
     # first inverting step starts from clean data: x_{t_0} = sqrt(ab_0) x0 + sqrt(1 - ab_0) eps(x0, t_0).
     x = x0
     for i in range(chain.num_timesteps):
-        t = _timestep(max(i - 1, 0), x.shape[0], x.device)
+        t = timestep_batch(max(i - 1, 0), x.shape[0], x.device)
         out = chain.predict(model, x, t, clip_denoised)
         eps = chain.pred_eps_from_x0(x, t, out.pred_x0)
         start = x0 if i == 0 else out.pred_x0
         ab_next = chain.coef("alphas_cumprod", torch.full_like(t, i), x.ndim)
         x = start * torch.sqrt(ab_next) + torch.sqrt(1 - ab_next) * eps
     return x
+
+
+# ---- the DPM-Solver family ----
+
+
+def _solver_schedule(chain: GaussianDiffusion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DPM-Solver's view of ``chain``, x_t = alpha_t x0 + sigma_t eps, in float64 at each of its steps:
+    alpha_t = sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t) and the half log-SNR
+    lambda_t = log(alpha_t / sigma_t), which the solvers step in."""
+    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
+    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
+    lam = np.log(alpha) - np.log(sigma)
+    return alpha, sigma, lam
 
 
 @torch.inference_mode()
@@ -287,6 +254,7 @@ def dpm_solver_pp_2m_sample_loop(
     x_start: torch.Tensor | None = None,
     eta: float = 0.0,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): the probability-flow ODE in its data-prediction form, solved
     with a second-order multistep method in lambda = log(alpha_t / sigma_t). It evaluates the network at
@@ -294,14 +262,14 @@ def dpm_solver_pp_2m_sample_loop(
     first and that final step are first order (DDIM), as in diffusers' DPMSolverMultistepScheduler with
     lower_order_final."""
     check_eta("dpm++2m", eta)
-    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
-    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
-    lam = np.log(alpha) - np.log(sigma)
-    x = _start(shape, generator, device, x_start)
+    alpha, sigma, lam = _solver_schedule(chain)
+    x = initial_sample(shape, generator, device, x_start)
     x0_prev = None
-    for i in _reverse(chain.num_timesteps - 1, progress):
-        x0 = chain.predict(model, x, _timestep(i, shape[0], device), clip_denoised).pred_x0
+    for n, i in enumerate(reverse_indices(chain.num_timesteps - 1, progress)):
+        x0 = chain.predict(model, x, timestep_batch(i, shape[0], device), clip_denoised).pred_x0
         if i == 0:  # to sigma = 0, where the first-order update is x0 itself
+            if callback is not None:
+                callback(n, i, x0, x0)
             return x0
         h = lam[i - 1] - lam[i]
         if x0_prev is None:
@@ -311,6 +279,8 @@ def dpm_solver_pp_2m_sample_loop(
             d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         x = (sigma[i - 1] / sigma[i]) * x - (alpha[i - 1] * np.expm1(-h)) * d
         x0_prev = x0
+        if callback is not None:
+            callback(n, i, x, x0)
     return x
 
 
@@ -326,6 +296,7 @@ def sde_dpm_solver_pp_2m_sample_loop(
     x_start: torch.Tensor | None = None,
     eta: float = 1.0,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, section 5 of DPM-Solver++): the reverse SDE in data-prediction
     form with the second-order multistep (midpoint) update; each step from s to t (h = lambda_t - lambda_s)
@@ -340,14 +311,14 @@ def sde_dpm_solver_pp_2m_sample_loop(
     1 - exp(-h (1 + eta)) for D and 1 - exp(-2 h eta) for the noise): 1 is the SDE, 0 the ODE
     (``dpm++2m``'s update), above 1 more of each step is fresh noise."""
     eta = check_eta("sde-dpm++2m", eta)
-    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
-    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
-    lam = np.log(alpha) - np.log(sigma)
-    x = _start(shape, generator, device, x_start)
+    alpha, sigma, lam = _solver_schedule(chain)
+    x = initial_sample(shape, generator, device, x_start)
     x0_prev = None
-    for i in _reverse(chain.num_timesteps - 1, progress):
-        x0 = chain.predict(model, x, _timestep(i, shape[0], device), clip_denoised).pred_x0
+    for n, i in enumerate(reverse_indices(chain.num_timesteps - 1, progress)):
+        x0 = chain.predict(model, x, timestep_batch(i, shape[0], device), clip_denoised).pred_x0
         if i == 0:  # to sigma = 0: the update is x0 itself
+            if callback is not None:
+                callback(n, i, x0, x0)
             return x0
         h = lam[i - 1] - lam[i]
         d = x0
@@ -358,6 +329,8 @@ def sde_dpm_solver_pp_2m_sample_loop(
         if eta:
             x = x + (sigma[i - 1] * math.sqrt(-np.expm1(-2 * h * eta))) * randn_like(x, generator)
         x0_prev = x0
+        if callback is not None:
+            callback(n, i, x, x0)
     return x
 
 
@@ -373,6 +346,7 @@ def sde_dpm_solver_pp_3m_sample_loop(
     x_start: torch.Tensor | None = None,
     eta: float = 1.0,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(3M): the reverse SDE of ``sde-dpm++2m`` with a third-order multistep update from
     the last three x0 predictions (exponential-integrator phi functions, as k-diffusion's
@@ -385,14 +359,14 @@ def sde_dpm_solver_pp_3m_sample_loop(
     (first order at the first step, second at the next); the final step goes to clean data. ``eta`` as
     in ``sde-dpm++2m``: 1 the SDE, 0 the ODE, more adds noise."""
     eta = check_eta("sde-dpm++3m", eta)
-    ab = np.asarray(chain.alphas_cumprod, dtype=np.float64)
-    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
-    lam = np.log(alpha) - np.log(sigma)
-    x = _start(shape, generator, device, x_start)
+    alpha, sigma, lam = _solver_schedule(chain)
+    x = initial_sample(shape, generator, device, x_start)
     history: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, the h of the step that followed it)
-    for i in _reverse(chain.num_timesteps - 1, progress):
-        x0 = chain.predict(model, x, _timestep(i, shape[0], device), clip_denoised).pred_x0
+    for n, i in enumerate(reverse_indices(chain.num_timesteps - 1, progress)):
+        x0 = chain.predict(model, x, timestep_batch(i, shape[0], device), clip_denoised).pred_x0
         if i == 0:  # to sigma = 0: the update is x0 itself
+            if callback is not None:
+                callback(n, i, x0, x0)
             return x0
         h = lam[i - 1] - lam[i]
         g = h * (1 + eta)
@@ -412,6 +386,8 @@ def sde_dpm_solver_pp_3m_sample_loop(
         if eta:
             x = x + (sigma[i - 1] * math.sqrt(-np.expm1(-2 * h * eta))) * randn_like(x, generator)
         history = [*history[-1:], (x0, h)]
+        if callback is not None:
+            callback(n, i, x, x0)
     return x
 
 
@@ -456,7 +432,6 @@ SAMPLERS: dict[str, Sampler] = {
         "SDE-DPM-Solver++(3M), third-order multistep for the reverse SDE",
     ),
 }
-DEFAULT_SPACING = {name: sampler.default_spacing for name, sampler in SAMPLERS.items()}
 
 
 def get_sampler(name: str) -> Sampler:

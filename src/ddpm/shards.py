@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, decode_image, image_array, image_files
 from .errors import DataError
 from .files import MAX_JSON_BYTES, atomic_write, parse_json, read_json, write_json
+from .imagefiles import IMAGE_EXTENSIONS, decode_image, image_array, image_files
 from .rng import SEED_BATCH_ORDER, derived_seed
 
 INDEX_NAME = "shards.json"
