@@ -241,3 +241,22 @@ def test_generate_loads_each_part_once(parts, tmp_path, monkeypatch):
     bad = dataclasses.replace(options, guidance=1.0)
     with pytest.raises(ddpm.ConfigError, match="super-resolution stage: it takes --low-res, not a class"):
         pipeline.prepare(prompts=["a coat"], num=2, decoder_options=bad)
+
+
+def test_a_whole_guidance_value_reaches_the_generator(parts, tmp_path):
+    from ddpm.conditioning import Guidance
+
+    pipe = tmp_path / "pipe"
+    assert assemble(pipe, parts / "text-4", parts / "sr-4-8", "--text-encoder", str(parts / "encoder")) == 0
+    fast = ddpm.SampleOptions(sampler="ddim", steps=2, progress=False)
+    guidance = Guidance(2.0, interval=(1, 40), rescale=0.5, negative_prompt="a dark coat")
+    made = ddpm.Pipeline.load(pipe)(
+        prompts=["a coat"], guidance=guidance, num=2, generator_options=fast, decoder_options=fast
+    )
+    record = made.record["generator"]
+    assert (record["guidance"], record["guidance_interval"], record["guidance_rescale"]) == (
+        2.0,
+        [1, 40],
+        0.5,
+    )
+    assert record["negative_prompt"] == "a dark coat" and made.images.shape == (2, 1, 8, 8)

@@ -193,12 +193,12 @@ def token_count(encoder, text: str) -> int:
 
 class CaptionCache:
     """Every distinct caption of a run encoded once (the encoder is frozen; a trained tower's captions are
-    tokenized once), plus the null text "" as the last row. ``ids[i]`` is caption i's row; ``rows(ids)``
-    gives the encodings of rows."""
+    tokenized once), plus the null text (the conditioner's, "") as the last row. ``ids[i]`` is caption
+    i's row; ``rows(ids)`` gives the encodings of rows."""
 
-    def __init__(self, encoder, captions: list[str], batch_size: int = 256):
+    def __init__(self, encoder, captions: list[str], null_text: str = "", batch_size: int = 256):
         distinct = list(dict.fromkeys(captions))
-        texts = [*distinct, ""]
+        texts = [*distinct, null_text]
         row = {c: i for i, c in enumerate(distinct)}
         self.ids = torch.tensor([row[c] for c in captions], dtype=torch.long)
         self.null = len(distinct)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .build import load_network, require_pixel_diffusion
-from .conditions import check_request, for_request
+from .conditioning import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .diffusion import GaussianDiffusion

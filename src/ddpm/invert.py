@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .build import load_network, require_pixel_diffusion
-from .conditions import check_request, for_request
+from .conditioning import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .build import load_network, require_pixel_diffusion
-from .conditions import check_request, for_request
+from .conditioning import check_request, for_request
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
+from .conditioning import Guidance
 from .config import check_run_config
 from .errors import ConfigError, DDPMError
 from .files import read_json, write_json
@@ -230,7 +231,7 @@ class Pipeline:
     def prepare(
         self,
         prompts: list[str] | None = None,
-        guidance: float = 0.0,
+        guidance: float | Guidance = 0.0,
         num: int = 16,
         seed: int = 0,
         generator_options: SampleOptions | None = None,
@@ -240,15 +241,19 @@ class Pipeline:
         """Check a request against both stages (one-line errors, nothing drawn) and return the function
         that draws it: ``num`` images for ``prompts`` (equal blocks, in order; a text generator's
         default: one per class) or ``class_name`` (a class generator), and the record of every part and
-        setting. ``*_options`` set each stage's sampler, steps, precision and so on."""
+        setting. ``*_options`` set each stage's sampler, steps, precision and so on. ``guidance``: the
+        generator's w, or a whole Guidance (w, interval, rescale, negative prompt) in place of the
+        generator options' own."""
         base = dataclasses.replace(
             generator_options or SampleOptions(sampler="ddim", steps=50, progress=False),
             num=num,
             seed=seed,
-            guidance=guidance,
             prompts=tuple(prompts) if prompts else None,
             class_name=class_name,
         )
+        if not isinstance(guidance, Guidance):
+            guidance = dataclasses.replace(base.guidance_value, w=guidance)
+        base = base.with_guidance(guidance)
         first = prepare(self.generator, base, text_encoder=self.encoder)
         second_opts = dataclasses.replace(
             decoder_options or SampleOptions(sampler="ddim", steps=50, progress=False), num=num, seed=seed

@@ -17,19 +17,11 @@ from torch import nn
 
 from .build import LoadedNetwork, load_model, load_network
 from .checkpoint import Checkpoint
-from .conditions import (
-    balanced_classes,
-    check_request,
-    check_text,
-    grid_prompts,
-    guided_network,
-    warn_cut_prompts,
-)
+from .conditioning import Guidance, check_text, make_conditioner
 from .config import check_seed
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
 from .files import OutputFolder, write_json
-from .guidance import check_guidance
 from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
 from .runtime import Network, Processes, Runtime, init_processes, wrap_network
@@ -81,6 +73,23 @@ class SampleOptions:
     # [N, C, H, W]; larger images are downsampled first) and their noise level (default: the stage's).
     low_res: str | Path | torch.Tensor | None = None
     low_res_noise: int | None = None
+
+    @property
+    def guidance_value(self) -> Guidance:
+        """The guidance options as one value (scale, interval, rescale, negative prompt); bad ones are a
+        one-line ConfigError."""
+        return Guidance(self.guidance, self.guidance_interval, self.guidance_rescale, self.negative_prompt)
+
+    def with_guidance(self, guidance: Guidance) -> SampleOptions:
+        """These options with ``guidance`` (all four of its fields) in place of their own."""
+        g = guidance
+        return dataclasses.replace(
+            self,
+            guidance=g.w,
+            guidance_interval=g.interval,
+            guidance_rescale=g.rescale,
+            negative_prompt=g.negative_prompt,
+        )
 
     @property
     def runtime(self) -> Runtime:
@@ -381,17 +390,13 @@ def check_options(opts: SampleOptions) -> None:
     if opts.num <= 0 or opts.batch_size <= 0:
         raise ConfigError("the number of samples and the batch size must be positive")
     check_seed(opts.seed)
-    check_guidance(opts.guidance)
-    if not (math.isfinite(opts.guidance_rescale) and 0 <= opts.guidance_rescale <= 1):
-        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {opts.guidance_rescale}")
+    _ = opts.guidance_value  # the guidance options as one value: checked when made (negative prompt too)
     if opts.low_res_noise is not None and opts.low_res_noise < 0:
         raise ConfigError(f"--low-res-noise must be a noise level >= 0 (0 = clean), got {opts.low_res_noise}")
     if isinstance(opts.prompts, str):
         raise ConfigError("prompts must be a list of texts, not one text")
     for prompt in opts.prompts or ():
         check_text(prompt, "--prompt")
-    if opts.negative_prompt is not None:
-        check_text(opts.negative_prompt, "--negative-prompt")
     if opts.prompts and opts.num < len(opts.prompts):
         k = len(opts.prompts)
         raise ConfigError(
@@ -448,63 +453,16 @@ def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=No
 def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device, text_encoder=None):
     """For a conditional run: the guided ``network(x, t, cond)``, each sample's row (class id, or the
     index of its prompt), the conditions to feed (class ids, or the prompts' encodings) and how they were
-    chosen, for samples.json. Unconditional runs: the network, None, None, {}. A text-conditional run
-    encodes with ``text_encoder`` where given (its own, already loaded), else loads its own."""
+    chosen, for samples.json (the run's conditioner). Unconditional runs: the network, None, None, {}. A
+    text-conditional run encodes with ``text_encoder`` where given (its own, already loaded)."""
     if cfg.model.low_res:
         return _super_resolution(network, cfg, opts)
     if opts.low_res is not None or opts.low_res_noise is not None:
         raise ConfigError("--low-res and --low-res-noise need a super-resolution stage (model.low_res)")
-    text = cfg.model.context_dim > 0
-    if (opts.prompts or opts.negative_prompt is not None) and not text:
-        kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
-        raise ConfigError(f"--prompt and --negative-prompt need a text-conditional run; this one is {kind}")
-    if text and opts.class_name is not None:
-        raise ConfigError("this model is text-conditional: give --prompt, not --class")
-    index = None if text else check_request(cfg, opts.class_name, opts.guidance)
-    if not (text or cfg.model.num_classes):
-        if opts.guidance_interval is not None or opts.guidance_rescale:
-            raise ConfigError("this model is unconditional: guidance options need a conditional run")
-        return network, None, None, {}
-    interval = opts.guidance_interval
-    if interval is not None and not (0 <= interval[0] <= interval[1] < num_timesteps):
-        raise ConfigError(f"--guidance-interval must be LO HI with 0 <= LO <= HI < {num_timesteps}")
-    info = {"guidance": opts.guidance}
-    if interval is not None:
-        info["guidance_interval"] = list(interval)
-    if opts.guidance_rescale:
-        info["guidance_rescale"] = opts.guidance_rescale
-    if text:
-        from .encoders import run_text_encoder
-
-        prompts = list(opts.prompts or grid_prompts(cfg))
-        if not prompts:
-            raise ConfigError("this model is text-conditional: give --prompt")
-        encoder = text_encoder or run_text_encoder(cfg, ckpt.path.parent)
-        cut = warn_cut_prompts(encoder, prompts)
-        if opts.negative_prompt:
-            cut += warn_cut_prompts(encoder, [opts.negative_prompt], "--negative-prompt")
-        null = encoder.encode([opts.negative_prompt or ""]).to(device)  # the negative prompt is the null
-        guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale, null)
-        labels = balanced_classes(opts.num, len(prompts))
-        info = {"prompts": prompts, "negative_prompt": opts.negative_prompt, **info}
-        if cut:  # the record keeps the whole texts: say which the encoder saw only the start of
-            from .encoders import context_length
-
-            info["prompts_cut_to_context"] = {"tokens": context_length(encoder), "prompts": cut}
-        if not opts.prompts and cfg.data.class_names:  # a prompt per class, in class order
-            info = {"classes": "balanced", "class_names": list(cfg.data.class_names), **info}
-        # each sample's encoding is looked up per batch: num copies of it could take terabytes
-        return guided, labels, PerSample(encoder.encode(prompts), labels), info
-    guided = guided_network(network, cfg, opts.guidance, interval, opts.guidance_rescale)
-    labels = (
-        balanced_classes(opts.num, cfg.model.num_classes) if index is None else torch.full((opts.num,), index)
+    conditioner = make_conditioner(cfg, ckpt.path.parent, text_encoder)
+    return conditioner.for_samples(
+        network, opts.num, opts.guidance_value, opts.class_name, opts.prompts, num_timesteps, device
     )
-    info = {
-        "classes": "balanced" if index is None else index,
-        "class_names": list(cfg.data.class_names),
-        **info,
-    }
-    return guided, labels, labels, info
 
 
 def _super_resolution(network, cfg, opts: SampleOptions):
@@ -541,21 +499,6 @@ def _check_super_resolution(cfg, opts: SampleOptions, low_res_to_come: bool = Fa
     if opts.low_res_noise is not None and not 0 <= opts.low_res_noise <= T:
         level = opts.low_res_noise
         raise ConfigError(f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}")
-
-
-@dataclass
-class PerSample:
-    """Each sample's condition as a row of ``table`` (e.g. the encodings of the prompts), looked up
-    when a batch is drawn, so that only a batch's rows are ever copied out."""
-
-    table: object
-    rows: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.table[self.rows[index]]
 
 
 def _image_shape(cfg) -> tuple[int, ...]:

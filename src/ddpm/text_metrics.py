@@ -185,7 +185,7 @@ def sample_record(folder: Path) -> dict:
 def sample_prompts(folder: Path, num: int) -> list[str]:
     """Each sample's prompt, from the record `ddpm sample` or `ddpm generate` wrote beside a
     text-conditional model's samples (the prompts split the samples into equal contiguous blocks)."""
-    from .conditions import balanced_classes
+    from .conditioning import balanced_classes
 
     made = sample_record(folder)
     prompts = made.get("prompts")
@@ -314,7 +314,7 @@ def _generate_through(pipeline_dir: Path, per_prompt: int, sampling, progress: b
         pipeline,
         folder,
         prompts=list(prompts),
-        guidance=sampling.guidance,
+        guidance=sampling.guidance_value,
         num=num,
         seed=sampling.seed,
         generator_options=dataclasses.replace(sampling, progress=progress),

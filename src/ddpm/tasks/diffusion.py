@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..build import build_diffusion, build_model
-from ..conditions import balanced_classes, grid_prompts
+from ..conditioning import make_conditioner
 from ..config import Config, validate
 from ..errors import ConfigError
 from ..images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
@@ -18,79 +18,6 @@ from ..sample import generate
 from ..superres import conditions_for, downsample, low_res_condition
 from .base import Batch, TaskContext
 from .source import Examples, flipped, flips, in_memory
-
-
-class ClassLabels:
-    """A class-conditional run's labels: as many classes as the data has; the null class (the condition
-    dropout trains) is the id ``num_classes``."""
-
-    def __init__(self, cfg: Config, dataset):
-        names = dataset.class_names
-        if cfg.data.class_names and tuple(cfg.data.class_names) != tuple(names):
-            raise ConfigError(f"the data's classes {names} are not the run's {cfg.data.class_names}")
-        if cfg.model.num_classes not in (0, len(names)):
-            raise ConfigError(f"model.num_classes={cfg.model.num_classes}; the data has {len(names)}")
-        cfg.model.num_classes, cfg.data.class_names = len(names), tuple(names)
-        self.ids, self.null, self.num_classes = dataset.labels, len(names), len(names)
-
-    def inputs(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
-
-    def grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels, conditions) of a preview grid: a row per class."""
-        labels = balanced_classes(n, self.num_classes)
-        return labels, labels
-
-
-class Captions:
-    """A text-conditional run's captions, each distinct one encoded once by the frozen text encoder (the
-    run's own copy when resuming), or tokenized once when the run trains its text tower; a step looks
-    its examples' rows up. The null text "" is the cache's last row."""
-
-    def __init__(self, cfg: Config, dataset, context: TaskContext):
-        from ..encoders import CaptionCache, run_text_encoder
-
-        self.cfg = cfg
-        self.encoder = run_text_encoder(cfg, context.run_dir)
-        if cfg.model.context_dim not in (0, self.encoder.width):
-            raise ConfigError(
-                f"model.context_dim={cfg.model.context_dim}; the text encoder gives {self.encoder.width}"
-            )
-        cfg.model.context_dim = self.encoder.width
-        self.cache = CaptionCache(self.encoder, dataset.captions).to(context.device)
-        self.ids, self.null = self.cache.ids, self.cache.null
-        if dataset.class_names:  # kept for the grids' prompts and for evaluation
-            cfg.data.class_names = tuple(dataset.class_names)
-        self.run_dir = context.run_dir
-
-    def inputs(self, rows: torch.Tensor):
-        return self.cache.rows(rows)
-
-    def grid(self, n: int):
-        """(labels, conditions) of a preview grid: a row per prompt, one per class where the data has
-        classes."""
-        prompts = grid_prompts(self.cfg, self.cache.texts)
-        labels = balanced_classes(n, len(prompts))
-        return labels, self.encoder.encode(prompts)[labels]
-
-    def keep(self) -> None:
-        """A copy of a domain text encoder in the run (RUN/text-encoder), so that the run alone can
-        sample; copied aside and renamed into place. Pretrained encoders are recorded by name."""
-        import shutil
-
-        from ..clip import folder_files, info_file
-        from ..encoders import RUN_COPY, DomainTextEncoder
-
-        copy = self.run_dir / RUN_COPY
-        if not isinstance(self.encoder, DomainTextEncoder) or info_file(copy) is not None:
-            return
-        aside = self.run_dir / f".{RUN_COPY}.tmp"
-        shutil.rmtree(aside, ignore_errors=True)
-        aside.mkdir()
-        for path in folder_files(self.encoder.source["path"]):  # not a text encoder run's checkpoint
-            shutil.copy2(path, aside / path.name)
-        shutil.rmtree(copy, ignore_errors=True)
-        aside.rename(copy)
 
 
 class Latents:
@@ -131,12 +58,11 @@ class DiffusionTask:
     def __init__(self, cfg: Config, context: TaskContext):
         self.cfg, self.context = cfg, context
         self.examples = Examples(cfg, context)
-        self.labels = None  # ClassLabels or Captions of a conditional run
+        self.conditioner = make_conditioner(cfg, context.run_dir)
+        self.labels = None  # a conditional run's: rows, the null row, their conditions, grids
         dataset = self.examples.dataset
-        if cfg.data.labels == "captions":
-            self.labels = Captions(cfg, dataset, context)
-        elif dataset is not None and dataset.labels is not None:
-            self.labels = ClassLabels(cfg, dataset)
+        if cfg.data.labels == "captions" or (dataset is not None and dataset.labels is not None):
+            self.labels = self.conditioner.for_training(dataset, context.device)
         self.latents = Latents(cfg, self.examples, context) if cfg.model.autoencoder else None
         cfg.data.channels = cfg.data.channels or self.examples.shape[0]
         self.example_shape = self.latents.shape if self.latents else self.examples.shape
@@ -145,12 +71,12 @@ class DiffusionTask:
     def build_network(self) -> nn.Module:
         tower = None
         if self.cfg.model.text_tower != "frozen":  # trained with the denoiser, from its weights or anew
-            tower = self.labels.encoder.tower(fresh=self.cfg.model.text_tower == "scratch")
+            tower = self.conditioner.encoder.tower(fresh=self.cfg.model.text_tower == "scratch")
         return build_model(self.cfg, self.example_shape[0], tower)
 
     def keep_parts(self) -> None:
-        if isinstance(self.labels, Captions):
-            self.labels.keep()
+        if self.cfg.data.labels == "captions":
+            self.conditioner.keep()
         if self.latents is not None:
             from ..latent import keep_autoencoder
 

@@ -1,0 +1,40 @@
+"""What a network is conditioned on, and guidance: one conditioner per run (nothing, class ids or text;
+it owns the null condition, turns a request into each sample's condition and builds the guided
+network), one guidance value, and the checks a request gets."""
+
+from .conditioner import (
+    NULL_TEXT,
+    ClassConditioner,
+    PerSample,
+    TextConditioner,
+    TrainingConditions,
+    Unconditional,
+    check_request,
+    for_request,
+    guided_network,
+    make_conditioner,
+)
+from .guidance import MAX_GUIDANCE, Guidance, check_guidance, guided
+from .requests import balanced_classes, check_text, class_index, grid_prompts, warn_cut_prompts
+
+__all__ = [
+    "MAX_GUIDANCE",
+    "NULL_TEXT",
+    "ClassConditioner",
+    "Guidance",
+    "PerSample",
+    "TextConditioner",
+    "TrainingConditions",
+    "Unconditional",
+    "balanced_classes",
+    "check_guidance",
+    "check_request",
+    "check_text",
+    "class_index",
+    "for_request",
+    "grid_prompts",
+    "guided",
+    "guided_network",
+    "make_conditioner",
+    "warn_cut_prompts",
+]

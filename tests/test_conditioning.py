@@ -1,0 +1,83 @@
+"""The conditioning package: one conditioner per run (the null condition in one place, requests into
+each sample's condition, the guided network), the guidance value checked once, and the old names."""
+
+import pytest
+import torch
+
+import ddpm.conditions
+import ddpm.guidance
+from ddpm import conditioning
+from ddpm.build import load_network
+from ddpm.conditioning import (
+    NULL_TEXT,
+    ClassConditioner,
+    Guidance,
+    TextConditioner,
+    Unconditional,
+    make_conditioner,
+)
+from ddpm.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(w=-1), r"^--guidance must be a finite number >= 0 and at most 100, got -1$"),
+        (dict(w=float("nan")), "--guidance must be a finite number"),
+        (dict(rescale=1.5), r"^--guidance-rescale must be in \[0, 1\], got 1.5$"),
+        (dict(negative_prompt="bad \udcff"), "--negative-prompt is not valid UTF-8 text"),
+    ],
+)
+def test_a_bad_guidance_value_is_refused_when_it_is_made(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Guidance(**options)
+
+
+def test_the_guidance_value_records_what_it_does_and_checks_its_interval():
+    assert Guidance(2.0).record() == {"guidance": 2.0} and not Guidance(2.0).options
+    g = Guidance(1.0, interval=(3, 9), rescale=0.7)
+    assert g.options and g.record() == {"guidance": 1.0, "guidance_interval": [3, 9], "guidance_rescale": 0.7}
+    g.check_interval(10)
+    with pytest.raises(ConfigError, match="0 <= LO <= HI < 9"):
+        g.check_interval(9)
+
+
+def test_each_run_gets_its_conditioner_and_the_null_condition_from_it(class_run, text_run):
+    class_dir, _ = class_run
+    loaded = load_network(class_dir)
+    classes = make_conditioner(loaded.cfg, class_dir)
+    assert isinstance(classes, ClassConditioner) and classes.null == loaded.cfg.model.num_classes == 10
+    text_dir, _, _ = text_run
+    text = make_conditioner(load_network(text_dir).cfg, text_dir)
+    assert isinstance(text, TextConditioner)
+    empty, negative = text.encoder.encode([NULL_TEXT]), text.encoder.encode(["blurry"])
+    assert torch.equal(text.null().pooled, empty.pooled)
+    assert torch.equal(text.null("blurry").pooled, negative.pooled)
+    plain = load_network(class_dir).cfg
+    plain.model.num_classes, plain.data.labels = 0, "none"
+    assert isinstance(make_conditioner(plain), Unconditional)
+
+
+def test_a_request_becomes_each_samples_condition(class_run):
+    class_dir, _ = class_run
+    loaded = load_network(class_dir)
+    conditioner = make_conditioner(loaded.cfg, class_dir)
+    network, labels, cond, info = conditioner.for_samples(loaded.network, 6, Guidance(1.5), "2", None, 50)
+    assert labels.tolist() == [2] * 6 and cond is labels
+    assert info == {"classes": 2, "class_names": list(loaded.cfg.data.class_names), "guidance": 1.5}
+    x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 7)
+    with torch.no_grad():  # the guided network: (1 + w) conditional - w null-class output
+        c, u = loaded.network(x, t, labels), loaded.network(x, t, torch.full((6,), 10))
+        torch.testing.assert_close(network(x, t, labels), c + 1.5 * (c - u))
+    _, labels, _, info = conditioner.for_samples(loaded.network, 10, Guidance(), None, None, 50)
+    assert labels.tolist() == list(range(10)) and info["classes"] == "balanced"
+    with pytest.raises(ConfigError, match="need a text-conditional run; this one is class-conditional"):
+        conditioner.for_samples(loaded.network, 4, Guidance(), None, ["a coat"], 50)
+    with pytest.raises(ConfigError, match="--guidance-interval must be LO HI"):
+        conditioner.for_samples(loaded.network, 4, Guidance(1, interval=(0, 50)), None, None, 50)
+
+
+def test_the_old_module_names_still_work():
+    assert ddpm.guidance.guided is conditioning.guided and ddpm.guidance.Guidance is Guidance
+    assert ddpm.conditions.guided_network is conditioning.guided_network
+    assert ddpm.conditions.for_request is conditioning.for_request
