@@ -11,7 +11,9 @@ from ddpm.build import load_network
 from ddpm.conditioning import (
     NULL_TEXT,
     ClassConditioner,
+    ConditionRequest,
     Guidance,
+    LowResConditioner,
     TextConditioner,
     Unconditional,
     make_conditioner,
@@ -53,6 +55,9 @@ def test_each_run_gets_its_conditioner_and_the_null_condition_from_it(class_run,
     empty, negative = text.encoder.encode([NULL_TEXT]), text.encoder.encode(["blurry"])
     assert torch.equal(text.null().pooled, empty.pooled)
     assert torch.equal(text.null("blurry").pooled, negative.pooled)
+    stage = load_network(class_dir).cfg
+    stage.model.low_res = 4
+    assert isinstance(make_conditioner(stage), LowResConditioner)
     plain = load_network(class_dir).cfg
     plain.model.num_classes, plain.data.labels = 0, "none"
     assert isinstance(make_conditioner(plain), Unconditional)
@@ -62,22 +67,43 @@ def test_a_request_becomes_each_samples_condition(class_run):
     class_dir, _ = class_run
     loaded = load_network(class_dir)
     conditioner = make_conditioner(loaded.cfg, class_dir)
-    network, labels, cond, info = conditioner.for_samples(loaded.network, 6, Guidance(1.5), "2", None, 50)
+    network, labels, cond, info = conditioner.for_samples(
+        loaded.network, 6, Guidance(1.5), ConditionRequest("2"), 50
+    )
     assert labels.tolist() == [2] * 6 and cond is labels
     assert info == {"classes": 2, "class_names": list(loaded.cfg.data.class_names), "guidance": 1.5}
     x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 7)
     with torch.no_grad():  # the guided network: (1 + w) conditional - w null-class output
         c, u = loaded.network(x, t, labels), loaded.network(x, t, torch.full((6,), 10))
         torch.testing.assert_close(network(x, t, labels), c + 1.5 * (c - u))
-    _, labels, _, info = conditioner.for_samples(loaded.network, 10, Guidance(), None, None, 50)
+    _, labels, _, info = conditioner.for_samples(loaded.network, 10, Guidance(), ConditionRequest(), 50)
     assert labels.tolist() == list(range(10)) and info["classes"] == "balanced"
     with pytest.raises(ConfigError, match="need a text-conditional run; this one is class-conditional"):
-        conditioner.for_samples(loaded.network, 4, Guidance(), None, ["a coat"], 50)
+        conditioner.for_samples(loaded.network, 4, Guidance(), ConditionRequest(prompts=["a coat"]), 50)
     with pytest.raises(ConfigError, match="--guidance-interval must be LO HI"):
-        conditioner.for_samples(loaded.network, 4, Guidance(1, interval=(0, 50)), None, None, 50)
+        conditioner.for_samples(loaded.network, 4, Guidance(1, interval=(0, 50)), None, 50)
 
 
 def test_the_old_module_names_still_work():
     assert ddpm.guidance.guided is conditioning.guided and ddpm.guidance.Guidance is Guidance
     assert ddpm.conditions.guided_network is conditioning.guided_network
     assert ddpm.conditions.for_request is conditioning.for_request
+
+
+def test_a_super_resolution_stage_takes_low_res_images_and_nothing_else(class_run):
+    cfg = load_network(class_run[0]).cfg
+    cfg.model.low_res, cfg.model.num_classes = 4, 0
+    stage = make_conditioner(cfg)
+    with pytest.raises(ConfigError, match="takes --low-res, not a class or prompt"):
+        stage.check(ConditionRequest(class_name="1", low_res="x"), Guidance())
+    with pytest.raises(ConfigError, match="give --low-res SAMPLES.npz"):
+        stage.check(ConditionRequest(), Guidance())
+    stage.check(ConditionRequest(), Guidance(), low_res_to_come=True)  # a pipeline's decoder, checked early
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    network, labels, cond, info = stage.for_samples("net", 2, Guidance(), ConditionRequest(low_res=images))
+    assert network == "net" and labels is None and cond.image.shape == (2, 1, 8, 8)
+    assert info == {"low_res": "tensor", "low_res_size": 4, "low_res_noise": cfg.model.low_res_noise}
+    with pytest.raises(ConfigError, match="need a super-resolution stage"):
+        make_conditioner(load_network(class_run[0]).cfg).for_samples(
+            "net", 2, Guidance(), ConditionRequest(low_res=images)
+        )

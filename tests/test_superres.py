@@ -11,12 +11,12 @@ from conftest import count_parameters, linear, tiny_config
 
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
+from ddpm.conditioning.low_res import LowResImage, downsample, low_res_condition
 from ddpm.config import DataConfig
 from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
 from ddpm.images import load_samples, save_npz, to_model_range
 from ddpm.rng import step_generator
-from ddpm.superres import LowResImage, downsample, low_res_condition
 from ddpm.train import Trainer
 from ddpm.unet import UNet
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .build import LoadedNetwork, load_model, load_network
 from .checkpoint import Checkpoint
-from .conditioning import Guidance, check_text, make_conditioner
+from .conditioning import ConditionRequest, Guidance, LowResConditioner, check_text, make_conditioner
 from .config import check_seed
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
@@ -380,7 +380,9 @@ class LoadedRun:
         """What a super-resolution stage's request can be checked for before its low-resolution images
         exist (a pipeline's decoder, before the generator draws them): all but the images."""
         if self.loaded.cfg.model.low_res:
-            _check_super_resolution(self.loaded.cfg, self.opts, low_res_to_come=True)
+            LowResConditioner(self.loaded.cfg).check(
+                _request(self.opts), self.opts.guidance_value, low_res_to_come=True
+            )
 
 
 def check_options(opts: SampleOptions) -> None:
@@ -451,54 +453,18 @@ def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=No
 
 
 def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device, text_encoder=None):
-    """For a conditional run: the guided ``network(x, t, cond)``, each sample's row (class id, or the
-    index of its prompt), the conditions to feed (class ids, or the prompts' encodings) and how they were
-    chosen, for samples.json (the run's conditioner). Unconditional runs: the network, None, None, {}. A
-    text-conditional run encodes with ``text_encoder`` where given (its own, already loaded)."""
-    if cfg.model.low_res:
-        return _super_resolution(network, cfg, opts)
-    if opts.low_res is not None or opts.low_res_noise is not None:
-        raise ConfigError("--low-res and --low-res-noise need a super-resolution stage (model.low_res)")
+    """The run's conditioner applied to ``opts``' request: the guided ``network(x, t, cond)`` (or the
+    network itself), each sample's row (class id, or the index of its prompt), the conditions to feed
+    and how they were chosen, for samples.json. A text-conditional run encodes with ``text_encoder``
+    where given (its own, already loaded)."""
     conditioner = make_conditioner(cfg, ckpt.path.parent, text_encoder)
     return conditioner.for_samples(
-        network, opts.num, opts.guidance_value, opts.class_name, opts.prompts, num_timesteps, device
+        network, opts.num, opts.guidance_value, _request(opts), num_timesteps, device
     )
 
 
-def _super_resolution(network, cfg, opts: SampleOptions):
-    """A super-resolution stage's conditions: the first ``opts.num`` low-resolution images, noised."""
-    from .build import build_diffusion
-    from .images import load_samples
-    from .superres import conditions_for
-
-    _check_super_resolution(cfg, opts)
-    images = opts.low_res if isinstance(opts.low_res, torch.Tensor) else load_samples(opts.low_res)
-    if len(images) < opts.num:
-        raise ConfigError(f"--low-res holds {len(images)} images; {opts.num} samples were asked for")
-    if images.shape[1] != cfg.data.channels:
-        raise ConfigError(f"--low-res images have {images.shape[1]} channels; the stage {cfg.data.channels}")
-    alphas = build_diffusion(cfg).np["alphas_cumprod"]
-    cond = conditions_for(
-        images[: opts.num], cfg.model, cfg.data.image_size, alphas, opts.seed, opts.low_res_noise
-    )
-    source = "tensor" if isinstance(opts.low_res, torch.Tensor) else str(opts.low_res)
-    info = {"low_res": source, "low_res_size": cfg.model.low_res, "low_res_noise": int(cond.level[0])}
-    return network, None, cond, info
-
-
-def _check_super_resolution(cfg, opts: SampleOptions, low_res_to_come: bool = False) -> None:
-    """A super-resolution stage's request: no class or prompt, the low-resolution images (unless
-    ``low_res_to_come``: a pipeline's generator has yet to draw them) and a noise level of its schedule."""
-    if opts.class_name is not None or opts.prompts or opts.negative_prompt is not None or opts.guidance:
-        raise ConfigError("this run is a super-resolution stage: it takes --low-res, not a class or prompt")
-    if opts.low_res is None and not low_res_to_come:
-        raise ConfigError(
-            "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
-        )
-    T = cfg.diffusion.num_timesteps
-    if opts.low_res_noise is not None and not 0 <= opts.low_res_noise <= T:
-        level = opts.low_res_noise
-        raise ConfigError(f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}")
+def _request(opts: SampleOptions) -> ConditionRequest:
+    return ConditionRequest(opts.class_name, opts.prompts, opts.low_res, opts.low_res_noise, opts.seed)
 
 
 def _image_shape(cfg) -> tuple[int, ...]:

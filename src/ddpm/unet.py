@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .superres import LowResImage
+from .conditioning.low_res import LowResImage
 from .text import TextEncoding
 
 

@@ -5,6 +5,8 @@ network), one guidance value, and the checks a request gets."""
 from .conditioner import (
     NULL_TEXT,
     ClassConditioner,
+    ConditionRequest,
+    LowResConditioner,
     PerSample,
     TextConditioner,
     TrainingConditions,
@@ -21,6 +23,8 @@ __all__ = [
     "MAX_GUIDANCE",
     "NULL_TEXT",
     "ClassConditioner",
+    "ConditionRequest",
+    "LowResConditioner",
     "Guidance",
     "PerSample",
     "TextConditioner",

@@ -7,6 +7,7 @@ network. Training uses it too: the rows condition dropout draws from, and the pr
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ NULL_TEXT = ""  # what condition dropout trains in place of a caption: a text ru
 def make_conditioner(cfg, run_dir: str | Path = ".", text_encoder=None):
     """The conditioner of the run ``cfg`` describes (its directory ``run_dir`` holds its own copy of a
     text encoder; ``text_encoder``: one already loaded)."""
+    if cfg.model.low_res:
+        return LowResConditioner(cfg)
     if cfg.model.context_dim or cfg.data.labels == "captions":
         return TextConditioner(cfg, run_dir, text_encoder)
     if cfg.model.num_classes or cfg.data.labels == "classes":
@@ -86,6 +89,25 @@ def for_request(
     return make_conditioner(cfg, run_dir).for_one(network, index, guidance, prompt)
 
 
+@dataclass(frozen=True)
+class ConditionRequest:
+    """What a user asks a run's samples to be conditioned on: a class (name or index; None: every class
+    in equal blocks), prompts (equal blocks; None: one per class where the data has classes), or a
+    super-resolution stage's low-resolution images (samples.npz or its folder, or uint8 [N, C, H, W])
+    with their noise level (None: the stage's) and the seed of that noise."""
+
+    class_name: str | int | None = None
+    prompts: tuple[str, ...] | list[str] | None = None
+    low_res: str | Path | torch.Tensor | None = None
+    low_res_noise: int | None = None
+    seed: int = 0
+
+
+def _not_low_res(request: ConditionRequest) -> None:
+    if request.low_res is not None or request.low_res_noise is not None:
+        raise ConfigError("--low-res and --low-res-noise need a super-resolution stage (model.low_res)")
+
+
 def _not_text(cfg, prompts, guidance: Guidance) -> None:
     if prompts or guidance.negative_prompt is not None:
         kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
@@ -96,11 +118,11 @@ class Unconditional:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def for_samples(
-        self, network, num, guidance: Guidance, class_name=None, prompts=None, num_timesteps=0, device=None
-    ):
-        _not_text(self.cfg, prompts, guidance)
-        if class_name is not None or guidance.w:
+    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+        request = request or ConditionRequest()
+        _not_low_res(request)
+        _not_text(self.cfg, request.prompts, guidance)
+        if request.class_name is not None or guidance.w:
             raise ConfigError("this model is unconditional: --class and --guidance need a conditional run")
         if guidance.options:
             raise ConfigError("this model is unconditional: guidance options need a conditional run")
@@ -120,13 +142,14 @@ class ClassConditioner:
     def null(self) -> int:
         return self.cfg.model.num_classes
 
-    def for_samples(
-        self, network, num, guidance: Guidance, class_name=None, prompts=None, num_timesteps=0, device=None
-    ):
+    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
         """The guided ``network(x, t, class_ids)``, each sample's class (``class_name``'s, or every class
         in equal blocks), the conditions to feed (the same ids) and how they were chosen."""
-        _not_text(self.cfg, prompts, guidance)
-        index = None if class_name is None else class_index(self.cfg, class_name)
+        request = request or ConditionRequest()
+        _not_low_res(request)
+        _not_text(self.cfg, request.prompts, guidance)
+        name = request.class_name
+        index = None if name is None else class_index(self.cfg, name)
         if guidance.interval is not None:
             guidance.check_interval(num_timesteps)
         conditional = self.guided(network, guidance)
@@ -186,17 +209,17 @@ class TextConditioner:
     def null(self, negative_prompt: str | None = None):
         return self.encoder.encode([negative_prompt or NULL_TEXT])
 
-    def for_samples(
-        self, network, num, guidance: Guidance, class_name=None, prompts=None, num_timesteps=0, device=None
-    ):
+    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
         """The guided ``network(x, t, encodings)``, each sample's prompt (equal blocks; default one per
         class where the data has classes), the prompts' encodings looked up per sample, and the record."""
-        if class_name is not None:
+        request = request or ConditionRequest()
+        _not_low_res(request)
+        if request.class_name is not None:
             raise ConfigError("this model is text-conditional: give --prompt, not --class")
         if guidance.interval is not None:
             guidance.check_interval(num_timesteps)
-        given = bool(prompts)
-        prompts = list(prompts or grid_prompts(self.cfg))
+        given = bool(request.prompts)
+        prompts = list(request.prompts or grid_prompts(self.cfg))
         if not prompts:
             raise ConfigError("this model is text-conditional: give --prompt")
         encoder, negative = self.encoder, guidance.negative_prompt
@@ -273,6 +296,57 @@ class TextConditioner:
             shutil.copy2(path, aside / path.name)
         shutil.rmtree(copy, ignore_errors=True)
         aside.rename(copy)
+
+
+class LowResConditioner:
+    """A super-resolution stage: each sample is conditioned on a low-resolution image, upsampled and
+    noised to a fixed level (noise-conditioning augmentation); no class, prompt or guidance."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def check(self, request: ConditionRequest, guidance: Guidance, low_res_to_come: bool = False) -> None:
+        """The request: no class or prompt, the low-resolution images (unless ``low_res_to_come``: a
+        pipeline's generator has yet to draw them) and a noise level of the stage's schedule."""
+        r = request
+        if r.class_name is not None or r.prompts or guidance.negative_prompt is not None or guidance.w:
+            raise ConfigError(
+                "this run is a super-resolution stage: it takes --low-res, not a class or prompt"
+            )
+        if r.low_res is None and not low_res_to_come:
+            raise ConfigError(
+                "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
+            )
+        T = self.cfg.diffusion.num_timesteps
+        if r.low_res_noise is not None and not 0 <= r.low_res_noise <= T:
+            level = r.low_res_noise
+            raise ConfigError(
+                f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}"
+            )
+
+    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+        """The first ``num`` low-resolution images, noised to the stage's level with the request's seed."""
+        from ..build import build_diffusion
+        from ..images import load_samples
+        from .low_res import conditions_for
+
+        cfg, request = self.cfg, request or ConditionRequest()
+        self.check(request, guidance)
+        low_res = request.low_res
+        images = low_res if isinstance(low_res, torch.Tensor) else load_samples(low_res)
+        if len(images) < num:
+            raise ConfigError(f"--low-res holds {len(images)} images; {num} samples were asked for")
+        if images.shape[1] != cfg.data.channels:
+            raise ConfigError(
+                f"--low-res images have {images.shape[1]} channels; the stage {cfg.data.channels}"
+            )
+        alphas = build_diffusion(cfg).np["alphas_cumprod"]
+        cond = conditions_for(
+            images[:num], cfg.model, cfg.data.image_size, alphas, request.seed, request.low_res_noise
+        )
+        source = "tensor" if isinstance(low_res, torch.Tensor) else str(low_res)
+        info = {"low_res": source, "low_res_size": cfg.model.low_res, "low_res_noise": int(cond.level[0])}
+        return network, None, cond, info
 
 
 class TrainingConditions:

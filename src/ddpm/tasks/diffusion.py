@@ -10,12 +10,12 @@ from torch import nn
 
 from ..build import build_diffusion, build_model
 from ..conditioning import make_conditioner
+from ..conditioning.low_res import conditions_for, downsample, low_res_condition
 from ..config import Config, validate
 from ..errors import ConfigError
 from ..images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
 from ..rng import to_device
 from ..sample import generate
-from ..superres import conditions_for, downsample, low_res_condition
 from .base import Batch, TaskContext
 from .source import Examples, flipped, flips, in_memory
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import match_images
-from .errors import ConfigError
-from .images import to_model_range
-from .rng import SEED_AUGMENTATION, generator, to_device
+from ..data import match_images
+from ..errors import ConfigError
+from ..images import to_model_range
+from ..rng import SEED_AUGMENTATION, generator, to_device
 
 
 @dataclass
