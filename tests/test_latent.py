@@ -209,3 +209,17 @@ def test_a_latent_run_on_a_diffusers_autoencoder_copies_its_folder(runs, tmp_pat
     Trainer(cfg, tmp_path / "latent", progress=False).train()
     copied = sorted(p.name for p in (tmp_path / "latent" / "autoencoder").iterdir())
     assert copied == sorted(p.name for p in vae.iterdir() if p.is_file())
+
+
+def test_a_unet_too_deep_for_the_latents_is_refused_once_their_size_is_known(runs, tmp_path):
+    base, data = runs
+    cfg = tiny_config(data, steps=1)
+    cfg.model.autoencoder, cfg.model.ch_mult = (
+        str(base / "ae"),
+        (1, 2, 2, 2),
+    )  # 8x8 images fit, 4x4 latents not
+    with pytest.raises(
+        ConfigError, match=r"^model.latent_size 4 must be a positive multiple of 8 for 4 U-Net"
+    ):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

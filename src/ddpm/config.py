@@ -442,21 +442,26 @@ def validate(cfg: Config) -> None:
             raise ConfigError("model.ch, model.ch_mult and model.num_res_blocks must be positive")
         if m.num_groups <= 0 or m.ch % m.num_groups:
             raise ConfigError(f"model.ch={m.ch} must be divisible by model.num_groups={m.num_groups}")
-        factor = 2 ** (len(m.ch_mult) - 1)
-        # a latent run's U-Net works on latent_size, known once the autoencoder is loaded
-        size, what = (
-            (m.latent_size, "model.latent_size") if m.autoencoder else (data.image_size, "data.image_size")
-        )
-        if (size or not m.autoencoder) and (size <= 0 or size % factor):
-            raise ConfigError(
-                f"{what} {size} must be a positive multiple of {factor} for {len(m.ch_mult)} "
-                f"{'autoencoder' if m.kind == 'autoencoder' else 'U-Net'} levels"
-            )
+        # a latent run's U-Net works on latent_size, known once the autoencoder is loaded (the
+        # training task checks it then; a checkpoint's config has it)
+        if m.latent_size or not m.autoencoder:
+            size = m.latent_size if m.autoencoder else data.image_size
+            check_levels(m, size, "model.latent_size" if m.autoencoder else "data.image_size")
         for mult in m.ch_mult:
             if (m.ch * mult) % m.num_groups:
                 raise ConfigError(
                     f"channels {m.ch * mult} are not divisible by model.num_groups={m.num_groups}"
                 )
+
+
+def check_levels(m: ModelConfig, size: int, what: str) -> None:
+    """``size`` (what the network works on, named ``what``) must halve at every level of ``m``."""
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if size <= 0 or size % factor:
+        raise ConfigError(
+            f"{what} {size} must be a positive multiple of {factor} for {len(m.ch_mult)} "
+            f"{'autoencoder' if m.kind == 'autoencoder' else 'U-Net'} levels"
+        )
 
 
 def _validate_text_encoder(cfg: Config) -> None:

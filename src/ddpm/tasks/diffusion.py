@@ -11,7 +11,7 @@ from torch import nn
 from ..build import build_diffusion, build_model
 from ..conditioning import make_conditioner
 from ..conditioning.low_res import conditions_for, downsample, low_res_condition
-from ..config import Config, validate
+from ..config import Config, check_levels
 from ..errors import ConfigError
 from ..images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
 from ..rng import to_device
@@ -37,7 +37,7 @@ class Latents:
             )
         cfg.model.latent_channels, cfg.model.latent_size = ae.latent_channels, size // ae.factor
         cfg.data.channels = channels  # of the images, not of the latents
-        validate(cfg)  # the U-Net's levels against the latent size
+        check_levels(cfg.model, cfg.model.latent_size, "model.latent_size")
         images = to_model_range(examples.data)
         sides = [images, images.flip(3)] if cfg.data.random_flip else [images]
         encoded = [encode_images(ae, side) for side in sides]
