@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ddpm.build import build_diffusion, build_model
+from ddpm.conditioning import with_condition
 from ddpm.convert import diffusers_unet_config
 from ddpm.presets import preset
 from ddpm.runtime import keep_freed_memory, wrap_network
@@ -189,12 +190,12 @@ class TrainStep:
         if num_classes:  # class ids, a tenth of them the null class (condition dropout)
             y = torch.randint(0, num_classes, (batch,), generator=g)
             y[torch.rand(batch, generator=g) < 0.1] = num_classes
-            self.net = partial(_with_classes, self.net, y.to(device))
+            self.net = with_condition(self.net, y.to(device))
         if context_dim:  # frozen-encoder states of captions of 6 to 16 tokens (the padding masked)
             tokens = torch.randn(batch, 16, context_dim, generator=g)
             mask = torch.arange(16)[None] < torch.randint(6, 17, (batch, 1), generator=g)
             text = TextEncoding(tokens, mask, torch.randn(batch, context_dim, generator=g)).to(device)
-            self.net = partial(_with_classes, self.net, text)
+            self.net = with_condition(self.net, text)
 
     def __call__(self):
         self.module.train()
@@ -216,10 +217,6 @@ class TrainStep:
             loss.backward()
         self.opt.zero_grad(set_to_none=True)
         return float(counter.get_total_flops())
-
-
-def _with_classes(network, y, x, t):
-    return network(x, t, y)
 
 
 def timed(fn, device, repeats):

@@ -4,7 +4,6 @@ checkpoint, samples with a ``SampleOptions`` and writes the images and how they 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -17,7 +16,14 @@ from torch import nn
 
 from .build import LoadedNetwork, load_model, load_network
 from .checkpoint import Checkpoint
-from .conditioning import ConditionRequest, Guidance, LowResConditioner, check_text, make_conditioner
+from .conditioning import (
+    ConditionRequest,
+    Guidance,
+    LowResConditioner,
+    check_text,
+    make_conditioner,
+    with_condition,
+)
 from .config import check_seed
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError
@@ -156,7 +162,7 @@ def generate(
         batch_network = network
         if cond is not None:
             batch_cond = cond[b * batch_size : b * batch_size + n].to(device)
-            batch_network = functools.partial(_with_condition, network, batch_cond)
+            batch_network = with_condition(network, batch_cond)
         try:
             x = loop(
                 chain,
@@ -186,10 +192,6 @@ def generate(
         sizes = [min(batch_size, num - b * batch_size) for b in range(rank, count, procs.world_size)]
         by_batch.update(zip(range(rank, count, procs.world_size), part.split(sizes), strict=True))
     return torch.cat([by_batch[b] for b in range(count)])
-
-
-def _with_condition(network, cond, x, t):
-    return network(x, t, cond)
 
 
 def sample_to_dir(

@@ -15,6 +15,7 @@ from .conditioner import (
     for_request,
     guided_network,
     make_conditioner,
+    with_condition,
 )
 from .guidance import MAX_GUIDANCE, Guidance, check_guidance, guided
 from .requests import balanced_classes, check_text, class_index, grid_prompts, warn_cut_prompts
@@ -41,4 +42,5 @@ __all__ = [
     "guided_network",
     "make_conditioner",
     "warn_cut_prompts",
+    "with_condition",
 ]

@@ -6,6 +6,7 @@ network. Training uses it too: the rows condition dropout draws from, and the pr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,16 @@ def _not_text(cfg, prompts, guidance: Guidance) -> None:
     if prompts or guidance.negative_prompt is not None:
         kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
         raise ConfigError(f"--prompt and --negative-prompt need a text-conditional run; this one is {kind}")
+
+
+def with_condition(network, cond):
+    """``network(x, t, cond)`` as the plain ``(x, t)`` callable the maths takes, for one fixed
+    condition (a batch's class ids, encodings or low-resolution images)."""
+    return functools.partial(_call_with, network, cond)
+
+
+def _call_with(network, cond, x, t):
+    return network(x, t, cond)
 
 
 class Unconditional:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..build import build_diffusion, build_model
-from ..conditioning import make_conditioner
+from ..conditioning import make_conditioner, with_condition
 from ..conditioning.low_res import conditions_for, downsample, low_res_condition
 from ..config import Config, check_levels
 from ..errors import ConfigError
@@ -117,7 +117,7 @@ class DiffusionTask:
     def loss(self, network, batch: Batch) -> torch.Tensor:
         if batch.cond is not None:  # class ids, caption rows, or a LowResImage
             cond = self.labels.inputs(batch.cond) if self.labels is not None else batch.cond
-            network = _Conditioned(network, cond)
+            network = with_condition(network, cond)
         return self.diffusion.training_losses(network, batch.x, batch.t, batch.noise)["loss"]
 
     def preview(self, ema_model: nn.Module, path: Path) -> Path | None:
@@ -174,13 +174,3 @@ class DiffusionTask:
 
     def finish(self) -> dict:
         return {}
-
-
-class _Conditioned:
-    """``network(x, t, cond)`` as the ``(x, t)`` callable the diffusion's loss takes."""
-
-    def __init__(self, network, cond):
-        self.network, self.cond = network, cond
-
-    def __call__(self, x, t):
-        return self.network(x, t, self.cond)
