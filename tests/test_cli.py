@@ -1,6 +1,9 @@
+import argparse
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,12 +242,11 @@ def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, incep
 
 
 def test_every_command_that_runs_a_network_takes_the_runtime_flags_alike(tmp_path, monkeypatch):
-    """--device, --precision, --channels-last, --compile and --compile-mode: declared once (cli.FLAGS) with
+    """--device, --precision, --channels-last, --compile and --compile-mode: declared once (cli/flags.py) with
     one help text and Runtime()'s defaults, taken by every command that runs a network, and parsed into
     the one Runtime value that the command hands on."""
-    import argparse
-
     from ddpm import cli, pipeline
+    from ddpm.cli import flags, options
     from ddpm.runtime import Runtime
 
     def subcommand(parser, *words):
@@ -267,17 +269,139 @@ def test_every_command_that_runs_a_network_takes_the_runtime_flags_alike(tmp_pat
     speed += ["--compile-mode", "reduce-overhead"]
     expected = Runtime("cpu", "bf16", True, True, "reduce-overhead")
     for words, positional in commands.items():
-        flags = {a.option_strings[0]: a for a in subcommand(parser, *words)._actions if a.option_strings}
-        for name in cli.RUNTIME_FLAGS:
-            assert flags[name].help == cli.FLAGS[name]["help"], (words, name)
-            assert flags[name].default == getattr(Runtime(), flags[name].dest), (words, name)
-        assert cli._runtime(parser.parse_args([*words, *positional])) == Runtime()
+        taken = {a.option_strings[0]: a for a in subcommand(parser, *words)._actions if a.option_strings}
+        for name in flags.RUNTIME_FLAGS:
+            assert taken[name].help == flags.keywords(name)["help"], (words, name)
+            assert taken[name].default == getattr(Runtime(), taken[name].dest), (words, name)
+        assert options.runtime(parser.parse_args([*words, *positional])) == Runtime()
         args = parser.parse_args([*words, *positional, *speed])
-        assert cli._runtime(args) == expected, words
+        assert options.runtime(args) == expected, words
         if words != ("generate",) and hasattr(args, "sampler"):
-            assert cli._sample_options(args).runtime == expected, words
+            assert options.sample_options(args).runtime == expected, words
     # generate hands them to both of its stages
     stages = []
     monkeypatch.setattr(pipeline, "generate_to_dir", lambda *a, **k: stages.append(k) or {})
     assert main(["generate", str(tmp_path), *speed, "--out", str(tmp_path / "out")]) == 0
     assert [stages[0][k].runtime for k in ("generator_options", "decoder_options")] == [expected] * 2
+
+
+# ---- the flag table (cli/flags.py): every argument declared once ----
+
+
+def every_command(parser, words=()):
+    """(words, parser) for every command, sub-commands included (`eval fid`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_command(sub, (*words, name))
+            return
+    yield words, parser
+
+
+def arguments(parser) -> dict:
+    """A parser's arguments, by the name the flag table knows them by (``--num``, ``checkpoint``)."""
+    skip = (argparse._HelpAction, argparse._SubParsersAction)
+    return {
+        a.option_strings[0] if a.option_strings else a.dest: a
+        for a in parser._actions
+        if not isinstance(a, skip)
+    }
+
+
+def described(action) -> tuple:
+    """What an argument is to its user: names, where it goes, type, default, choices and help."""
+    fields = ("option_strings", "dest", "nargs", "const", "default", "type", "choices", "required", "help")
+    return (type(action).__name__, *(repr(getattr(action, f)) for f in fields), repr(action.metavar))
+
+
+def declared(name: str) -> dict:
+    """Each meaning the table declares for ``name`` (``name`` or ``name:meaning``), as argparse makes it."""
+    from ddpm.cli import flags
+
+    entry = flags.FLAGS[name]
+    specs = [name] if isinstance(entry, dict) else [name] * (entry.usual is not None)
+    specs += [f"{name}:{meaning}" for meaning in getattr(entry, "meanings", {})]
+    made = {}
+    for spec in specs:
+        parser = argparse.ArgumentParser(add_help=False)
+        flags.add_flags(parser, spec)
+        made[spec] = arguments(parser)[name]
+    return made
+
+
+# The flags that mean something else in some commands (another default, another help text), each meaning
+# named in cli/flags.py. A flag joins this list only for a reason: one name for two meanings is what
+# issue 22 is removing.
+SEVERAL_MEANINGS = {"folder", "source", "--dataset", "--data-dir", "--image-size", "--steps", "--batch-size"}
+SEVERAL_MEANINGS |= {"--seed", "--device", "--precision", "--out", "--num", "--sampler", "--spacing"}
+SEVERAL_MEANINGS |= {"--no-clip", "--low-res-noise", "--class", "--prompt", "--negative-prompt", "--split"}
+
+
+def test_every_argument_is_declared_once_in_the_flag_table():
+    """cli/flags.py declares every argument of every command, each name once (with its other option
+    strings), and no other CLI module adds an argument of its own."""
+    from ddpm import cli
+    from ddpm.cli import flags
+
+    source = Path(flags.__file__).read_text()
+    table = next(
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FLAGS"
+    )
+    names = [key.value for key in table.keys]
+    assert len(names) == len(set(names)) and set(names) == set(flags.FLAGS)
+    others = {o for name in names for action in declared(name).values() for o in action.option_strings[1:]}
+    assert others == {"--num-samples"} and not others & set(names)
+    for path in Path(cli.__file__).parent.glob("*.py"):
+        if path.name != "flags.py":
+            assert "add_argument(" not in path.read_text(), path.name
+    taken = set()
+    for words, parser in every_command(cli.build_parser()):
+        for name in arguments(parser):
+            assert name in flags.FLAGS, (words, name)
+            taken.add(name)
+    assert taken == set(flags.FLAGS)  # nothing declared that no command takes
+
+
+def test_a_flag_means_the_same_in_every_command_unless_the_table_names_another_meaning():
+    """A flag that two commands take has the same help text, default and type in both, or the table
+    declares each meaning under its own name (`--steps:invert`); and every declared meaning is used."""
+    from ddpm import cli
+    from ddpm.cli import flags
+
+    seen: dict[str, dict[tuple, list]] = {}
+    for words, parser in every_command(cli.build_parser()):
+        for name, action in arguments(parser).items():
+            seen.setdefault(name, {}).setdefault(described(action), []).append(" ".join(words))
+    for name, versions in seen.items():
+        meanings = {described(action) for action in declared(name).values()}
+        assert set(versions) <= meanings, f"{name}: a meaning the flag table does not declare"
+        assert set(versions) == meanings, f"{name}: a declared meaning that no command takes"
+        if name not in SEVERAL_MEANINGS:
+            assert len(versions) == 1, f"{name} means different things in {list(versions.values())}"
+    assert {name for name in flags.FLAGS if len(declared(name)) > 1} == SEVERAL_MEANINGS
+    # --guidance-interval (declared twice before issue 22) is one flag in sample, eval and generate
+    assert len(seen["--guidance-interval"]) == 1 and len(sum(seen["--guidance-interval"].values(), [])) == 4
+
+
+def test_the_config_shortcuts_come_from_the_flag_table():
+    """The training commands' shortcut flags set the config keys the table names, in its order."""
+    from ddpm.cli import flags
+
+    assert list(flags.CONFIG_KEYS.items()) == list(
+        {
+            "dataset": "data.dataset",
+            "data_dir": "data.root",
+            "image_size": "data.image_size",
+            "channels": "data.channels",
+            "steps": "train.steps",
+            "batch_size": "train.batch_size",
+            "lr": "train.lr",
+            "seed": "train.seed",
+            "device": "train.device",
+            "precision": "train.precision",
+            "time_limit": "train.time_limit_minutes",
+            "tokenizer": "model.tokenizer",
+        }.items()
+    )

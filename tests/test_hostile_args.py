@@ -227,7 +227,8 @@ def test_counts_that_cannot_fit_in_memory_fail_at_once(class_run, parts, tmp_pat
 
 
 def test_text_conditions_are_looked_up_per_batch_not_copied_per_sample(parts, tmp_path):
-    from ddpm.sample import PerSample, SampleOptions, prepare
+    from ddpm.conditioning import PerSample
+    from ddpm.sample import SampleOptions, prepare
 
     request = prepare(
         parts / "text-4", SampleOptions(num=6, prompts=("a coat", "a bag"), steps=2, progress=False)

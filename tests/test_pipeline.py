@@ -260,3 +260,12 @@ def test_a_whole_guidance_value_reaches_the_generator(parts, tmp_path):
         0.5,
     )
     assert record["negative_prompt"] == "a dark coat" and made.images.shape == (2, 1, 8, 8)
+
+    # and from the command line, every guidance option of `ddpm generate` reaches it alike
+    argv = ["generate", str(pipe), "--prompt", "a coat", "--guidance", "2", "--guidance-interval", "1", "40"]
+    argv += ["--guidance-rescale", "0.5", "--negative-prompt", "a dark coat", "--num", "2", "--steps", "2"]
+    assert main([*argv, "--decoder-steps", "2", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    generated = json.loads((tmp_path / "cli" / "generate.json").read_text())["generator"]
+    assert {k: generated[k] for k in record if k.startswith(("guidance", "negative"))} == {
+        k: v for k, v in record.items() if k.startswith(("guidance", "negative"))
+    }

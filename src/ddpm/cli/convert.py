@@ -1,0 +1,32 @@
+"""`ddpm make-shards` and `ddpm import`: an image folder as tar shards, a diffusers folder as a run."""
+
+from __future__ import annotations
+
+from .flags import add_flags
+from .options import print_json
+
+
+def add_make_shards(commands) -> None:
+    p = commands.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
+    add_flags(p, "folder:shards", "--out:shards", "--shard-size")
+    p.set_defaults(func=cmd_make_shards)
+
+
+def add_import(commands) -> None:
+    p = commands.add_parser("import", help="import a diffusers-format DDPM folder as a checkpoint")
+    add_flags(p, "folder:diffusers", "--out:diffusers")
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_make_shards(args) -> int:
+    from ..shards import make_shards
+
+    index = make_shards(args.folder, args.out, args.shard_size)
+    summary = {k: index[k] for k in ("count", "channels")}
+    return print_json(out=str(args.out), shards=len(index["shards"]), **summary)
+
+
+def cmd_import(args) -> int:
+    from ..convert import import_diffusers
+
+    return print_json(checkpoint=str(import_diffusers(args.folder, args.out)))

@@ -1,0 +1,71 @@
+"""The parser: one-line errors (exit code 2), every command's sub-parser from its module, and the refusal
+of arguments that are not valid UTF-8."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import DDPMError
+from . import config, convert, evaluate, figures, invert, pipeline, sample, train
+
+# `ddpm --help` lists the commands in this order
+COMMANDS = (
+    train.add_train,
+    train.add_train_autoencoder,
+    sample.add_sample,
+    pipeline.add_pipeline,
+    pipeline.add_generate,
+    invert.add_invert,
+    convert.add_make_shards,
+    convert.add_import,
+    evaluate.add_eval,
+    evaluate.add_train_classifier,
+    train.add_train_text_encoder,
+    figures.add_figures,
+    config.add_presets,
+    config.add_config,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``ddpm: error: ...`` and exit code 2, no usage block
+    (``--help`` still shows it). The subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
+            line = f"ddpm: error: {message} (see `{self.prog} --help`)"
+            # a value that is not valid UTF-8 is shown escaped (a terminal may not take it as it is)
+            sys.stderr.write(line.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def refuse_invalid_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2, one line) a flag or positional argument whose value was not valid UTF-8 on the
+    command line (Python holds such bytes as surrogate escapes): e.g. a path or a prompt in another
+    encoding, which would fail later when written or printed."""
+    from ..conditioning import check_text
+
+    names, chosen, command = {}, [parser], parser
+    while chosen:  # the parser, then the subcommand's parser (and its own subcommand's)
+        command = chosen.pop()
+        for action in command._actions:
+            names.setdefault(action.dest, action.option_strings[0] if action.option_strings else action.dest)
+            if isinstance(action, argparse._SubParsersAction):
+                chosen.append(action.choices[getattr(args, action.dest)])
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    check_text(text, names.get(dest, dest))
+                except DDPMError as e:
+                    command.error(str(e))
