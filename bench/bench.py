@@ -422,7 +422,7 @@ def bench_conditioning(device, quick, results):
     text conditioning (cross-attention to 16 token states of width 128) against UNet2DConditionModel with
     cross-attention at the same resolutions; then guided sampling (w = 2, both branches in one batched
     forward) against unguided (target: at most 2.1x the time)."""
-    from ddpm.conditions import guided_network
+    from ddpm.conditioning import guided_network
 
     batch = 256 if device.type == "cuda" else 64
     repeats = 3 if quick else 6

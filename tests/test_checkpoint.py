@@ -279,9 +279,8 @@ def test_wrong_format_version(tmp_path, version):
         ("train_state", "[1, 2"),
         ("optimizer", "nul"),
         ("config", None),
-        ("resolved", "[1]"),
-        ("resolved", '{"nosection.field": 1}'),
-        ("resolved", '{"model": 1}'),
+        ("request", "[1]"),
+        ("request", "{not json"),
     ],
 )
 def test_damaged_json_metadata(tmp_path, field, value):
@@ -299,17 +298,13 @@ def test_valid_raw_file_loads(tmp_path):
     assert torch.equal(ckpt.model["w"], torch.ones(2, 2))
 
 
-def test_the_resolved_values_complete_the_requested_config(tmp_path):
-    resolved = {"model.ch": 16, "data.channels": 1}
-    with pytest.raises(CheckpointError):  # (a section the request lacks)
-        save_checkpoint(tmp_path / CHECKPOINT_NAME, CONFIG, {"w": torch.ones(3)}, resolved=resolved)
-        Checkpoint(tmp_path)
+def test_the_request_is_recorded_beside_the_config_and_the_difference_is_what_was_resolved(tmp_path):
     request = {**CONFIG, "data": {"channels": None}}
-    save_checkpoint(tmp_path / CHECKPOINT_NAME, request, {"w": torch.ones(3)}, resolved=resolved)
+    config = {**CONFIG, "model": {"ch": 16, "ch_mult": [1, 2]}, "data": {"channels": 1}}
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, config, {"w": torch.ones(3)}, request=request)
     ckpt = Checkpoint(tmp_path)
-    assert ckpt.request == request and ckpt.resolved == resolved
-    assert ckpt.config == {**CONFIG, "model": {"ch": 16, "ch_mult": [1, 2]}, "data": {"channels": 1}}
-    assert resolved_values(ckpt.config, ckpt.request) == resolved
+    assert ckpt.config == config and ckpt.request == request
+    assert ckpt.resolved == resolved_values(config, request) == {"model.ch": 16, "data.channels": 1}
 
 
 @pytest.mark.parametrize("name", ["extra.w", "weights", "Model.w", "emaw"])
@@ -371,8 +366,8 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "meta,message",
     [
-        ({"config": "[1, 2]"}, "config, resolved and train_state must be objects"),
-        ({"train_state": '"done"'}, "config, resolved and train_state must be objects"),
+        ({"config": "[1, 2]"}, "config, request and train_state must be objects"),
+        ({"train_state": '"done"'}, "config, request and train_state must be objects"),
         ({"optimizer": "3"}, "optimizer must be an object"),
         ({"train_state": '{"step": "12"}'}, "step '12' is not a count"),
         ({"train_state": '{"step": -1}'}, "step -1 is not a count"),

@@ -276,7 +276,7 @@ def test_every_command_that_runs_a_network_takes_the_runtime_flags_alike(tmp_pat
         assert options.runtime(parser.parse_args([*words, *positional])) == Runtime()
         args = parser.parse_args([*words, *positional, *speed])
         assert options.runtime(args) == expected, words
-        if words != ("generate",) and hasattr(args, "sampler"):
+        if words != ("generate",) and hasattr(args, "sampler") and hasattr(args, "batch_size"):
             assert options.sample_options(args).runtime == expected, words
     # generate hands them to both of its stages
     stages = []

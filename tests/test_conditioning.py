@@ -7,7 +7,7 @@ import torch
 import ddpm.conditions
 import ddpm.guidance
 from ddpm import conditioning
-from ddpm.build import load_network
+from ddpm.build import build_diffusion, load_network
 from ddpm.conditioning import (
     NULL_TEXT,
     ClassConditioner,
@@ -76,12 +76,16 @@ def test_a_request_becomes_each_samples_condition(class_run):
     with torch.no_grad():  # the guided network: (1 + w) conditional - w null-class output
         c, u = loaded.network(x, t, labels), loaded.network(x, t, torch.full((6,), 10))
         torch.testing.assert_close(network(x, t, labels), c + 1.5 * (c - u))
-    _, labels, _, info = conditioner.for_samples(loaded.network, 10, Guidance(), ConditionRequest(), 50)
+    _, labels, _, info = conditioner.for_samples(
+        loaded.network, 10, Guidance(), ConditionRequest(), loaded.diffusion
+    )
     assert labels.tolist() == list(range(10)) and info["classes"] == "balanced"
     with pytest.raises(ConfigError, match="need a text-conditional run; this one is class-conditional"):
-        conditioner.for_samples(loaded.network, 4, Guidance(), ConditionRequest(prompts=["a coat"]), 50)
+        conditioner.for_samples(
+            loaded.network, 4, Guidance(), ConditionRequest(prompts=["a coat"]), loaded.diffusion
+        )
     with pytest.raises(ConfigError, match="--guidance-interval must be LO HI"):
-        conditioner.for_samples(loaded.network, 4, Guidance(1, interval=(0, 50)), None, 50)
+        conditioner.for_samples(loaded.network, 4, Guidance(1, interval=(0, 50)), None, loaded.diffusion)
 
 
 def test_the_old_module_names_still_work():
@@ -100,7 +104,9 @@ def test_a_super_resolution_stage_takes_low_res_images_and_nothing_else(class_ru
         stage.check(ConditionRequest(), Guidance())
     stage.check(ConditionRequest(), Guidance(), low_res_to_come=True)  # a pipeline's decoder, checked early
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
-    network, labels, cond, info = stage.for_samples("net", 2, Guidance(), ConditionRequest(low_res=images))
+    network, labels, cond, info = stage.for_samples(
+        "net", 2, Guidance(), ConditionRequest(low_res=images), build_diffusion(cfg)
+    )
     assert network == "net" and labels is None and cond.image.shape == (2, 1, 8, 8)
     assert info == {"low_res": "tensor", "low_res_size": 4, "low_res_noise": cfg.model.low_res_noise}
     with pytest.raises(ConfigError, match="need a super-resolution stage"):

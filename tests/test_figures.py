@@ -161,3 +161,29 @@ def test_figures_take_the_speed_options_of_sample(class_run, tmp_path, monkeypat
         a, b = (np.asarray(Image.open(tmp_path / n / name)).astype(int) for n in ("plain", "fast"))
         difference = np.abs(a - b)  # float rounding may move a pixel by one 8-bit level
         assert difference.max() <= 1 and (difference > 0).mean() < 0.02, name
+
+
+def test_figures_cli_draws_with_the_sampler_asked_for(idx_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=1), run, progress=False).train()
+    args = [
+        "figures",
+        str(run),
+        "--num",
+        "3",
+        "--frames",
+        "4",
+        "--figure",
+        "progressive",
+        "--sampler",
+        "ddim",
+    ]
+    assert main([*args, "--out", str(tmp_path / "ddim")]) == 0
+    assert json.loads((tmp_path / "ddim" / "figures.json").read_text())["sampler"] == "ddim"
+    assert main([*args[:-1], "ancestral", "--out", str(tmp_path / "ancestral")]) == 0
+    a, b = (Image.open(tmp_path / n / "progressive_x0.png") for n in ("ddim", "ancestral"))
+    assert a.size == b.size and a.tobytes() != b.tobytes()  # another reverse process, other pictures
+    capsys.readouterr()
+    bad = ["figures", str(run), "--sampler", "sde-dpm++2m", "--out", str(tmp_path / "sde")]
+    assert main(bad) == 2 and "interpolation gives every mixture" in capsys.readouterr().err
+    assert not (tmp_path / "sde").exists()

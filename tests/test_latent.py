@@ -223,3 +223,14 @@ def test_a_unet_too_deep_for_the_latents_is_refused_once_their_size_is_known(run
     ):
         Trainer(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_latent_run_resumes_from_the_command_line(runs, tmp_path, capsys):
+    """Its request leaves the latent shape open; the run resolved it, and resuming asks for it again."""
+    base, _ = runs
+    shutil.copytree(base / "latent", tmp_path / "latent")
+    assert main(["train", "--resume", str(tmp_path / "latent"), "--steps", "4", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    ckpt = Checkpoint(tmp_path / "latent")
+    assert ckpt.request["model"]["latent_size"] == 0 and ckpt.config["model"]["latent_size"] == 4
+    assert ckpt.resolved["model.latent_size"] == 4 and ckpt.resolved["model.latent_channels"] == 2

@@ -120,12 +120,13 @@ def test_resume_is_bit_exact(idx_dir, tmp_path):
         (dict(low_res_noise_max=52), "low_res_noise_max must be in 1..51"),
         (dict(low_res_noise=51), "low_res_noise must be in 0..50"),
         (dict(num_classes=3), "super-resolution stage"),
+        (dict(labels="classes"), "super-resolution stage"),
     ],
 )
 def test_bad_stage_configs_are_refused(idx_dir, tmp_path, change, message):
     cfg = sr_config(idx_dir)
     for key, value in change.items():
-        setattr(cfg.model, key, value)
+        setattr(cfg.data if key == "labels" else cfg.model, key, value)
     with pytest.raises(ConfigError, match=message):
         Trainer(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -180,3 +181,13 @@ def test_low_res_flags_need_a_stage(class_run, tmp_path, capsys):
     shutil.copytree(run, copy)
     assert main(["sample", str(copy), "--low-res", "x.npz", "--out", str(tmp_path / "s")]) == 2
     assert "need a super-resolution stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval", "nll"], ["invert", "--steps", "5"], ["figures"]])
+def test_commands_that_take_no_low_res_images_refuse_a_stage_in_one_line(sr_run, tmp_path, capsys, command):
+    run, data = sr_run
+    out = ["--out", str(tmp_path / "out")] if command[0] != "eval" else []
+    assert main([*command, str(run), "--data-dir", str(data), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "super-resolution stage" in err, err
+    assert not (tmp_path / "out").exists()

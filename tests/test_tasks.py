@@ -86,3 +86,12 @@ def test_what_a_run_resolves_is_recorded_apart_from_what_was_asked(tmp_path, cap
     resumed = Checkpoint(tmp_path / "run")
     assert resumed.request["train"]["steps"] == 3 and resumed.request["model"]["num_classes"] == 0
     assert resumed.resolved == ckpt.resolved
+
+
+def test_a_run_whose_request_named_its_classes_resumes_from_the_command_line(tmp_path, capsys):
+    cfg = configs(tmp_path)["train"]
+    cfg.model.num_classes = 10  # asked for, not resolved: the class names still are
+    Trainer(cfg, tmp_path / "run", progress=False).train()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    assert list(Checkpoint(tmp_path / "run").resolved) == ["data.channels", "data.class_names"]

@@ -63,11 +63,12 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
-    resolved: dict | None = None,
+    request: dict | None = None,
 ) -> None:
-    """Write one checkpoint file atomically. ``config`` is the run's config as it was asked for;
-    ``resolved`` ({"section.field": value}) what training resolved from the data and the run's parts
-    (the data's channels, the classes, a text encoder's width, a latent shape)."""
+    """Write one checkpoint file atomically. ``config`` is the config the networks were built from;
+    ``request`` (default: the same) the config the run was asked for, without what training resolved
+    from the data and the run's parts (the data's channels, the classes, a text encoder's width, a
+    latent shape)."""
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
@@ -80,7 +81,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(config),
-        "resolved": json.dumps(resolved or {}),
+        "request": json.dumps(config if request is None else request),
         "train_state": json.dumps(train_state or {}),
         "optimizer": json.dumps(optim_meta),
     }
@@ -88,17 +89,6 @@ def save_checkpoint(
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except SafetensorError as e:  # a full disk, say; the previous checkpoint is left as it was
         raise CheckpointError(f"cannot write checkpoint {path}: {e}; the previous one is intact") from None
-
-
-def with_resolved(config: dict, resolved: dict, path: Path | None = None) -> dict:
-    """``config`` (a config dict) with the ``resolved`` values ({"section.field": value}) put in."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key, value in resolved.items():
-        section, _, field = key.partition(".")
-        if not isinstance(merged.get(section), dict) or not field:
-            raise CheckpointError(f"checkpoint {path} has damaged metadata (resolved names {key!r})")
-        merged[section][field] = value
-    return merged
 
 
 def resolved_values(config: dict, request: dict) -> dict:
@@ -115,9 +105,9 @@ def resolved_values(config: dict, request: dict) -> dict:
 class Checkpoint:
     """A loaded checkpoint: config, model / EMA weights, optimiser state and training state.
 
-    ``request`` is the config the run was asked for, ``resolved`` what training resolved from the data
-    and the run's parts, and ``config`` the two together: the config the networks were built from.
-    (Checkpoints written before the resolved record hold both in ``request``.)"""
+    ``config`` is the config the networks were built from, ``request`` the one the run was asked for,
+    and ``resolved`` ({"section.field": value}) what training resolved from the data and the run's parts
+    (checkpoints written before the request was recorded: nothing; their request is their config)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -147,17 +137,17 @@ class Checkpoint:
             def read(text, what):
                 return parse_json(text, what, error=CheckpointError, strict=False)
 
-            self.request = read(metadata["config"], "its config")
-            self.resolved = read(metadata.get("resolved", "{}"), "its resolved values")
+            self.config = read(metadata["config"], "its config")
+            self.request = read(metadata.get("request", metadata["config"]), "its request")
             self.train_state = read(metadata.get("train_state", "{}"), "its train_state")
             self.optimizer_meta = read(metadata.get("optimizer", "null"), "its optimizer")
         except (KeyError, CheckpointError) as e:
             raise CheckpointError(f"checkpoint {path} has damaged metadata ({e})") from None
-        if not all(isinstance(v, dict) for v in (self.request, self.resolved, self.train_state)):
+        if not all(isinstance(v, dict) for v in (self.config, self.request, self.train_state)):
             raise CheckpointError(
-                f"checkpoint {path} has damaged metadata (config, resolved and train_state must be objects)"
+                f"checkpoint {path} has damaged metadata (config, request and train_state must be objects)"
             )
-        self.config = with_resolved(self.request, self.resolved, path)
+        self.resolved = resolved_values(self.config, self.request)
         if not isinstance(self.optimizer_meta, dict | None):
             raise CheckpointError(f"checkpoint {path} has damaged metadata (optimizer must be an object)")
         step = self.train_state.get("step", 0)

@@ -402,7 +402,7 @@ def validate(cfg: Config) -> None:
             f"model.text_tower={m.text_tower} needs a text-conditional run (model.text_encoder)"
         )
     if m.low_res:
-        if m.kind != "unet" or m.num_classes or m.text_encoder:
+        if m.kind != "unet" or m.num_classes or m.text_encoder or data.labels != "none":
             raise ConfigError(
                 "a super-resolution stage (model.low_res) is an unconditional U-Net: the cascade's classes "
                 "or text condition its base model"

@@ -110,6 +110,14 @@ def shared_latents(
 
 
 @torch.no_grad()
+def check_interpolation_sampler(sampler: str) -> None:
+    if sampler != "ancestral" and check_eta(sampler, None) > 0:
+        raise ConfigError(
+            f"interpolation gives every mixture the same reverse noise, which the {sampler} sampler does "
+            "not: use ancestral or a sampler without noise"
+        )
+
+
 def interpolate(
     model,
     diffusion: GaussianDiffusion,
@@ -123,11 +131,7 @@ def interpolate(
 ):
     """Figure 8: noise two images to t with q (shared noise), mix the latents, denoise each mixture
     with shared reverse noise (Algorithm 2's) or none (a deterministic ``sampler``)."""
-    if sampler != "ancestral" and check_eta(sampler, None) > 0:
-        raise ConfigError(
-            f"interpolation gives every mixture the same reverse noise, which the {sampler} sampler does "
-            "not: use ancestral or a sampler without noise"
-        )
+    check_interpolation_sampler(sampler)
     rows = []
     for t in times:
         noise = randn(xa[None].shape, g, "cpu")
@@ -182,18 +186,23 @@ def make_figures(
     class_name: str | int | None = None,
     guidance: float = 0.0,
     prompt: str | None = None,
+    sampler: str = "ancestral",
 ) -> dict:
     """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
     The network runs on ``runtime`` (default ``Runtime()``: auto, fp32; ``Runtime(precision="bf16")``
     runs it under bf16 autocast; see ``ddpm.runtime.Runtime``).
     Conditional runs draw ``class_name`` (the real images are then of that class) or ``prompt``, guided
-    with w = ``guidance``, or the null condition's when none is given."""
+    with w = ``guidance``, or the null condition's when none is given. The reverse process is
+    ``sampler``'s (a name in ddpm.samplers.SAMPLERS; interpolation takes no SDE sampler)."""
     which = list(FIGURES) if not which else which
     unknown = set(which) - set(FIGURES)
     if unknown:
         raise ConfigError(f"unknown figure {sorted(unknown)[0]!r}; choose from {', '.join(FIGURES)}")
     if num < 2 or frames < 2:
         raise ConfigError("--num and --frames must be at least 2")
+    get_sampler(sampler)
+    if "interpolate" in which:
+        check_interpolation_sampler(sampler)
     loaded = load_network(checkpoint, "ema" if use_ema else "model", runtime)
     diffusion, cfg, dev = loaded.diffusion, loaded.cfg, loaded.device
     require_pixel_diffusion(cfg, "ddpm figures")
@@ -222,7 +231,7 @@ def make_figures(
         _save_rows(rows, out / "forward.png")
         written["forward"] = {"file": "forward.png", "t": times, "snr": [float(f"{v:.4g}") for v in snr]}
     if "progressive" in which:
-        xs, x0s = progressive(model, diffusion, num, shape, frames, _generator(seed, 2), dev)
+        xs, x0s = progressive(model, diffusion, num, shape, frames, _generator(seed, 2), dev, sampler)
         _save_rows(xs, out / "progressive_xt.png")
         _save_rows(x0s, out / "progressive_x0.png")
         written["progressive"] = {
@@ -231,25 +240,27 @@ def make_figures(
         }
     if "shared" in which:
         times = _times(T, 5)[1:]  # e.g. 750, 500, 250, 0: from far to near the data
-        rows = shared_latents(model, diffusion, real[0], times, num - 1, _generator(seed, 3), dev)
+        g = _generator(seed, 3)
+        rows = shared_latents(model, diffusion, real[0], times, num - 1, g, dev, sampler)
         _save_rows(rows, out / "shared_latents.png")
         written["shared"] = {"file": "shared_latents.png", "t": times}
     if "interpolate" in which:
         times = _times(T, 5)[1:]
         lambdas = np.linspace(0, 1, num).tolist()
-        rows = interpolate(model, diffusion, real[0], real[1], times, lambdas, _generator(seed, 4), dev)
+        g = _generator(seed, 4)
+        rows = interpolate(model, diffusion, real[0], real[1], times, lambdas, g, dev, sampler)
         _save_rows(rows, out / "interpolation.png")
         written["interpolate"] = {"file": "interpolation.png", "t": times, "lambdas": lambdas}
     if "gif" in which:
-        denoising_gif(
-            model, diffusion, num, shape, max(frames, 20), _generator(seed, 5), dev, out / "denoising.gif"
-        )
+        g, gif = _generator(seed, 5), out / "denoising.gif"
+        denoising_gif(model, diffusion, num, shape, max(frames, 20), g, dev, gif, sampler)
         written["gif"] = {"file": "denoising.gif"}
     weights = "ema" if use_ema else "model"
     info = {
         "checkpoint": str(checkpoint),
         "seed": seed,
         "weights": weights,
+        "sampler": sampler,
         **loaded.runtime.record(),
         **({"class": index, "guidance": guidance} if index is not None else {}),
         **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),

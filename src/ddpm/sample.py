@@ -355,7 +355,7 @@ class LoadedRun:
             loaded.network,
             cfg,
             opts,
-            loaded.diffusion.num_timesteps,
+            loaded.diffusion,
             loaded.checkpoint,
             loaded.device,
             text_encoder,
@@ -454,15 +454,13 @@ def write_samples(folder: Path, samples: torch.Tensor, labels, cfg, class_ids=No
         plot_points(samples, folder / "points.png")
 
 
-def _conditioned(network, cfg, opts: SampleOptions, num_timesteps: int, ckpt, device, text_encoder=None):
+def _conditioned(network, cfg, opts: SampleOptions, chain, ckpt, device, text_encoder=None):
     """The run's conditioner applied to ``opts``' request: the guided ``network(x, t, cond)`` (or the
     network itself), each sample's row (class id, or the index of its prompt), the conditions to feed
     and how they were chosen, for samples.json. A text-conditional run encodes with ``text_encoder``
     where given (its own, already loaded)."""
     conditioner = make_conditioner(cfg, ckpt.path.parent, text_encoder)
-    return conditioner.for_samples(
-        network, opts.num, opts.guidance_value, _request(opts), num_timesteps, device
-    )
+    return conditioner.for_samples(network, opts.num, opts.guidance_value, _request(opts), chain, device)
 
 
 def _request(opts: SampleOptions) -> ConditionRequest:

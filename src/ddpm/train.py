@@ -25,7 +25,6 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     load_optimizer_state,
-    resolved_values,
     save_checkpoint,
 )
 from .config import Config, validate
@@ -128,9 +127,22 @@ def check_resume_changes(saved: dict, cfg: Config) -> None:
                 )
 
 
-def restore_resolved(cfg: Config, saved: dict) -> None:
-    """Put back into a resumed run's config what the run resolved from its data and parts and the
-    caller left open (the data's channels, the classes, the text encoder's width)."""
+def restore_resolved(cfg: Config, ckpt: Checkpoint) -> None:
+    """Put back into a resumed run's config what the run resolved from its data and parts (the data's
+    channels, the classes, a text encoder's width, the latent shape), wherever the caller asks for what
+    the run was asked for."""
+    if not ckpt.resolved and ckpt.request == ckpt.config:  # recorded before the request was
+        _restore_open_values(cfg, ckpt.config)
+        return
+    asked = json.loads(json.dumps(cfg.to_dict()))
+    for key, value in ckpt.resolved.items():
+        section, field = key.split(".", 1)
+        if asked.get(section, {}).get(field) == ckpt.request.get(section, {}).get(field):
+            setattr(getattr(cfg, section), field, tuple(value) if isinstance(value, list) else value)
+
+
+def _restore_open_values(cfg: Config, saved: dict) -> None:
+    """A checkpoint without its request: the values the caller may have left open."""
     if cfg.data.channels is None:
         cfg.data.channels = saved.get("data", {}).get("channels")
     if cfg.data.labels == "classes" and not cfg.model.num_classes:
@@ -175,7 +187,7 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
-            restore_resolved(cfg, ckpt.config)
+            restore_resolved(cfg, ckpt)
             check_resume_changes(ckpt.config, cfg)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
@@ -184,8 +196,7 @@ class Trainer:
         self.cfg = cfg
         context = TaskContext(self.run_dir, self.device, self.procs, cache_dir, self.progress)
         self.task: Task = make_task(cfg, context)
-        # The checkpoint records the request and, apart, what the run resolved (channels, classes, ...).
-        self.request, self.resolved = request, resolved_values(cfg.to_dict(), request)
+        self.request = request  # recorded in the checkpoint beside the config the run resolved
         torch.manual_seed(cfg.train.seed)  # the initial weights
         self.model = self.task.build_network().to(self.device)
         if t.channels_last:  # before DistributedDataParallel registers the parameters' layout
@@ -447,12 +458,12 @@ class Trainer:
         state.update(self.task.checkpoint_state(lambda: self.ema.model_copy(self.model)))
         save_checkpoint(
             self.run_dir / CHECKPOINT_NAME,
-            self.request,
+            self.cfg.to_dict(),
             self.model.state_dict(),
             self.ema.shadow,
             self.optimizer,
             state,
-            self.resolved,
+            self.request,
         )
 
     def sample_path(self, step: int) -> Path:
@@ -462,7 +473,7 @@ class Trainer:
         """The task's preview of the EMA model at this step (a grid of samples with a fixed seed, an
         autoencoder's reconstructions). Under torchrun every process draws its share and rank 0 writes
         (the others return None)."""
-        return self.task.preview(self.ema.model_copy(self.model), self.sample_path(self.step))
+        return self.task.preview(lambda: self.ema.model_copy(self.model), self.sample_path(self.step))
 
 
 def _catch_stop_signals(trainer: Trainer) -> dict:

@@ -11,7 +11,7 @@ def add_figures(commands) -> None:
         "figures", help="the paper's figures: forward process, progressive generation, ..."
     )
     add_flags(p, "checkpoint", "--out:figures", "--figure", "--num:figures", "--frames", "--seed")
-    add_flags(p, "--no-ema", *RUNTIME_FLAGS, "--data-dir", "--class", "--prompt", "--guidance")
+    add_flags(p, "--no-ema", *RUNTIME_FLAGS, "--data-dir", "--class", "--prompt", "--guidance", "--sampler")
     p.set_defaults(func=cmd_figures)
 
 
@@ -34,5 +34,6 @@ def cmd_figures(args) -> int:
         class_name=args.class_name,
         guidance=args.guidance,
         prompt=args.prompt,
+        sampler=args.sampler,
     )
     return print_json(out_dir=str(out), **info)

@@ -23,7 +23,10 @@ NULL_TEXT = ""  # what condition dropout trains in place of a caption: a text ru
 
 def make_conditioner(cfg, run_dir: str | Path = ".", text_encoder=None):
     """The conditioner of the run ``cfg`` describes (its directory ``run_dir`` holds its own copy of a
-    text encoder; ``text_encoder``: one already loaded)."""
+    text encoder; ``text_encoder``: one already loaded). Every conditioner answers
+    ``for_samples(network, num, guidance, request, chain, device)`` (``chain``: the run's diffusion) with
+    the network to sample (guided where it guides), each sample's row (or None), the conditions to feed
+    and their record; and ``for_one(network, class id, w, prompt)`` with a plain ``(x, t)`` network."""
     if cfg.model.low_res:
         return LowResConditioner(cfg)
     if cfg.model.context_dim or cfg.data.labels == "captions":
@@ -129,7 +132,7 @@ class Unconditional:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+    def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
         request = request or ConditionRequest()
         _not_low_res(request)
         _not_text(self.cfg, request.prompts, guidance)
@@ -153,7 +156,7 @@ class ClassConditioner:
     def null(self) -> int:
         return self.cfg.model.num_classes
 
-    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+    def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
         """The guided ``network(x, t, class_ids)``, each sample's class (``class_name``'s, or every class
         in equal blocks), the conditions to feed (the same ids) and how they were chosen."""
         request = request or ConditionRequest()
@@ -162,7 +165,7 @@ class ClassConditioner:
         name = request.class_name
         index = None if name is None else class_index(self.cfg, name)
         if guidance.interval is not None:
-            guidance.check_interval(num_timesteps)
+            guidance.check_interval(chain.num_timesteps)
         conditional = self.guided(network, guidance)
         labels = balanced_classes(num, self.null) if index is None else torch.full((num,), index)
         info = {
@@ -172,8 +175,8 @@ class ClassConditioner:
         }
         return conditional, labels, labels, info
 
-    def guided(self, network, guidance: Guidance, null=None):
-        return guided_network(network, self.cfg, guidance.w, guidance.interval, guidance.rescale, null)
+    def guided(self, network, guidance: Guidance):
+        return guided_network(network, self.cfg, guidance.w, guidance.interval, guidance.rescale)
 
     def for_one(self, network, index, w: float = 0.0, prompt=None):
         if index is None:
@@ -220,7 +223,7 @@ class TextConditioner:
     def null(self, negative_prompt: str | None = None):
         return self.encoder.encode([negative_prompt or NULL_TEXT])
 
-    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+    def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
         """The guided ``network(x, t, encodings)``, each sample's prompt (equal blocks; default one per
         class where the data has classes), the prompts' encodings looked up per sample, and the record."""
         request = request or ConditionRequest()
@@ -228,7 +231,7 @@ class TextConditioner:
         if request.class_name is not None:
             raise ConfigError("this model is text-conditional: give --prompt, not --class")
         if guidance.interval is not None:
-            guidance.check_interval(num_timesteps)
+            guidance.check_interval(chain.num_timesteps)
         given = bool(request.prompts)
         prompts = list(request.prompts or grid_prompts(self.cfg))
         if not prompts:
@@ -335,9 +338,14 @@ class LowResConditioner:
                 f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}"
             )
 
-    def for_samples(self, network, num, guidance: Guidance, request=None, num_timesteps=0, device=None):
+    def for_one(self, network, index, w: float = 0.0, prompt=None):
+        raise ConfigError(
+            "this run is a super-resolution stage: invert, eval nll and figures take no low-resolution "
+            "images to condition it on (sample it with --low-res)"
+        )
+
+    def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
         """The first ``num`` low-resolution images, noised to the stage's level with the request's seed."""
-        from ..build import build_diffusion
         from ..images import load_samples
         from .low_res import conditions_for
 
@@ -351,7 +359,7 @@ class LowResConditioner:
             raise ConfigError(
                 f"--low-res images have {images.shape[1]} channels; the stage {cfg.data.channels}"
             )
-        alphas = build_diffusion(cfg).np["alphas_cumprod"]
+        alphas = chain.np["alphas_cumprod"]
         cond = conditions_for(
             images[:num], cfg.model, cfg.data.image_size, alphas, request.seed, request.low_res_noise
         )

@@ -51,13 +51,14 @@ class AutoencoderTask:
         return autoencoder_loss(network(batch.x, batch.noise), self.cfg.model.kl_weight)
 
     @torch.no_grad()
-    def preview(self, ema_model: nn.Module, path: Path) -> Path | None:
+    def preview(self, ema_model, path: Path) -> Path | None:
         """The first training images, each row above its reconstruction from the posterior mean."""
         if not self.context.procs.is_main:
             return None
         n = max(self.cfg.train.num_sample_images // 2, 1)
         images = to_model_range(self.examples.first(n))
-        reconstructions = ema_model.decode(ema_model.encode(images)[0]).clamp(-1, 1)
+        model = ema_model()
+        reconstructions = model.decode(model.encode(images)[0]).clamp(-1, 1)
         rows = max(int(n**0.5), 1)
         pairs = [
             part for i in range(0, n, rows) for part in (images[i : i + rows], reconstructions[i : i + rows])

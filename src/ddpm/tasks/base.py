@@ -73,9 +73,10 @@ class Task(Protocol):
     def loss(self, network, batch: Batch) -> torch.Tensor:
         """The per-example loss of ``network`` (the trained module, wrapped for precision) on a batch."""
 
-    def preview(self, ema_model: nn.Module, path: Path) -> Path | None:
+    def preview(self, ema_model: Callable[[], nn.Module], path: Path) -> Path | None:
         """Draw the run's preview grid at ``path``; every process calls it (each draws its share of the
-        samples) and the main process writes. Returns the path written, or None."""
+        samples) and the main process writes; ``ema_model()`` makes the EMA weights' model (a copy, made
+        only by a task that draws). Returns the path written, or None."""
 
     def checkpoint_state(self, ema_model: Callable[[], nn.Module]) -> dict:
         """Values the checkpoint records beside the weights (an autoencoder's latent scale);

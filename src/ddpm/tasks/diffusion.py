@@ -120,7 +120,7 @@ class DiffusionTask:
             network = with_condition(network, cond)
         return self.diffusion.training_losses(network, batch.x, batch.t, batch.noise)["loss"]
 
-    def preview(self, ema_model: nn.Module, path: Path) -> Path | None:
+    def preview(self, ema_model, path: Path) -> Path | None:
         """A grid (or scatter plot) of samples from the EMA model with a fixed seed; conditional runs get
         a row per class or prompt (plain conditional samples, w = 0), a super-resolution stage the first
         training images downsampled. Every process draws its share of the batches."""
@@ -131,7 +131,7 @@ class DiffusionTask:
         elif self.cfg.model.low_res:
             cond = self.low_res_examples(n)
         samples = generate(
-            ema_model,
+            ema_model(),
             self.diffusion,
             n,
             self.example_shape,

@@ -52,7 +52,7 @@ class TextEncoderTask:
     def loss(self, network, batch: Batch) -> torch.Tensor:
         return network(batch.x, self.captions.batch(batch.cond))
 
-    def preview(self, ema_model: nn.Module, path: Path) -> None:
+    def preview(self, ema_model, path: Path) -> None:
         return None  # nothing to draw: its zero-shot accuracy (at the finish) is its report
 
     def checkpoint_state(self, ema_model) -> dict:
