@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .build import load_network, require_pixel_diffusion
-from .conditioning import check_request, for_request
+from .conditioning import check_request, make_conditioner
 from .config import DataConfig
 from .data import load_dataset
 from .diffusion import GaussianDiffusion
@@ -209,7 +209,8 @@ def make_figures(
     if cfg.model.kind != "unet":
         raise ConfigError("figures are drawn for image models; 2-D models plot their samples in samples/")
     index = check_request(cfg, class_name, guidance, prompt)
-    model = for_request(loaded.network, cfg, class_name, guidance, prompt, checkpoint)
+    conditioner = make_conditioner(cfg, loaded.checkpoint.path.parent)
+    model = conditioner.for_one(loaded.network, index, guidance, prompt)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     T = diffusion.num_timesteps
     written = {}

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .build import load_network, require_pixel_diffusion
-from .conditioning import check_request, for_request
+from .conditioning import check_request, make_conditioner
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
@@ -56,7 +56,8 @@ def invert_to_dir(
     if tuple(originals.shape[1:]) != expected:
         raise DataError(f"images have shape {tuple(originals.shape[1:])}; the model takes {expected}")
     chain = sampling_chain(diffusion, "ddim", steps, spacing)
-    network = for_request(loaded.network, cfg, class_name, guidance, prompt, checkpoint)
+    conditioner = make_conditioner(cfg, loaded.checkpoint.path.parent)
+    network = conditioner.for_one(loaded.network, index, guidance, prompt)
     latents, recon = [], []
     for start in range(0, len(originals), batch_size):
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)

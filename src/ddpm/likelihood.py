@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .build import load_network, require_pixel_diffusion
-from .conditioning import check_request, for_request
+from .conditioning import check_request, make_conditioner
 from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
@@ -70,7 +70,7 @@ def evaluate_nll(
             raise ConfigError(f"--estimate-steps must be in 2..{T}")
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
-    net = for_request(loaded.network, cfg, class_name, prompt=prompt, checkpoint=checkpoint)
+    net = make_conditioner(cfg, loaded.checkpoint.path.parent).for_one(loaded.network, index, prompt=prompt)
 
     totals, priors, vb_sum, mse_sum, kept, weights = [], [], None, None, None, None
     batches = range(math.ceil(len(images) / batch_size))
