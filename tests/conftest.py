@@ -140,3 +140,21 @@ def text_run(tmp_path_factory):
     cfg = text_config(data, base / "encoder", steps=2, num_sample_images=20, lr=2e-2)  # weights that show
     Trainer(cfg, base / "run", progress=False).train()
     return base / "run", data, base / "encoder"
+
+
+@pytest.fixture
+def wrap_calls(monkeypatch):
+    """The options of every ``wrap_network`` call (device, precision, channels_last, compile, mode), in
+    order; torch.compile is stubbed, since what it is given is the point of the tests that use this."""
+    from ddpm import runtime, sample
+
+    seen, wrap = [], runtime.wrap_network
+
+    def spy(model, *options):
+        seen.append(options)
+        return wrap(model, *options)
+
+    monkeypatch.setattr(runtime, "wrap_network", spy)
+    monkeypatch.setattr(sample, "wrap_network", spy)  # generate's own
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)
+    return seen

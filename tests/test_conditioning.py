@@ -91,7 +91,7 @@ def test_a_request_becomes_each_samples_condition(class_run):
 def test_the_old_module_names_still_work():
     assert ddpm.guidance.guided is conditioning.guided and ddpm.guidance.Guidance is Guidance
     assert ddpm.conditions.guided_network is conditioning.guided_network
-    assert ddpm.conditions.for_request is conditioning.for_request
+    assert ddpm.conditions.check_request is conditioning.check_request
 
 
 def test_a_super_resolution_stage_takes_low_res_images_and_nothing_else(class_run):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from test_guidance import class_unet
 
-from ddpm.conditions import balanced_classes, check_request, class_index, for_request, guided_network
+from ddpm.conditioning import make_conditioner
+from ddpm.conditions import balanced_classes, check_request, class_index, guided_network
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig
 from ddpm.errors import ConfigError
 
@@ -46,16 +47,18 @@ def test_requests_an_unconditional_run_cannot_take_are_refused():
         check_request(class_config(), "cat", float("nan"))
 
 
-def test_for_request_guides_towards_the_class_and_no_class_is_the_null_one():
+def test_one_request_guides_towards_the_class_and_no_class_is_the_null_one():
     net, cfg = class_unet(), class_config()
+    conditioner = make_conditioner(cfg)
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([7, 7])
     with torch.no_grad():
         cond, null = net(x, t, torch.tensor([1, 1])), net(x, t, torch.tensor([3, 3]))
-        torch.testing.assert_close(for_request(net, cfg, "dog", 1.5)(x, t), 2.5 * cond - 1.5 * null)
-        assert torch.equal(for_request(net, cfg, None)(x, t), net(x, t))
+        dog = check_request(cfg, "dog", 1.5)
+        torch.testing.assert_close(conditioner.for_one(net, dog, 1.5)(x, t), 2.5 * cond - 1.5 * null)
+        assert torch.equal(conditioner.for_one(net, None)(x, t), net(x, t))
         assert torch.equal(net(x, t), null)
     with pytest.raises(ConfigError, match="--guidance needs --class"):
-        for_request(net, cfg, None, 2.0)
+        conditioner.for_one(net, None, 2.0)
 
 
 def test_with_a_learned_variance_only_the_prediction_is_guided():

@@ -132,22 +132,13 @@ def test_figures_of_a_class_conditional_run_take_a_class(class_run, tmp_path, ca
     assert "fewer than 2 images of class" in capsys.readouterr().err
 
 
-def test_figures_take_the_speed_options_of_sample(class_run, tmp_path, monkeypatch):
+def test_figures_take_the_speed_options_of_sample(class_run, tmp_path, wrap_calls):
     """--channels-last, --compile and --compile-mode reach the network (through wrap_network) and
     figures.json, as `ddpm sample`'s do; on a CPU, channels_last draws what the default layout draws."""
     import numpy as np
 
-    from ddpm import runtime
-
     run, data = class_run
-    seen, wrap = [], runtime.wrap_network
-
-    def spy(model, *options):
-        seen.append(options)
-        return wrap(model, *options)
-
-    monkeypatch.setattr(runtime, "wrap_network", spy)
-    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    seen = wrap_calls
     flags = ["--num", "2", "--frames", "3", "--figure", "progressive", "--figure", "shared"]
     flags += ["--data-dir", str(data), "--device", "cpu"]
     assert main(["figures", str(run), *flags, "--out", str(tmp_path / "plain")]) == 0

@@ -62,23 +62,15 @@ def test_invert_of_a_class_conditional_run_takes_a_class(class_run, tmp_path, ca
     assert "unknown class 'Hat'" in capsys.readouterr().err
 
 
-def test_invert_takes_the_speed_options_of_sample(class_run, tmp_path, monkeypatch):
+def test_invert_takes_the_speed_options_of_sample(class_run, tmp_path, wrap_calls):
     """--channels-last, --compile and --compile-mode reach the network (through wrap_network) and the
     record, as `ddpm sample`'s do; on a CPU, channels_last inverts as the default layout does."""
     import json
 
-    from ddpm import runtime
     from ddpm.cli import main
 
     run, data = class_run
-    seen, wrap = [], runtime.wrap_network
-
-    def spy(model, *options):
-        seen.append(options)
-        return wrap(model, *options)
-
-    monkeypatch.setattr(runtime, "wrap_network", spy)
-    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    seen = wrap_calls
     flags = ["--num", "2", "--steps", "5", "--data-dir", str(data), "--device", "cpu"]
     assert main(["invert", str(run), *flags, "--out", str(tmp_path / "plain")]) == 0
     assert seen == [(torch.device("cpu"), "fp32", False, False, "default")]

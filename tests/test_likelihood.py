@@ -132,20 +132,12 @@ def test_eval_nll_of_a_class_conditional_run_is_the_bound_given_the_class(class_
     assert "has no images of class" in capsys.readouterr().err
 
 
-def test_eval_nll_takes_the_speed_options_of_sample(class_run, tmp_path, monkeypatch):
+def test_eval_nll_takes_the_speed_options_of_sample(class_run, tmp_path, wrap_calls):
     """--channels-last, --compile and --compile-mode reach the network (through wrap_network) and
     nll.json, as `ddpm sample`'s do; on a CPU, channels_last gives the bound the default layout does."""
-    from ddpm import runtime
 
     run, data = class_run
-    seen, wrap = [], runtime.wrap_network
-
-    def spy(model, *options):
-        seen.append(options)
-        return wrap(model, *options)
-
-    monkeypatch.setattr(runtime, "wrap_network", spy)
-    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    seen = wrap_calls
     flags = ["--num", "3", "--data-dir", str(data), "--device", "cpu", "--precision", "bf16", "--no-progress"]
     assert main(["eval", "nll", str(run), *flags, "--out", str(tmp_path / "plain")]) == 0
     assert seen == [(torch.device("cpu"), "bf16", False, False, "default")]

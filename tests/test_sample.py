@@ -494,27 +494,18 @@ def test_only_a_domain_encoder_can_train_its_tower(text_run, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_runtime_reaches_the_network_once_and_generate_takes_it_wrapped(class_run, tmp_path, monkeypatch):
+def test_the_runtime_reaches_the_network_once_and_generate_takes_it_wrapped(class_run, tmp_path, wrap_calls):
     """SampleOptions' device, precision and speed options travel as one Runtime to load_network, which
     wraps the network once: generate then calls it as it is (precision=None), with no second wrap. A bad
     precision is a one-line ConfigError before the run is loaded."""
     import numpy as np
 
-    from ddpm import runtime, sample
     from ddpm.errors import ConfigError
     from ddpm.runtime import Runtime
     from ddpm.sample import SampleOptions, sample_to_dir
 
     run, _ = class_run
-    seen, wrap = [], runtime.wrap_network
-
-    def spy(model, *options):
-        seen.append(options)
-        return wrap(model, *options)
-
-    monkeypatch.setattr(runtime, "wrap_network", spy)
-    monkeypatch.setattr(sample, "wrap_network", spy)  # generate's own
-    monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)  # what it is given is the point here
+    seen = wrap_calls
     options = SampleOptions(num=4, batch_size=2, seed=1, steps=4, device="cpu", precision="bf16")
     options.progress = False
     assert options.runtime == Runtime("cpu", "bf16")

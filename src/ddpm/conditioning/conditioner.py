@@ -77,22 +77,6 @@ def guided_network(
     return conditional
 
 
-def for_request(
-    network,
-    cfg,
-    class_name: str | int | None = None,
-    guidance: float = 0.0,
-    prompt: str | None = None,
-    checkpoint: str | Path = ".",
-):
-    """A plain ``(x, t)`` network for one requested class or prompt (guided with w), or, with neither,
-    the null condition's (the unconditional branch). A text-conditional run's encoder is found from
-    ``checkpoint`` (its run directory or checkpoint file)."""
-    index = check_request(cfg, class_name, guidance, prompt)
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    return make_conditioner(cfg, run_dir).for_one(network, index, guidance, prompt)
-
-
 @dataclass(frozen=True)
 class ConditionRequest:
     """What a user asks a run's samples to be conditioned on: a class (name or index; None: every class
