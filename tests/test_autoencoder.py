@@ -10,6 +10,7 @@ from conftest import tiny_config
 from ddpm.autoencoder import Autoencoder, autoencoder_loss
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
+from ddpm.config import with_kind
 from ddpm.images import to_model_range
 from ddpm.latent import measure_scale
 from ddpm.rng import sampling_generator, step_generator
@@ -18,7 +19,8 @@ from ddpm.train import Trainer
 
 def ae_config(data_dir, **train):
     cfg = tiny_config(data_dir, **train)
-    cfg.model.kind, cfg.model.latent_channels = "autoencoder", 2
+    cfg.model = with_kind(cfg.model, "autoencoder")
+    cfg.model.latent_channels = 2
     return cfg
 
 

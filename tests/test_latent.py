@@ -12,7 +12,7 @@ from conftest import make_idx_dir, tiny_config
 import ddpm
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
-from ddpm.config import DataConfig
+from ddpm.config import DataConfig, with_kind
 from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
 from ddpm.images import load_samples, to_model_range, to_uint8
@@ -27,7 +27,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("latent")
     data = make_idx_dir(base / "idx")
     cfg = tiny_config(data, steps=20)
-    cfg.model.kind, cfg.model.latent_channels = "autoencoder", 2
+    cfg.model = with_kind(cfg.model, "autoencoder")
+    cfg.model.latent_channels = 2
     Trainer(cfg, base / "ae", progress=False).train()
     cfg = tiny_config(data, steps=3)
     cfg.model.autoencoder = str(base / "ae")

@@ -8,7 +8,7 @@ import operator
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -20,7 +20,6 @@ from .errors import CheckpointError, ConfigError
 from .files import check_tree, read_json, read_text
 
 TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
-MODEL_KINDS = ("unet", "mlp", "autoencoder", "text-encoder")
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: Adam (weight decay added to the gradient) or AdamW
 LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule, after the linear warm-up
 # the network's: fp32; bf16 autocast; bf16 autocast with GroupNorm in bf16 too (ddpm.runtime.wrap_network)
@@ -70,16 +69,51 @@ def check_run_config(config: dict, where) -> None:
         )
 
 
-@dataclass
 class ModelConfig:
-    # "unet" for images, "mlp" for 2-D points, "autoencoder" for latent diffusion's first stage,
-    # "text-encoder" for the domain CLIP pair (text and image towers, `ddpm train-text-encoder`)
+    """The model section: one dataclass per ``model.kind``, holding that kind's fields alone.
+
+    ``ModelConfig(kind=..., **fields)`` makes the kind's section (``UNetConfig`` by default), so the
+    section a config holds always matches its kind. A model of another kind than the U-Net conditions on
+    nothing and works in pixel space: it answers the U-Net's conditioning fields with "none" (read-only),
+    so that code asking ``cfg.model.num_classes`` need not first ask the kind."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ModelConfig:
+            cls = model_section(kwargs.get("kind", "unet"))
+        return object.__new__(cls)
+
+    def __post_init__(self):
+        if self.kind != type(self).kind:
+            raise ConfigError(
+                f"a {type(self).__name__}'s model.kind is {type(self).kind!r}, got {self.kind!r}"
+            )
+
+    def __setattr__(self, name: str, value) -> None:
+        # a field of another kind would otherwise become a silent instance attribute
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"the {type(self).kind} model has no field {name!r}")
+        if name == "kind" and value != type(self).kind:  # another kind is another section
+            raise AttributeError("change a model's kind with with_kind() or set_value(cfg, 'model.kind', K)")
+        object.__setattr__(self, name, value)
+
+    num_classes = property(lambda self: 0)
+    context_dim = property(lambda self: 0)
+    text_encoder = property(lambda self: "")
+    text_tower = property(lambda self: "frozen")
+    low_res = property(lambda self: 0)
+    autoencoder = property(lambda self: "")
+    latent_size = property(lambda self: 0)
+
+
+@dataclass
+class UNetConfig(ModelConfig):
+    """The paper's noise-predicting U-Net, for images; or for a latent diffusion run, the autoencoder's
+    latents; with classes, text or a low-resolution image as its condition."""
+
     kind: str = "unet"
-    # autoencoder kind: latent channels and the KL weight (Rombach et al.'s KL-regularised first stage)
+    # latent diffusion: the autoencoder whose latents it models (a `ddpm train-autoencoder` run or a
+    # diffusers AutoencoderKL folder); latent_channels and latent_size are set from it
     latent_channels: int = 4
-    kl_weight: float = 1e-6
-    # a latent diffusion run: the autoencoder whose latents it models (a `ddpm train-autoencoder` run or a
-    # diffusers AutoencoderKL folder); latent_size is set from it
     autoencoder: str = ""
     latent_size: int = 0
     ch: int = 128
@@ -102,8 +136,37 @@ class ModelConfig:
     low_res: int = 0
     low_res_noise_max: int = 250
     low_res_noise: int = 50
-    # text-encoder kind: the text tower (a causal transformer over "bytes" or a "bpe" tokenizer trained on
-    # the captions), the image tower's width and the shared embedding size
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    """A small MLP denoiser for 2-D points."""
+
+    kind: str = "mlp"
+    mlp_hidden: int = 128
+    mlp_layers: int = 3
+
+
+@dataclass
+class AutoencoderConfig(ModelConfig):
+    """Latent diffusion's first stage (Rombach et al.'s KL-regularised autoencoder): its latent channels,
+    KL weight and the levels of its encoder and decoder."""
+
+    kind: str = "autoencoder"
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig(ModelConfig):
+    """The domain CLIP pair (`ddpm train-text-encoder`): the text tower (a causal transformer over "bytes"
+    or a "bpe" tokenizer trained on the captions), the image tower's width and the shared embedding size."""
+
+    kind: str = "text-encoder"
     tokenizer: str = "bytes"
     text_width: int = 128
     text_layers: int = 3
@@ -111,8 +174,25 @@ class ModelConfig:
     text_max_length: int = 77  # tokens, with the start and end tokens
     image_width: int = 32
     embed_dim: int = 128
-    mlp_hidden: int = 128  # MLP denoiser only
-    mlp_layers: int = 3
+
+
+MODEL_SECTIONS = {c.kind: c for c in (UNetConfig, MLPConfig, AutoencoderConfig, TextEncoderConfig)}
+MODEL_KINDS = tuple(MODEL_SECTIONS)
+
+
+def model_section(kind: str) -> type[ModelConfig]:
+    """The model section's dataclass for ``kind``."""
+    if kind not in MODEL_SECTIONS:
+        raise ConfigError(f"model.kind must be {', '.join(MODEL_KINDS)}, got {kind!r}")
+    return MODEL_SECTIONS[kind]
+
+
+def with_kind(model: ModelConfig, kind: str) -> ModelConfig:
+    """The section of ``kind`` that keeps the fields ``model`` shares with it (``--set model.kind=...``
+    after a preset of another kind keeps, e.g., the preset's ch and ch_mult as the flat section did)."""
+    section = model_section(kind)
+    shared = {f.name for f in fields(section)} & set(vars(model)) - {"kind"}
+    return section(kind=kind, **{name: getattr(model, name) for name in shared})
 
 
 @dataclass
@@ -254,20 +334,40 @@ def set_value(cfg: Config, dotted: str, value) -> None:
         raise ConfigError(
             f"unknown config key {dotted!r}; use section.field with section in model/diffusion/data/train"
         )
+    if dotted == "model.kind":
+        cfg.model = with_kind(cfg.model, _coerce(value, str, dotted))
+        return
     section = getattr(cfg, parts[0])
     hints = _field_types(section)
     if parts[1] not in hints:
+        owners = [kind for kind, c in MODEL_SECTIONS.items() if parts[1] in c.__dataclass_fields__]
+        if parts[0] == "model" and owners:
+            raise ConfigError(
+                f"{dotted} is a field of the {' and '.join(owners)} model, and this config's model.kind is "
+                f"{cfg.model.kind}; fields of its model: {', '.join(hints)}"
+            )
         raise ConfigError(f"unknown config key {dotted!r}; fields of {parts[0]}: {', '.join(hints)}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
 
 
 def apply_dict(cfg: Config, d: dict) -> None:
+    """Set every value of ``d`` (sections of fields, as a config file or a checkpoint holds them).
+
+    The model section's kind applies first. Its fields that belong to another kind are left out: configs
+    written before the model section was split per kind hold every kind's fields (an MLP run's dropout,
+    a U-Net's tokenizer), which never did anything."""
     for key, value in d.items():
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                set_value(cfg, f"{key}.{sub}", v)
-        else:
+        if not isinstance(value, dict):
             set_value(cfg, key, value)
+            continue
+        if key == "model":
+            if "kind" in value:
+                set_value(cfg, "model.kind", value["kind"])
+            others = {name for c in MODEL_SECTIONS.values() for name in c.__dataclass_fields__}
+            others -= set(cfg.model.__dataclass_fields__)
+            value = {sub: v for sub, v in value.items() if sub != "kind" and sub not in others}
+        for sub, v in value.items():
+            set_value(cfg, f"{key}.{sub}", v)
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -362,8 +462,6 @@ def validate(cfg: Config) -> None:
                     raise ConfigError(f"{key} {bound}, got {number}")
     if data.channels == 0:  # (images have 1 or 3, checked with the data; 2-D points 2)
         raise ConfigError("data.channels must be positive (or none: the data's own)")
-    if m.ch * max(m.ch_mult, default=1) > MAX_WIDTH:
-        raise ConfigError(f"model.ch times model.ch_mult's largest must be at most {MAX_WIDTH}")
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(
             f"train.adam_beta1 and adam_beta2 must be in [0, 1), got {t.adam_beta1}, {t.adam_beta2}"
@@ -379,22 +477,23 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.cond_dropout < 1:
         raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
-    if m.num_classes < 0:
-        raise ConfigError(f"model.num_classes must be >= 0, got {m.num_classes}")
-    if m.num_classes and m.kind != "unet":
-        raise ConfigError("class conditioning needs the U-Net (model.kind=unet)")
+    if type(m) is not model_section(m.kind):
+        raise ConfigError(f"model.kind is {m.kind!r} on a {type(m).__name__}: set it with model.kind=...")
     if data.labels not in ("none", "classes", "captions"):
         raise ConfigError(f"data.labels must be none, classes or captions, got {data.labels!r}")
     if m.kind == "text-encoder":
         _validate_text_encoder(cfg)
         return
+    if data.labels != "none" and m.kind != "unet":
+        what = "class" if data.labels == "classes" else "text"
+        raise ConfigError(
+            f"{what} conditioning (data.labels={data.labels}) needs the U-Net (model.kind=unet)"
+        )
     if (data.labels == "captions") != bool(m.text_encoder):
         raise ConfigError(
             "text conditioning needs both data.labels=captions and model.text_encoder (a folder from "
             "`ddpm train-text-encoder`, or a transformers CLIP / T5 model)"
         )
-    if m.text_encoder and m.kind != "unet":
-        raise ConfigError("text conditioning needs the U-Net (model.kind=unet)")
     if m.text_tower not in TEXT_TOWERS:
         raise ConfigError(f"model.text_tower must be {', '.join(TEXT_TOWERS)}, got {m.text_tower!r}")
     if m.text_tower != "frozen" and not m.text_encoder:
@@ -402,7 +501,7 @@ def validate(cfg: Config) -> None:
             f"model.text_tower={m.text_tower} needs a text-conditional run (model.text_encoder)"
         )
     if m.low_res:
-        if m.kind != "unet" or m.num_classes or m.text_encoder or data.labels != "none":
+        if m.num_classes or m.text_encoder or data.labels != "none":
             raise ConfigError(
                 "a super-resolution stage (model.low_res) is an unconditional U-Net: the cascade's classes "
                 "or text condition its base model"
@@ -426,18 +525,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if t.sample_steps is not None and not 1 <= t.sample_steps <= d.num_timesteps:
         raise ConfigError(f"train.sample_steps must be in 1..{d.num_timesteps}")
-    if m.kind not in MODEL_KINDS:
-        raise ConfigError(f"model.kind must be {', '.join(MODEL_KINDS)}, got {m.kind!r}")
-    if not 0 <= m.dropout < 1:
+    if m.kind == "unet" and not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.autoencoder and (m.kind != "unet" or m.low_res):
+    if m.autoencoder and m.low_res:
         raise ConfigError("latent diffusion (model.autoencoder) needs the U-Net and no model.low_res")
-    if m.kind == "autoencoder":
-        if m.num_classes or m.text_encoder or m.low_res or m.autoencoder or data.labels != "none":
-            raise ConfigError("an autoencoder is trained on images alone: no classes, text or low_res")
-        if m.latent_channels <= 0 or m.kl_weight < 0:
-            raise ConfigError("model.latent_channels must be positive and model.kl_weight >= 0")
+    if m.kind == "autoencoder" and (m.latent_channels <= 0 or m.kl_weight < 0):
+        raise ConfigError("model.latent_channels must be positive and model.kl_weight >= 0")
     if m.kind in ("unet", "autoencoder"):
+        if m.ch * max(m.ch_mult, default=1) > MAX_WIDTH:
+            raise ConfigError(f"model.ch times model.ch_mult's largest must be at most {MAX_WIDTH}")
         if not m.ch_mult or m.ch <= 0 or min(m.ch_mult) <= 0 or m.num_res_blocks <= 0:
             raise ConfigError("model.ch, model.ch_mult and model.num_res_blocks must be positive")
         if m.num_groups <= 0 or m.ch % m.num_groups:
@@ -467,10 +563,9 @@ def check_levels(m: ModelConfig, size: int, what: str) -> None:
 def _validate_text_encoder(cfg: Config) -> None:
     """The domain CLIP pair trains on captioned images and conditions on nothing itself."""
     m, data = cfg.model, cfg.data
-    if data.labels != "captions" or m.text_encoder or m.num_classes or m.low_res or m.autoencoder:
+    if data.labels != "captions":
         raise ConfigError(
-            "a text encoder (model.kind=text-encoder) trains on captioned images (data.labels=captions) and "
-            "takes no text encoder, classes, low_res or autoencoder of its own"
+            "a text encoder (model.kind=text-encoder) trains on captioned images (data.labels=captions)"
         )
     if m.tokenizer not in ("bytes", "bpe"):
         raise ConfigError(f"model.tokenizer must be bytes or bpe, got {m.tokenizer!r}")

@@ -130,7 +130,7 @@ def _preset_fashion_mnist_autoencoder() -> Config:
     cfg = _preset_fashion_mnist()
     cfg.name = "fashion-mnist-autoencoder"
     cfg.model = ModelConfig(kind="autoencoder", ch=32, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
-    cfg.model.latent_channels, cfg.model.kl_weight, cfg.model.dropout = 4, 1e-6, 0.0
+    cfg.model.latent_channels, cfg.model.kl_weight = 4, 1e-6
     cfg.train.steps = 4000
     return cfg
 
@@ -154,7 +154,7 @@ def _preset_fashion_mnist_text_encoder() -> Config:
     steps of 256 (AdamW, weight decay 0.01, 100 warm-up steps then cosine decay, no clipping, no flips)."""
     return Config(
         name="fashion-mnist-text-encoder",
-        model=ModelConfig(kind="text-encoder", dropout=0.0),
+        model=ModelConfig(kind="text-encoder"),
         data=DataConfig(dataset="fashion-mnist", image_size=28, random_flip=False, labels="captions"),
         train=TrainConfig(
             steps=600,
@@ -177,7 +177,7 @@ def _preset_toy2d() -> Config:
     """2-D point clouds with an MLP denoiser and the linear schedule 1e-5 -> 2e-3 over T = 1000."""
     return Config(
         name="toy2d",
-        model=ModelConfig(kind="mlp", mlp_hidden=128, mlp_layers=3, dropout=0.0),
+        model=ModelConfig(kind="mlp", mlp_hidden=128, mlp_layers=3),
         diffusion=DiffusionConfig(beta_start=1e-5, beta_end=2e-3),
         data=DataConfig(dataset="swiss-roll", image_size=0, random_flip=False),
         train=TrainConfig(

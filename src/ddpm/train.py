@@ -148,7 +148,7 @@ def _restore_open_values(cfg: Config, saved: dict) -> None:
     if cfg.data.labels == "classes" and not cfg.model.num_classes:
         cfg.model.num_classes = saved.get("model", {}).get("num_classes", 0)
         cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
-    if cfg.data.labels == "captions" and not cfg.model.context_dim:
+    if cfg.model.text_encoder and not cfg.model.context_dim:  # (a text encoder run has no width to take)
         cfg.model.context_dim = saved.get("model", {}).get("context_dim", 0)
         cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
 
