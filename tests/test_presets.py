@@ -1,6 +1,7 @@
 """ddpm.presets: the named configurations, configs/*.json written from them, and resolving a run's config."""
 
 import ast
+import json
 import runpy
 from pathlib import Path
 
@@ -26,6 +27,81 @@ def test_paper_preset_values():
     )
     big = preset("celebahq256")
     assert (big.train.lr, big.train.batch_size, big.model.dropout) == (2e-5, 64, 0.0)
+
+
+# shared/PAPER.md section 2 (the paper's hyper-parameters), row by row, for each of the paper's presets:
+# config key -> value. The 256 column is CelebA-HQ / LSUN; lsun256 is the 2.4M-step Bedroom run, which the
+# paper trained without flips.
+PAPER_32 = {
+    "diffusion.num_timesteps": 1000,  # T, betas: 1000, linear 1e-4 -> 0.02
+    "diffusion.beta_schedule": "linear",
+    "diffusion.beta_start": 1e-4,
+    "diffusion.beta_end": 0.02,
+    "diffusion.mean_type": "eps",  # target, loss: eps, mean squared error (L_simple)
+    "diffusion.loss_type": "mse",
+    "diffusion.var_type": "fixedlarge",  # reverse variance: "fixed large"
+    "train.optimizer": "adam",  # Adam (0.9, 0.999, eps 1e-8), lr 2e-4, no weight decay
+    "train.adam_beta1": 0.9,
+    "train.adam_beta2": 0.999,
+    "train.adam_eps": 1e-8,
+    "train.lr": 2e-4,
+    "train.weight_decay": 0.0,
+    "train.warmup_steps": 5000,  # lr schedule: linear warm-up over 5000 steps, then constant
+    "train.lr_schedule": "constant",
+    "train.batch_size": 128,  # batch, grad clip: 128, global-norm 1.0
+    "train.grad_accum": 1,
+    "train.grad_clip": 1.0,
+    "train.ema_decay": 0.9999,  # EMA: 0.9999 from step 1
+    "model.dropout": 0.1,  # dropout, flips: 0.1, random horizontal flip
+    "data.random_flip": True,
+    "train.steps": 800_000,  # steps: 800k
+    "model.kind": "unet",  # UNet: ch 128, ch_mult (1,2,2,2), 2 res blocks, attention at 16x16
+    "model.ch": 128,
+    "model.ch_mult": [1, 2, 2, 2],
+    "model.num_res_blocks": 2,
+    "model.attn_resolutions": [16],
+    "model.num_groups": 32,  # section 3: GroupNorm with 32 groups
+    "model.resamp_with_conv": True,
+    "data.dataset": "cifar10",
+    "data.image_size": 32,
+}
+PAPER_256 = {
+    **PAPER_32,
+    "diffusion.var_type": "fixedsmall",
+    "train.lr": 2e-5,
+    "train.batch_size": 64,
+    "model.dropout": 0.0,
+    "model.ch_mult": [1, 1, 2, 2, 4, 4],
+    "data.dataset": "folder",
+    "data.image_size": 256,
+}
+PAPER = {
+    "cifar10": (PAPER_32, 35_746_307),
+    "celebahq256": ({**PAPER_256, "train.steps": 500_000}, 113_673_219),
+    "lsun256": ({**PAPER_256, "train.steps": 2_400_000, "data.random_flip": False}, 113_673_219),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_the_paper_presets_match_the_papers_table_field_by_field(name):
+    """Every hyper-parameter of PAPER.md's table, and the exact parameter count of the network the preset
+    builds (on the meta device: no memory for 114M weights)."""
+    import torch
+
+    from ddpm.build import build_model
+
+    table, parameters = PAPER[name]
+    cfg = preset(name)
+    values = json.loads(json.dumps(cfg.to_dict()))  # as configs/*.json and checkpoints hold it
+    for key, expected in table.items():
+        section, field = key.split(".")
+        assert values[section][field] == expected, (
+            f"{name}: {key} is {values[section][field]!r}, paper {expected!r}"
+        )
+    assert not cfg.model.num_classes and not cfg.model.text_encoder and not cfg.model.low_res
+    with torch.device("meta"):
+        model = build_model(cfg, 3)
+    assert sum(p.numel() for p in model.parameters()) == parameters
 
 
 def test_a_preset_is_a_fresh_config_each_time_and_an_unknown_one_is_named():
