@@ -187,8 +187,9 @@ def test_model_is_ema_does_not_hide_real_ema_weights(tmp_path):
 def test_ema_requested_but_absent(tmp_path, train_state):
     save_checkpoint(tmp_path / CHECKPOINT_NAME, CONFIG, {"w": torch.ones(2)}, train_state=train_state)
     ckpt = Checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match="has no EMA weights; use --no-ema"):
+    with pytest.raises(CheckpointError, match=r"has no EMA weights: use its raw weights \(use_ema\)") as e:
         ckpt.weights(use_ema=True)
+    assert e.value.field == "use_ema"  # the CLI says --no-ema
     assert torch.equal(ckpt.weights(use_ema=False)["w"], torch.ones(2))
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 
 import ddpm
 from ddpm import cli, runtime
+from ddpm.config import with_kind
 from ddpm.train import Trainer
 
 INVALID_UTF8 = "a\udcff"  # what Python makes of the bytes b"a\xff" in sys.argv
@@ -123,10 +124,12 @@ def world(tmp_path_factory, class_run, text_run):
     # training configs: a U-Net, an autoencoder and a text encoder, each tiny, on the tiny data
     unet = write_config(base / "unet.json", tiny_config(data))
     cfg = tiny_config(data)
-    cfg.model.kind, cfg.model.latent_channels = "autoencoder", 2
+    cfg.model = with_kind(cfg.model, "autoencoder")
+    cfg.model.latent_channels = 2
     autoencoder = write_config(base / "autoencoder.json", cfg)
     cfg = tiny_config(data)
-    cfg.model.kind, cfg.data.labels, cfg.data.random_flip = "text-encoder", "captions", False
+    cfg.model = with_kind(cfg.model, "text-encoder")
+    cfg.data.labels, cfg.data.random_flip = "captions", False
     cfg.model.text_width, cfg.model.text_layers, cfg.model.text_heads = 32, 1, 2
     cfg.model.text_max_length, cfg.model.embed_dim, cfg.model.image_width = 40, 32, 8
     text_encoder = write_config(base / "text-encoder.json", cfg)

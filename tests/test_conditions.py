@@ -40,11 +40,17 @@ def test_a_class_is_named_or_indexed_and_a_name_wins_over_an_index():
 def test_requests_an_unconditional_run_cannot_take_are_refused():
     plain = Config()
     assert check_request(plain, None) is None
-    for name, w in (("1", 0.0), (None, 1.0)):
-        with pytest.raises(ConfigError, match="this model is unconditional"):
+    for name, w, field in (("1", 0.0, "class_name"), (None, 1.0, "guidance"), ("1", 1.0, "class_name")):
+        with pytest.raises(
+            ConfigError, match=f"^this model is unconditional: {field} needs a conditional run$"
+        ):
             check_request(plain, name, w)
-    with pytest.raises(ConfigError, match="--guidance must be a finite number >= 0"):
+    with pytest.raises(ConfigError, match="^guidance must be a finite number >= 0") as caught:
         check_request(class_config(), "cat", float("nan"))
+    assert caught.value.field == "guidance"
+    with pytest.raises(ConfigError, match="^prompt is not valid UTF-8") as caught:  # check_request's keyword
+        check_request(class_config(), None, prompt="bad \udcff")
+    assert caught.value.field == "prompt"
 
 
 def test_one_request_guides_towards_the_class_and_no_class_is_the_null_one():
@@ -57,7 +63,7 @@ def test_one_request_guides_towards_the_class_and_no_class_is_the_null_one():
         torch.testing.assert_close(conditioner.for_one(net, dog, 1.5)(x, t), 2.5 * cond - 1.5 * null)
         assert torch.equal(conditioner.for_one(net, None)(x, t), net(x, t))
         assert torch.equal(net(x, t), null)
-    with pytest.raises(ConfigError, match="--guidance needs --class"):
+    with pytest.raises(ConfigError, match="^guidance needs class_name"):
         conditioner.for_one(net, None, 2.0)
 
 

@@ -39,7 +39,7 @@ def test_read_config_file_returns_the_sections_as_written(tmp_path):
         ("model.ch", 36, "divisible by model.num_groups"),
         ("data.image_size", 30, "multiple of 8"),
         ("train.optimizer", "sgd", "train.optimizer must be adam or adamw"),
-        ("train.lr_schedule", "linear", "train.lr_schedule constant or cosine"),
+        ("train.lr_schedule", "step", "train.lr_schedule constant or cosine or linear"),
         ("train.time_limit_minutes", 0, "time_limit_minutes must be positive"),
     ],
 )

@@ -342,8 +342,9 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     import_diffusers(folder, run)
     before = (run / CHECKPOINT_NAME).read_bytes()
-    with pytest.raises(CheckpointError, match="already holds a checkpoint; choose another --out"):
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; choose another run_dir") as e:
         import_diffusers(folder, run)
+    assert e.value.field == "run_dir"  # the CLI says --out
     assert (run / CHECKPOINT_NAME).read_bytes() == before
 
 

@@ -29,6 +29,9 @@ def test_evaluate_fid_samples_a_checkpoint_first(idx_dir, tmp_path):
     assert (made["sampler"], made["steps"], made["seed"], made["num_samples"]) == ("ddim", 5, 4, 7)
     assert np.load(folder / "samples.npz")["arr_0"].shape == (7, 8, 8, 1)
     assert "warning" not in result  # the published count is only known for cifar10
+    assert result["screening"] is True  # 7 < 5,000: not a count to compare settings at
+    assert result["real_floor"]["num_images"] == 7 and result["real_floor"]["split"] == "train"
+    assert "50 bootstrap resamples" in result["fid_interval_method"]
     # the same samples scored again from their folder give the same numbers
     _, again = evaluate_fid(folder, data_dir=str(idx_dir), cache_dir=str(tmp_path / "c"), progress=False)
     assert again["fid"] == result["fid"] and again["kid"] == result["kid"]
@@ -56,6 +59,9 @@ def test_eval_fid_cli_writes_labelled_json(idx_dir, tmp_path, capsys):
     assert result["num_samples"] == 10 and result["sampling"] == {"seed": 3, "steps": 100}
     assert result["extractor"].startswith("domain-") and result["reference"]["dataset"] == "fashion-mnist"
     assert main(["eval", "fid", str(tmp_path / "missing.npz")]) == 2
+    assert main([*argv, "--resamples", "20", "--out", str(tmp_path / "r.json")]) == 0
+    assert "over 20 bootstrap" in json.loads((tmp_path / "r.json").read_text())["fid_interval_method"]
+    assert main([*argv, "--resamples", "1"]) == 2  # (argparse: at least 2)
 
 
 def test_eval_fid_on_a_cifar10_checkpoint_draws_50000_samples_by_default(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import linear
 
+from ddpm.conditioning.condition import ClassIds
 from ddpm.errors import ConfigError
 from ddpm.guidance import guided
 from ddpm.samplers import SAMPLERS, sampling_chain
@@ -40,9 +41,9 @@ def test_w_zero_is_the_conditional_model_and_w_follows_ho_and_salimans():
 def test_both_branches_run_in_one_forward_pass():
     calls = []
 
-    def model(x, t, y):
+    def model(x, t, y):  # guided hands the model a condition: class ids as ClassIds
         calls.append(x.shape[0])
-        return x * (1 + y.float()[:, None])
+        return x * (1 + y.ids.float()[:, None])
 
     x, t = torch.ones(4, 2), torch.zeros(4, dtype=torch.long)
     out = guided(model, 1, 0, 1.0)(x, t)
@@ -64,7 +65,7 @@ def test_interval_and_rescale():
 
     def model(x, t, y):
         calls.append(x.shape[0])
-        return x * (1 + y.float().reshape(-1, 1))
+        return x * (1 + y.ids.float().reshape(-1, 1))
 
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
     network = guided(model, 2, 0, 3.0, interval=(100, 500))
@@ -74,7 +75,7 @@ def test_interval_and_rescale():
     assert calls == [3, 6]
     full = guided(model, 2, 0, 3.0, rescale=1.0)(x, torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(full.std(dim=1), (3 * x).std(dim=1))  # the conditional output's spread
-    with pytest.raises(ConfigError, match="guidance scale must be a finite number"):
+    with pytest.raises(ConfigError, match="scale must be a finite number"):
         guided(model, 2, 0, float("nan"))
 
 
@@ -92,3 +93,23 @@ def test_every_sampler_takes_a_guided_model(name):
     assert torch.equal(run(guided(net, torch.tensor([1, 2]), 3, 0.0)), plain)
     strong = run(guided(net, torch.tensor([1, 2]), 3, 3.0))
     assert torch.isfinite(strong).all() and not torch.equal(strong, plain)
+
+
+def test_class_ids_guide_exactly_as_the_bare_ids_and_ints_did():
+    """ClassIds, a tensor of ids and an int id (the forms callers gave before ClassIds) guide to the same
+    numbers, bit for bit, inside and outside an interval, and so does the U-Net on each form."""
+    net = class_unet(out_channels=2)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        for t in (torch.full((3,), 4), torch.full((3,), 40)):
+            for options in (dict(), dict(channels=1, interval=(0, 10), rescale=0.5)):
+                new = guided(net, ClassIds(ids), ClassIds.of(3), 2.0, **options)(x, t)
+                assert torch.equal(guided(net, ids, 3, 2.0, **options)(x, t), new)
+                assert torch.equal(guided(net, ids, torch.tensor(3), 2.0, **options)(x, t), new)
+            one = guided(net, ClassIds.of(1), ClassIds.of(3), 1.5)(x, t)
+            assert torch.equal(guided(net, 1, 3, 1.5)(x, t), one)
+            assert torch.equal(guided(net, torch.tensor([1, 1, 1]), torch.tensor([3, 3, 3]), 1.5)(x, t), one)
+            assert torch.equal(net(x, t, ClassIds(ids)), net(x, t, ids))
+            assert torch.equal(net(x, t, ClassIds.of(3)), net(x, t))  # one id for all; none: the null class
+            assert torch.equal(net(x, t, torch.tensor(1)), net(x, t, ClassIds(torch.tensor([1, 1, 1]))))

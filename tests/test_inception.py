@@ -51,8 +51,9 @@ def test_offline_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights are downloaded
     with mock.patch("torch.hub.download_url_to_file", offline):
-        with pytest.raises(DataError, match="--inception-weights PATH"):
+        with pytest.raises(DataError, match="offline, pass inception_weights=PATH") as e:
             inception.load_inception(None)
+    assert e.value.field == "inception_weights"  # the CLI says --inception-weights
 
 
 def test_bad_inception_weightss_are_one_line_errors(tmp_path, capsys):
@@ -105,7 +106,12 @@ def test_eval_fid_inception_caches_reference_stats(inception_weights, cifar_dir,
         DataConfig(dataset="cifar10", root=str(cifar_dir), image_size=32, split="test")
     ).data
     np.savez(samples / "samples.npz", arr_0=test_images.permute(0, 2, 3, 1).numpy())
-    with mock.patch("ddpm.inception.load_dataset", side_effect=AssertionError("cache not used")):
+
+    def test_split_only(cfg):  # (the real-data floor at this n reads the test split: not cached yet)
+        assert cfg.split == "test", "cache not used"
+        return load_dataset(cfg)
+
+    with mock.patch("ddpm.inception.load_dataset", side_effect=test_split_only):
         assert main(argv + ["--no-progress"]) == 0
     result = json.loads((samples / "fid-inception-v3-compat-train.json").read_text())
     f_test, _ = inception.inception_outputs(model, test_images)

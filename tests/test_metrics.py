@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,10 @@ from ddpm.metrics import (
     domain_classifier,
     evaluate_domain,
     feature_statistics,
+    fid_uncertainty,
     frechet_distance,
     kernel_inception_distance,
+    real_floor,
 )
 
 
@@ -45,6 +49,51 @@ def test_fid_of_samples_from_two_gaussians_and_of_a_set_with_itself():
     )
 
 
+def test_the_fids_bootstrap_standard_error_matches_its_spread_over_fresh_samples():
+    """Drawing the samples again moves the FID by its standard deviation over draws; the bootstrap over
+    one draw's samples estimates that spread (within 25% on average here, 200 fresh draws against 10
+    bootstraps of 50 resamples), and its 95% interval is the estimate +- 1.96 se."""
+    rng = np.random.default_rng(0)
+    dim, n = 16, 500
+    mu, sigma = feature_statistics(rng.normal(size=(20_000, dim)))
+
+    def draw(seed):
+        return np.random.default_rng(seed).normal(size=(n, dim)) * 1.1 + 0.1
+
+    fids = [frechet_distance(*feature_statistics(draw(100 + i)), mu, sigma) for i in range(200)]
+    spread = np.std(fids, ddof=1)
+    errors = []
+    for seed in range(10):
+        features = draw(1000 + seed)
+        fid = frechet_distance(*feature_statistics(features), mu, sigma)
+        result = fid_uncertainty(features, mu, sigma, fid, resamples=50, seed=seed)
+        lo, hi = result["fid_interval"]
+        assert lo == pytest.approx(max(fid - 1.959964 * result["fid_se"], 0), abs=2e-4)
+        assert hi == pytest.approx(fid + 1.959964 * result["fid_se"], abs=2e-4)
+        errors.append(result["fid_se"])
+    assert 0.75 < np.mean(errors) / spread < 1.25
+    with pytest.raises(DataError, match="resamples must be at least 2"):
+        fid_uncertainty(features, mu, sigma, fid, resamples=1)
+
+
+def test_the_real_data_floor_is_the_fid_of_real_images_at_the_same_count():
+    """Real images from the same distribution as the reference score the floor: a small FID that shrinks
+    as the count grows (FID is biased upward at small n), from a seeded pick of the images."""
+    rng = np.random.default_rng(3)
+    real = torch.as_tensor(rng.integers(0, 256, size=(4000, 1, 2, 2)), dtype=torch.uint8)
+    reference = torch.as_tensor(rng.integers(0, 256, size=(20_000, 4)), dtype=torch.float64).numpy()
+    stats = feature_statistics(reference)
+
+    def features(images):
+        return images.reshape(len(images), -1).double().numpy()
+
+    small, large = (real_floor(features, real, n, stats) for n in (200, 4000))
+    assert small["num_images"] == 200 and large["num_images"] == 4000
+    assert 0 < large["fid"] < small["fid"]
+    assert real_floor(features, real, 200, stats) == small  # seeded
+    assert real_floor(features, real, 10_000, stats)["num_images"] == 4000  # all there is
+
+
 def test_kid_and_classifier_score():
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
@@ -63,6 +112,8 @@ def test_domain_fid_end_to_end(idx_dir, tmp_path):
     test_images = load_idx_dataset("fashion-mnist", str(idx_dir), "test")
     same = evaluate_domain(test_images, "fashion-mnist", "test", str(idx_dir), cache, progress=False)
     assert same["fid"] == pytest.approx(0, abs=1e-6)
+    assert same["real_floor"]["split"] == "train" and same["real_floor"]["num_images"] == len(test_images)
+    assert same["fid_se"] > 0 and same["fid_interval"][0] <= same["fid"] < same["fid_interval"][1]
     assert same["extractor"].startswith("domain-fashion-mnist") and same["reference"]["split"] == "test"
     assert list(cache.glob("*.safetensors"))  # trained once, cached
     noise = torch.randint(0, 256, test_images.shape, generator=torch.Generator().manual_seed(0)).to(
@@ -117,3 +168,45 @@ def test_real_images_with_their_labels_agree_as_often_as_the_classifier_is_accur
     assert shuffled["class_agreement"]["overall"] != result["class_agreement"]["overall"]
     counts = {k: v["samples"] for k, v in result["class_agreement"]["per_class"].items()}
     assert sum(counts.values()) == len(images)
+
+
+def test_the_comparison_script_puts_two_results_side_by_side_with_the_differences_interval(tmp_path, capsys):
+    """bench/compare_fid.py: the difference's standard error is the two errors' root sum of squares, and a
+    difference whose interval holds 0 is none."""
+    import runpy
+    from pathlib import Path
+
+    compare = runpy.run_path(str(Path(__file__).parent.parent / "bench" / "compare_fid.py"))
+    reference = {"dataset": "fashion-mnist", "split": "test", "num_images": 10_000}
+
+    def result(fid, se, n=5000, **more):
+        interval = [fid - 1.959964 * se, fid + 1.959964 * se]
+        return {
+            "fid": fid,
+            "fid_se": se,
+            "fid_interval": interval,
+            "num_samples": n,
+            "reference": reference,
+            "extractor": "domain-fashion-mnist-cnn-v1",
+            "real_floor": {"fid": 1.5},
+            **more,
+        }
+
+    lines = compare["compare"](
+        {"base": result(40.0, 3.0), "new": result(20.0, 4.0), "same": result(38.0, 4.0)}
+    )
+    assert "-20.00 [-29.80, -10.20] better" in lines[2]  # se 5 = hypot(3, 4)
+    assert "-2.00 [-11.80, +7.80] no difference" in lines[3] and "1.50" in lines[1]
+    small = compare["compare"](
+        {"base": result(40.0, 3.0), "small": result(60.0, 1.0, n=1000, screening=True)}
+    )
+    assert "worse (screening)" in small[2] and "sample counts differ" in small[-1]
+    other = result(5.0, 1.0, extractor="inception-v3-compat")
+    with pytest.raises(SystemExit, match="different extractors or references"):
+        compare["compare"]({"base": result(40.0, 3.0), "other": other})
+    for name, value in (("a", result(40.0, 3.0)), ("b", result(30.0, 3.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "fid.json").write_text(json.dumps(value))
+    assert compare["main"]([str(tmp_path / "a" / "fid.json"), str(tmp_path / "b" / "fid.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].startswith("b ") and out.splitlines()[2].endswith("better")  # -10 +- 8.3

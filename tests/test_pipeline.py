@@ -239,7 +239,7 @@ def test_generate_loads_each_part_once(parts, tmp_path, monkeypatch):
     assert made.record["decoder"]["low_res"] == "the generator's samples"
     # the decoder's options are checked before anything is drawn
     bad = dataclasses.replace(options, guidance=1.0)
-    with pytest.raises(ddpm.ConfigError, match="super-resolution stage: it takes --low-res, not a class"):
+    with pytest.raises(ddpm.ConfigError, match="super-resolution stage: it takes low_res, not a class"):
         pipeline.prepare(prompts=["a coat"], num=2, decoder_options=bad)
 
 

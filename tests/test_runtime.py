@@ -221,3 +221,51 @@ def test_the_paper_net_bench_reports_every_variant(capsys):
     bench.report(results)
     out = capsys.readouterr().out
     assert "hours for 800k steps" in out and "| ours bf16-norm |" in out
+
+
+@pytest.mark.parametrize(
+    "bf16_share,chose",
+    [(0.5, "bf16"), (0.85, "bf16"), (0.95, "fp32"), (1.4, "fp32")],
+)
+def test_the_precision_probe_takes_bf16_only_where_it_is_10_percent_faster(bf16_share, chose, monkeypatch):
+    """probe_precision times each precision's step (after one untimed call) and takes bf16 only at
+    <= 0.9x fp32's time: here on a clock where the fp32 step takes 1 s."""
+    import time
+
+    from ddpm import runtime
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def step(precision):
+        calls.append(precision)
+        now[0] += 1.0 if precision == "fp32" else bf16_share
+
+    probe = runtime.probe_precision(step, torch.device("cpu"))
+    assert probe == {"chose": chose, "seconds": {"fp32": 1.0, "bf16": bf16_share}}
+    assert calls == ["fp32"] * (runtime.PROBE_REPEATS + 1) + ["bf16"] * (runtime.PROBE_REPEATS + 1)
+
+
+def test_training_with_auto_precision_is_the_run_with_the_chosen_precision(idx_dir, tmp_path):
+    """The probe's steps leave no trace: an "auto" run ends bit-identical to a run that asked for the
+    precision the probe chose; the choice is recorded (result, checkpoint, resolved config) and kept on
+    resume without a new probe."""
+    from conftest import tiny_config
+
+    from ddpm.checkpoint import Checkpoint
+    from ddpm.train import Trainer
+
+    auto = Trainer(tiny_config(idx_dir, steps=4, precision="auto"), tmp_path / "auto", progress=False)
+    result = auto.train()
+    chose = result["precision_probe"]["chose"]
+    assert chose in ("fp32", "bf16") and auto.cfg.train.precision == chose
+    saved = Checkpoint(tmp_path / "auto")
+    assert saved.resolved["train.precision"] == chose and saved.request["train"]["precision"] == "auto"
+    assert saved.train_state["precision_probe"] == result["precision_probe"]
+    Trainer(tiny_config(idx_dir, steps=4, precision=chose), tmp_path / "asked", progress=False).train()
+    asked = Checkpoint(tmp_path / "asked")
+    for key, value in saved.model.items():
+        assert torch.equal(value, asked.model[key]), key
+    resumed = Trainer(tiny_config(idx_dir, steps=6, precision="auto"), tmp_path / "auto", resume=True)
+    assert resumed.precision_probe is None and resumed.cfg.train.precision == chose

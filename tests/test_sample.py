@@ -256,7 +256,7 @@ def test_a_class_conditional_run_samples_a_class_with_guidance(idx_dir, tmp_path
         (["--class", "Hat"], "unknown class 'Hat'; this run's classes: T-shirt/top, Trouser"),
         (["--class", "1", "--guidance", "-1"], "--guidance must be a finite number >= 0"),
         (["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
-        (["--guidance-interval", "5", "50"], "--guidance-interval must be LO HI with 0 <= LO <= HI < 50"),
+        (["--guidance-interval", "5", "50"], "--guidance-interval must be (lo, hi) with 0 <= lo <= hi < 50"),
     ):
         assert main(["sample", str(run), *extra, *flags, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

@@ -102,8 +102,9 @@ def test_bad_shards_are_one_clear_error(folder, tmp_path):
     (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"not a tar file at all" * 30)
     with pytest.raises(DataError, match="shard-000000.tar is damaged"):
         load_all_shards(root, 8, None)
-    with pytest.raises(DataError, match="shard-size must be positive"):
+    with pytest.raises(DataError, match="shard_size must be positive") as e:
         make_shards(folder, tmp_path / "more", shard_size=0)
+    assert e.value.field == "shard_size"  # the CLI says --shard-size
 
 
 def test_training_streams_shards_and_resumes_exactly(folder, tmp_path):

@@ -10,6 +10,7 @@ from test_clip import TINY_RUN, bars_dir
 
 from ddpm.checkpoint import Checkpoint
 from ddpm.cli import main
+from ddpm.config import with_kind
 from ddpm.presets import resolve_config
 from ddpm.rng import step_generator
 from ddpm.tasks import Batch
@@ -28,7 +29,8 @@ def configs(tmp_path):
     diffusion = tiny_config(data, steps=2)
     diffusion.data.labels = "classes"
     autoencoder = tiny_config(data, steps=2)
-    autoencoder.model.kind, autoencoder.model.latent_channels = "autoencoder", 2
+    autoencoder.model = with_kind(autoencoder.model, "autoencoder")
+    autoencoder.model.latent_channels = 2
     bars = bars_dir(tmp_path / "bars", n_train=40, n_test=10)
     values = {"data.root": str(bars), "data.image_size": 8, "train.batch_size": 8, "train.steps": 2}
     text_encoder = resolve_config(None, "fashion-mnist-text-encoder", None, values, TINY_RUN)

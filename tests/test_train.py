@@ -86,8 +86,9 @@ def test_resume_refuses_to_change_the_experiment(idx_dir, tmp_path):
 
 def test_existing_run_needs_resume(idx_dir, tmp_path):
     Trainer(tiny_config(idx_dir, steps=1), tmp_path / "run", progress=False).train()
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="already holds a run; continue it with resume") as refused:
         Trainer(tiny_config(idx_dir), tmp_path / "run", progress=False)
+    assert refused.value.field == "resume"  # the CLI says --resume
 
 
 def test_the_ema_of_every_tensor_at_once_is_bit_identical_to_one_lerp_per_tensor(idx_dir, tmp_path):

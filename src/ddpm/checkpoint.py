@@ -172,5 +172,7 @@ class Checkpoint:
         if use_ema and not self.ema and self.train_state.get("model_is_ema"):
             return self.model
         if use_ema and not self.ema:
-            raise CheckpointError(f"checkpoint {self.path} has no EMA weights; use --no-ema")
+            raise CheckpointError(
+                f"checkpoint {self.path} has no EMA weights: use its raw weights (use_ema)", field="use_ema"
+            )
         return self.ema if use_ema else self.model

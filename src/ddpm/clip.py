@@ -296,7 +296,7 @@ def load_clip(folder: str | Path) -> tuple[DomainClip, dict]:
     if info_path is None and is_text_encoder(folder):
         raise DataError(
             f"text encoder run {folder} has not finished; continue it with `ddpm train-text-encoder "
-            f"--resume {folder}`"
+            f"--resume {folder}` (in Python: ddpm.Trainer with resume=True)"
         )
     if info_path is None:
         raise DataError(

@@ -21,7 +21,7 @@ from .files import check_tree, read_json, read_text
 
 TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: Adam (weight decay added to the gradient) or AdamW
-LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule, after the linear warm-up
+LR_SCHEDULES = ("constant", "cosine", "linear")  # train.lr_schedule, after the linear warm-up
 # the network's: fp32; bf16 autocast; bf16 autocast with GroupNorm in bf16 too (ddpm.runtime.wrap_network)
 PRECISIONS = ("fp32", "bf16", "bf16-norm")
 COMPILE_MODES = (
@@ -32,9 +32,14 @@ COMPILE_MODES = (
 )  # torch.compile's
 
 
-def check_precision(precision: str, what: str = "precision") -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+# train.precision may also be "auto": fp32 or bf16, whichever a short probe of the run's own training step
+# finds faster on the machine in use (bf16 only when at least 10% faster; ddpm.runtime.probe_precision)
+TRAIN_PRECISIONS = (*PRECISIONS, "auto")
+
+
+def check_precision(precision: str, what: str = "precision", choices: tuple[str, ...] = PRECISIONS) -> None:
+    if precision not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, got {precision!r}")
 
 
 def check_compile_mode(mode: str, what: str = "compile mode") -> None:
@@ -45,14 +50,14 @@ def check_compile_mode(mode: str, what: str = "compile mode") -> None:
 MAX_SEED = 2**63 - 1  # every random stream is derived from the seed (ddpm.rng); torch seeds are 64-bit
 
 
-def check_seed(seed, what: str = "--seed") -> None:
+def check_seed(seed, what: str = "seed") -> None:
     """A seed is an integer in 0..2**63-1 (a negative one would fail deep inside numpy's seeding)."""
     try:
         value = None if isinstance(seed, bool) else operator.index(seed)  # int, numpy integers
     except TypeError:
         value = None
     if value is None or not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"{what} must be an integer in 0..2**63-1, got {seed!r}")
+        raise ConfigError(f"{what} must be an integer in 0..2**63-1, got {seed!r}", field=what)
 
 
 RUN_SECTIONS = ("model", "diffusion", "data")  # what a run's config must hold to be rebuilt
@@ -238,10 +243,12 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
-    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at train.steps), after the warm-up
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 0 at train.steps), after the warm-up
     seed: int = 0
     on_nonfinite: str = "stop"  # a NaN / inf loss or gradient: "stop", or "skip" the update
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | bf16-norm (autocast, GroupNorm in bf16 too)
+    # fp32 | bf16 (autocast) | bf16-norm (autocast, GroupNorm in bf16 too) | auto (the faster of fp32 and
+    # bf16 on this machine, probed at the start and recorded)
+    precision: str = "fp32"
     channels_last: bool = False  # NHWC memory layout for the network (a speed option)
     compile: bool = False  # torch.compile the network (a speed option; slow first steps)
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: launches stop costing CPU time),
@@ -254,6 +261,9 @@ class TrainConfig:
     deferred_checks: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     time_limit_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    # train for this much training time: the step count is fixed from the speed of the first steps, and
+    # train.steps is not used (ddpm.budget)
+    budget_minutes: float | None = None
     log_every: int = 100
     checkpoint_every: int = 5000
     sample_every: int = 10000
@@ -447,11 +457,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.grad_clip < 0 or t.warmup_steps < 0:
         raise ConfigError("train.grad_clip (0: none) and train.warmup_steps must be non-negative")
-    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
-        raise ConfigError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
+    for name in ("time_limit_minutes", "budget_minutes"):
+        if getattr(t, name) is not None and getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
-    check_seed(t.seed, "train.seed (--seed)")
+    check_seed(t.seed, "train.seed")
     for section in (d, m, t, data):
         for name, value in vars(section).items():
             key = f"{_section_name(cfg, section)}.{name}"
@@ -468,7 +479,7 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    check_precision(t.precision, "train.precision")
+    check_precision(t.precision, "train.precision", TRAIN_PRECISIONS)
     check_compile_mode(t.compile_mode, "train.compile_mode")
     if t.optimizer not in OPTIMIZERS or t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(

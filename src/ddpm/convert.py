@@ -229,7 +229,9 @@ def import_diffusers(folder: str | Path, run_dir: str | Path) -> Path:
     """Convert a diffusers DDPM folder into a run directory that `ddpm sample` reads."""
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists():
-        raise CheckpointError(f"{run_dir} already holds a checkpoint; choose another --out")
+        raise CheckpointError(
+            f"{run_dir} already holds a checkpoint; choose another run_dir", field="run_dir"
+        )
     cfg, state = load_diffusers_folder(folder)
     validate(cfg)  # e.g. a sample_size the U-Net's levels do not divide
     model = build_model(cfg, cfg.data.channels)

@@ -83,14 +83,18 @@ def _torchvision_dataset(name: str, root: Path, split: str):
         import torchvision.datasets as tvd
     except Exception:  # not installed, or built for another torch (fails at import with RuntimeError)
         raise DataError(
-            f"{name} needs torchvision to download it (pip install torchvision), or give --data-dir"
+            f"{name} needs torchvision to download it (pip install torchvision), or a directory that holds "
+            "it (data_dir, or the config's data.root)",
+            field="data_dir",
         ) from None
     cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[name]
     try:
         return cls(str(root), train=split == "train", download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
         raise DataError(
-            f"could not download {name} to {root} ({type(e).__name__}: {e}); give --data-dir"
+            f"could not download {name} to {root} ({type(e).__name__}: {e}); give a directory that holds it "
+            "(data_dir, or the config's data.root)",
+            field="data_dir",
         ) from None
 
 

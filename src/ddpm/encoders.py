@@ -156,7 +156,9 @@ def load_text_encoder(spec: str | Path):
     if path.exists() and not (path / "config.json").is_file():
         raise DataError(f"{path} holds no text encoder (no config.json)")
     missing = (
-        f"text encoder {spec} does not exist: train it first with `ddpm train-text-encoder --out {spec}`"
+        f"text encoder {spec} does not exist: train it first with `ddpm train-text-encoder --out {spec}` "
+        "(in Python: ddpm.Trainer on a text encoder config such as "
+        "ddpm.preset('fashion-mnist-text-encoder'), into that folder)"
     )
     if not path.exists() and _names_a_folder(str(spec)):
         raise DataError(f"{missing}, or name another text encoder folder or a transformers CLIP / T5 model")

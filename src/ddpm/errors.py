@@ -2,7 +2,16 @@
 
 
 class DDPMError(Exception):
-    """Base class: a problem with the user's input, not a bug."""
+    """Base class: a problem with the user's input, not a bug.
+
+    ``field`` names the value at fault as the Python API calls it (a keyword such as ``guidance_rescale``,
+    or a config key such as ``train.lr``; a tuple where the message names several), written in the
+    message as it is: the CLI puts the flag that sets it in its place (``ddpm.cli.parser.in_flags``), so
+    the library never speaks in flags."""
+
+    def __init__(self, message: str = "", *, field: str | tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(DDPMError):

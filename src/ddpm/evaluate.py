@@ -11,7 +11,7 @@ from .data import CLASS_NAMES, DATASETS, TOYS
 from .errors import DataError
 from .files import read_json, write_json
 from .images import load_sample_labels, load_samples
-from .metrics import DOMAIN_DATASETS, evaluate_domain
+from .metrics import DOMAIN_DATASETS, FID_RESAMPLES, evaluate_domain
 from .runtime import init_processes, resolve_device
 from .sample import SampleOptions, sample_to_dir
 
@@ -19,6 +19,8 @@ from .sample import SampleOptions, sample_to_dir
 FID_DATASETS = tuple(d for d in DATASETS if d not in TOYS)
 # Sample counts of the published FIDs (the paper: 50,000 for CIFAR-10); elsewhere 10,000.
 FID_SAMPLES = {"cifar10": 50_000}
+# The Fashion-MNIST / MNIST protocol: comparisons use at least this many samples; fewer are a screening.
+COMPARISON_SAMPLES = 5_000
 DEFAULT_FID_SAMPLES = 10_000
 
 
@@ -47,6 +49,7 @@ def evaluate_fid(
     inception_weights: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    resamples: int = FID_RESAMPLES,
 ) -> tuple[Path | None, dict]:
     """Score ``source``: a samples.npz written by `ddpm sample`, its folder, or a run directory /
     checkpoint, from which ``num`` samples (default: the published count for the dataset) are first
@@ -54,12 +57,17 @@ def evaluate_fid(
     the samples' own, from samples.json). ``extractor`` "auto" takes the domain classifier for
     Fashion-MNIST / MNIST and Inception otherwise. Writes the result as JSON (``out``, default next to
     the samples) and returns its path and the result; a ``warning`` key says when the count is below
-    the published one. Under torchrun the processes share the sampling and the main one scores; the
+    the published one. The FID comes with its uncertainty (``fid_se``, ``fid_interval``: a bootstrap over
+    ``resamples`` resamples of the samples) and the real-data floor at the same count (``real_floor``);
+    a Fashion-MNIST or MNIST score of fewer than COMPARISON_SAMPLES samples is marked ``"screening":
+    true``. Under torchrun the processes share the sampling and the main one scores; the
     others return (None, {})."""
     if dataset is not None:  # before anything is loaded, downloaded or sampled
         check_fid_dataset(dataset)
+    if resamples < 2:
+        raise DataError(f"resamples must be at least 2, got {resamples}", field="resamples")
     if inception_weights is not None and not Path(inception_weights).is_file():  # not after sampling
-        raise DataError(f"--inception-weights: no file at {inception_weights}")
+        raise DataError(f"inception_weights: no file at {inception_weights}", field="inception_weights")
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist; give samples.npz, its folder, or a run directory")
@@ -86,17 +94,21 @@ def evaluate_fid(
         extractor = "domain" if dataset in DOMAIN_DATASETS else "inception"
     if extractor == "domain":
         names = made.get("class_names") or list(CLASS_NAMES.get(dataset, ()))
-        result = evaluate_domain(samples, dataset, split, data_dir, cache_dir, progress, labels, names)
+        result = evaluate_domain(
+            samples, dataset, split, data_dir, cache_dir, progress, labels, names, resamples
+        )
     else:
         from .inception import evaluate_inception
 
         device = resolve_device(sampling.device)
         result = evaluate_inception(
-            samples, dataset, split, data_dir, inception_weights, cache_dir, device, progress
+            samples, dataset, split, data_dir, inception_weights, cache_dir, device, progress, resamples
         )
     result = {"metric": "fid", "samples": str(folder), **result}
     if labels is not None and "class_agreement" not in result:
         result["class_agreement"] = f"needs a domain classifier ({', '.join(DOMAIN_DATASETS)})"
+    if dataset in DOMAIN_DATASETS and len(samples) < COMPARISON_SAMPLES:
+        result["screening"] = True  # too few to compare settings by: at 1,000 the seed moves FID by ~8
     recommended = FID_SAMPLES.get(dataset)
     if recommended and len(samples) < recommended:
         result["warning"] = (

@@ -198,8 +198,10 @@ def make_figures(
     unknown = set(which) - set(FIGURES)
     if unknown:
         raise ConfigError(f"unknown figure {sorted(unknown)[0]!r}; choose from {', '.join(FIGURES)}")
-    if num < 2 or frames < 2:
-        raise ConfigError("--num and --frames must be at least 2")
+    if num < 2:
+        raise ConfigError(f"num must be at least 2, got {num}", field="num")
+    if frames < 2:
+        raise ConfigError(f"frames must be at least 2, got {frames}", field="frames")
     get_sampler(sampler)
     if "interpolate" in which:
         check_interpolation_sampler(sampler)

@@ -233,7 +233,7 @@ class OutputFolder:
     def __init__(self, path: str | Path, last: str):
         self.path, self.last = Path(path), last
         if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} is a file, not a directory")
+            raise ConfigError(f"out_dir {self.path} is a file, not a directory", field="out_dir")
         self.lock = DirectoryLock(self.path, "ddpm process writing there")
         self.lock.acquire()
         try:
@@ -248,7 +248,8 @@ class OutputFolder:
             if foreign and not (self.path / last).is_file():
                 raise ConfigError(
                     f"{self.path} holds {', '.join(sorted(foreign))} but no {last}: not ddpm's output, so "
-                    "it is not replaced; choose another --out"
+                    "it is not replaced; choose another out_dir",
+                    field="out_dir",
                 )
             self.staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.path))  # read-only: OSError
         except BaseException:
@@ -275,7 +276,8 @@ class OutputFolder:
             if planted:  # only ddpm's own result names, never a path out of the folder
                 raise ConfigError(
                     f"{manifest} lists {planted[0]!r}, which ddpm never writes: it is not ddpm's; "
-                    f"remove {staging} or choose another --out"
+                    f"remove {staging} or choose another out_dir",
+                    field="out_dir",
                 )
         else:
             names = sorted(p.name for p in staging.iterdir() if p.name not in (".old", self.last))

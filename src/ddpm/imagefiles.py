@@ -40,7 +40,10 @@ def _to_8bit_gray(img):
 def image_files(root: str | None, dataset: str = "folder") -> list[Path]:
     """Every image file below ``root`` (recursively), sorted."""
     if root is None:
-        raise DataError(f"dataset '{dataset}' needs a data directory (--data-dir)")
+        raise DataError(
+            f"dataset '{dataset}' needs a data directory (data_dir, or the config's data.root)",
+            field="data_dir",
+        )
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")

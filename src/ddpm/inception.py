@@ -24,7 +24,17 @@ import torch
 from .config import DataConfig
 from .data import CACHE, load_dataset
 from .errors import DataError, first_line
-from .metrics import classifier_score, feature_statistics, frechet_distance, kernel_inception_distance
+from .files import read_json, write_json
+from .metrics import (
+    FID_RESAMPLES,
+    classifier_score,
+    feature_statistics,
+    fid_uncertainty,
+    frechet_distance,
+    kernel_inception_distance,
+    other_split,
+    real_floor,
+)
 from .safeload import load_state_dict, sha256_file
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -51,7 +61,7 @@ def _inception_class():
     except ModuleNotFoundError as e:
         if e.name == "torch_fidelity":
             raise DataError(
-                "Inception FID needs torch-fidelity: pip install --no-deps torch-fidelity"
+                "Inception FID needs torch-fidelity: `pip install --no-deps torch-fidelity`"
             ) from None
     except (ImportError, RuntimeError):  # torchvision broken or built for another torch
         pass
@@ -85,7 +95,8 @@ def _published_weights(progress: bool) -> Path:
         except (urllib.error.URLError, OSError, ConnectionError) as e:
             raise DataError(
                 f"cannot download the Inception weights ({getattr(e, 'reason', e)}); offline, pass "
-                f"--inception-weights PATH to a local copy of {WEIGHTS_NAME}"
+                f"inception_weights=PATH, a local copy of {WEIGHTS_NAME}",
+                field="inception_weights",
             ) from None
         except RuntimeError as e:  # torch.hub: the download's hash is not the published one
             raise DataError(f"the downloaded {WEIGHTS_NAME} is not the published file ({e})") from None
@@ -126,7 +137,7 @@ def load_inception(weights: str | Path | None = None, device="cpu", progress: bo
     else:
         path, source = Path(weights), str(weights)
         if not path.is_file():
-            raise DataError(f"--inception-weights: no file at {weights}")
+            raise DataError(f"weights: no file at {weights}", field="weights")
     state = load_state_dict(path, source, "an InceptionV3 state dict for torch-fidelity")
     try:
         with _weights_given(cls, state):
@@ -206,6 +217,39 @@ def reference_statistics(
     return stats
 
 
+def floor_statistics(
+    model,
+    dataset: str,
+    split: str,
+    root,
+    image_size: int,
+    weights,
+    num: int,
+    ref: dict,
+    cache_dir=None,
+    progress=True,
+) -> dict:
+    """The real-data floor of an Inception FID at ``num`` samples (``ddpm.metrics.real_floor``: ``num``
+    images of the other split against ``split``'s statistics ``ref``), cached beside the reference
+    statistics: it costs as many Inception passes as the samples did."""
+    cache_dir = Path(cache_dir) if cache_dir else CACHE / "reference_stats"
+    other = other_split(split)
+    key = json.dumps([STATS_VERSION, dataset, split, other, str(root), image_size, weights_id(weights), num])
+    path = cache_dir / f"{dataset}-{split}-floor-{num}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if path.is_file():
+        return read_json(path, "the cached real-data floor", expect=dict, error=DataError)
+    real = load_dataset(DataConfig(dataset=dataset, root=root, image_size=image_size, split=other)).data
+    floor = real_floor(
+        lambda images: inception_outputs(model, images, progress=progress)[0],
+        real,
+        num,
+        (ref["mu"], ref["sigma"]),
+    )
+    floor["split"] = other
+    write_json(path, floor)
+    return floor
+
+
 def evaluate_inception(
     samples_uint8: torch.Tensor,
     dataset: str,
@@ -215,13 +259,19 @@ def evaluate_inception(
     cache_dir=None,
     device="cpu",
     progress: bool = True,
+    resamples: int = FID_RESAMPLES,
 ) -> dict:
-    """Inception FID, KID and Inception Score of uint8 samples against a reference split."""
+    """Inception FID with its uncertainty and real-data floor (as ``ddpm.metrics.evaluate_domain``), KID
+    and Inception Score of uint8 samples against a reference split."""
     model = load_inception(weights, device, progress)
     size = samples_uint8.shape[-1]
     ref = reference_statistics(model, dataset, split, root, size, weights, cache_dir, progress)
     features, probs = inception_outputs(model, samples_uint8, progress=progress)
     fid = frechet_distance(*feature_statistics(features), ref["mu"], ref["sigma"])
+    uncertainty = fid_uncertainty(features, ref["mu"], ref["sigma"], fid, resamples)
+    floor = floor_statistics(
+        model, dataset, split, root, size, weights, len(features), ref, cache_dir, progress
+    )
     # torch-fidelity's defaults: KID over 100 subsets of 1000, IS over 10 splits of the 1008 logits.
     kid_mean, kid_std = kernel_inception_distance(features, ref["kid_features"], subsets=100)
     is_mean, is_std = classifier_score(probs, splits=min(10, len(probs)))
@@ -233,6 +283,8 @@ def evaluate_inception(
         "reference": {"dataset": dataset, "split": split, "num_images": int(ref["num_images"])},
         "num_samples": len(samples_uint8),
         "fid": round(fid, 4),
+        **uncertainty,
+        "real_floor": floor,
         "kid": round(kid_mean, 6),
         "kid_std": round(kid_std, 6),
         "inception_score": round(is_mean, 4),

@@ -15,7 +15,7 @@ from .errors import ConfigError, DataError
 from .files import write_json
 from .images import load_samples, save_grid, to_model_range, to_uint8
 from .runtime import Runtime
-from .samplers import ddim_invert, ddim_sample_loop, sampling_chain
+from .samplers import ddim_invert, ddim_sample_loop, get_sampler, sampling_chain
 
 
 def invert_to_dir(
@@ -24,7 +24,7 @@ def invert_to_dir(
     images: str | Path | None = None,
     num: int = 8,
     steps: int = 100,
-    spacing: str = "linspace",
+    spacing: str | None = None,
     batch_size: int = 64,
     use_ema: bool = True,
     runtime: Runtime | None = None,
@@ -34,13 +34,16 @@ def invert_to_dir(
     prompt: str | None = None,
 ) -> dict:
     """Invert ``num`` images (the first of a samples.npz / its folder, or of the run's test split) to
-    latents with DDIM on ``steps`` timesteps, regenerate them from those latents, and write latents.npy
-    (float32 N,C,H,W), reconstruction.png (originals above, reconstructions below) and invert.json with
-    the round-trip error on the 0..255 scale. Conditional runs invert and regenerate under ``class_name``
-    or ``prompt`` (guided with w = ``guidance``), or the null condition when none is given. The network
-    runs on ``runtime`` (default ``Runtime()``: auto, fp32; see ``ddpm.runtime.Runtime``)."""
-    if num <= 0 or batch_size <= 0:
-        raise ConfigError("--num and --batch-size must be positive")
+    latents with DDIM on ``steps`` timesteps (picked by ``spacing``, default DDIM's linspace), regenerate
+    them from those latents, and write latents.npy (float32 N,C,H,W), reconstruction.png (originals above,
+    reconstructions below) and invert.json with the round-trip error on the 0..255 scale. Conditional runs
+    invert and regenerate under ``class_name`` or ``prompt`` (guided with w = ``guidance``), or the null
+    condition when none is given. The network runs on ``runtime`` (default ``Runtime()``: auto, fp32; see
+    ``ddpm.runtime.Runtime``)."""
+    if num <= 0:
+        raise ConfigError(f"num must be positive, got {num}", field="num")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}", field="batch_size")
     loaded = load_network(checkpoint, "ema" if use_ema else "model", runtime)
     diffusion, cfg, dev = loaded.diffusion, loaded.cfg, loaded.device
     require_pixel_diffusion(cfg, "ddpm invert")
@@ -55,6 +58,7 @@ def invert_to_dir(
     expected = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     if tuple(originals.shape[1:]) != expected:
         raise DataError(f"images have shape {tuple(originals.shape[1:])}; the model takes {expected}")
+    spacing = spacing or get_sampler("ddim").default_spacing
     chain = sampling_chain(diffusion, "ddim", steps, spacing)
     conditioner = make_conditioner(cfg, loaded.checkpoint.path.parent)
     network = conditioner.for_one(loaded.network, index, guidance, prompt)

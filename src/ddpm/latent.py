@@ -58,8 +58,10 @@ def load_autoencoder(spec: str | Path, device: str | torch.device = "cpu") -> Fr
         return _load_diffusers(path, device)
     if not path.exists():
         raise ConfigError(
-            f"autoencoder {spec} does not exist: train it first with `ddpm train-autoencoder --out {spec}`, "
-            "or name another autoencoder run or a diffusers AutoencoderKL folder"
+            f"autoencoder {spec} does not exist: train it first with `ddpm train-autoencoder --out {spec}` "
+            "(in Python: ddpm.Trainer on an autoencoder config such as "
+            "ddpm.preset('fashion-mnist-autoencoder'), into that folder), or name another autoencoder run "
+            "or a diffusers AutoencoderKL folder"
         )
     raise ConfigError(
         f"{spec} holds no autoencoder (a `ddpm train-autoencoder` run or a diffusers AutoencoderKL)"

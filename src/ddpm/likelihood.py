@@ -54,8 +54,10 @@ def evaluate_nll(
     require_pixel_diffusion(cfg, "ddpm eval nll")
     if cfg.model.kind != "unet":
         raise ConfigError("the bits/dim bound is defined for 8-bit images, not for 2-D points")
-    if batch_size <= 0 or (num_images is not None and num_images <= 0):
-        raise ConfigError("--num and --batch-size must be positive")
+    if num_images is not None and num_images <= 0:
+        raise ConfigError(f"num_images must be positive, got {num_images}", field="num_images")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}", field="batch_size")
     index = check_request(cfg, class_name, prompt=prompt)
     data_cfg = DataConfig(**{**cfg.data.__dict__, "split": split, "root": data_dir or cfg.data.root})
     dataset = load_dataset(data_cfg)
@@ -67,7 +69,9 @@ def evaluate_nll(
     timesteps = None
     if estimate_steps is not None:
         if not 2 <= estimate_steps <= T:
-            raise ConfigError(f"--estimate-steps must be in 2..{T}")
+            raise ConfigError(
+                f"estimate_steps must be in 2..{T}, got {estimate_steps}", field="estimate_steps"
+            )
         # Quadratic spacing: the bound's terms change fastest at small t, so sample those densely.
         timesteps = sorted({round((i / (estimate_steps - 1)) ** 2 * (T - 1)) for i in range(estimate_steps)})
     net = make_conditioner(cfg, loaded.checkpoint.path.parent).for_one(loaded.network, index, prompt=prompt)

@@ -120,7 +120,9 @@ class Pipeline:
         if decoder is None:
             if not (latent and (g_checkpoint.path.parent / RUN_COPY).is_dir()):
                 raise ConfigError(
-                    "pipeline decoder: name one (--decoder); only a latent generator brings its own"
+                    "a pipeline needs a last stage to make its images: name one (decoder); only a latent "
+                    "generator brings its own",
+                    field="decoder",
                 )
             decoder = g_checkpoint.path.parent / RUN_COPY
         parts = [Part("generator", Path(generator)), Part("decoder", Path(decoder), decoder_kind)]
@@ -142,7 +144,8 @@ class Pipeline:
         if d_model.get("kind") == "text-encoder":
             raise ConfigError(
                 f"pipeline decoder {self.decoder.path.parent} is a text encoder run, not a super-resolution "
-                "stage: name it with --text-encoder"
+                "stage: name it as text_encoder",
+                field="text_encoder",
             )
         if not low_res:
             raise ConfigError(
@@ -260,7 +263,8 @@ class Pipeline:
         )
         if self.decoder_part.kind == "latent" and second_opts.low_res_noise is not None:
             raise ConfigError(
-                "--low-res-noise is a super-resolution decoder's; this pipeline's decoder is latent"
+                "low_res_noise is a super-resolution decoder's; this pipeline's decoder is latent",
+                field="low_res_noise",
             )
         second = None
         if self.decoder_part.kind != "latent":
@@ -365,7 +369,8 @@ def _generator(part: Part) -> Checkpoint:
     if kind == "text-encoder":
         raise ConfigError(
             f"pipeline generator {part.path} is a text encoder run (`ddpm train-text-encoder`), not a "
-            "diffusion run: name it with --text-encoder, and the run trained on it as --generator"
+            "diffusion run: name it as text_encoder, and the run trained on it as the generator",
+            field="text_encoder",
         )
     if kind == "autoencoder":
         raise ConfigError(f"pipeline generator {part.path} is an autoencoder, not a diffusion run")

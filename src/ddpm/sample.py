@@ -178,7 +178,8 @@ def generate(
             if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
                 raise
             raise ConfigError(
-                f"out of memory sampling a batch of {n} on {device}: lower --batch-size (now {batch_size})"
+                f"out of memory sampling a batch of {n} on {device}: lower batch_size (now {batch_size})",
+                field="batch_size",
             ) from None
         out.append(x.float().cpu())
     if not procs.distributed:
@@ -396,16 +397,20 @@ def check_options(opts: SampleOptions) -> None:
     check_seed(opts.seed)
     _ = opts.guidance_value  # the guidance options as one value: checked when made (negative prompt too)
     if opts.low_res_noise is not None and opts.low_res_noise < 0:
-        raise ConfigError(f"--low-res-noise must be a noise level >= 0 (0 = clean), got {opts.low_res_noise}")
+        raise ConfigError(
+            f"low_res_noise must be a noise level >= 0 (0 = clean), got {opts.low_res_noise}",
+            field="low_res_noise",
+        )
     if isinstance(opts.prompts, str):
         raise ConfigError("prompts must be a list of texts, not one text")
     for prompt in opts.prompts or ():
-        check_text(prompt, "--prompt")
+        check_text(prompt, "prompts")
     if opts.prompts and opts.num < len(opts.prompts):
         k = len(opts.prompts)
         raise ConfigError(
-            f"--num {opts.num} is fewer than the {k} prompts: each prompt gets an equal block of the "
-            f"samples, so ask for at least {k} (a multiple of {k} for equal blocks)"
+            f"num {opts.num} is fewer than the {k} prompts: each prompt gets an equal block of the "
+            f"samples, so ask for at least {k} (a multiple of {k} for equal blocks)",
+            field="num",
         )
 
 
@@ -421,9 +426,10 @@ def check_memory(num: int, shape: tuple[int, ...], decoded: tuple[int, ...] | No
     if need > total:
         size = "x".join(map(str, decoded or shape))
         raise ConfigError(
-            f"--num {num}: {num} samples of {size} take about {_gb(need)} of memory (float32, gathered "
+            f"num {num}: {num} samples of {size} take about {_gb(need)} of memory (float32, gathered "
             f"before they are written); this machine has {_gb(total)}: ask for at most "
-            f"{total // per_sample} (several runs with different --seed make more)"
+            f"{total // per_sample} (several runs with different seeds make more)",
+            field="num",
         )
 
 

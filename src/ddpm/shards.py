@@ -45,15 +45,15 @@ def _owned_shards(out: Path) -> set[str]:
     """The shard files an earlier make_shards wrote in ``out``: those its shards.json lists (an unfinished
     run's lists what it was writing). A folder with shard files or a shards.json that ddpm did not write
     is refused, before anything in it is touched."""
-    refuse = "so it is not written into; choose another --out"
+    refuse = "so it is not written into; choose another out"
     owned = set()
     if (out / INDEX_NAME).exists():
         try:
             index = read_json(out / INDEX_NAME, expect=dict)
         except DataError as e:
-            raise DataError(f"{e}: not ddpm's shard index, {refuse}") from None
+            raise DataError(f"{e}: not ddpm's shard index, {refuse}", field="out") from None
         if index.get("format") != FORMAT:
-            raise DataError(f"{out / INDEX_NAME} is not a ddpm shard index, {refuse}")
+            raise DataError(f"{out / INDEX_NAME} is not a ddpm shard index, {refuse}", field="out")
         entries = index.get("shards") if isinstance(index.get("shards"), list) else []
         names = [e.get("name") for e in entries if isinstance(e, dict)]
         names += index.get("writing") if isinstance(index.get("writing"), list) else []
@@ -63,7 +63,8 @@ def _owned_shards(out: Path) -> set[str]:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise DataError(
             f"{out} holds {foreign[0]}{more}, which no ddpm {INDEX_NAME} there lists: not written by "
-            f"`ddpm make-shards`, {refuse}"
+            f"`ddpm make-shards`, {refuse}",
+            field="out",
         )
     return owned
 
@@ -75,10 +76,10 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
     write is refused untouched (other files beside them are left alone), and nothing is written before
     every image has decoded."""
     if shard_size <= 0:
-        raise DataError(f"--shard-size must be positive, got {shard_size}")
+        raise DataError(f"shard_size must be positive, got {shard_size}", field="shard_size")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory")
+        raise DataError(f"out {out} is a file, not a directory", field="out")
     owned = _owned_shards(out) if out.is_dir() else set()
     files = image_files(str(folder), "shards")
     grayscale = True
@@ -162,7 +163,10 @@ class ShardIndex:
     @classmethod
     def load(cls, root: str | None) -> ShardIndex:
         if root is None:
-            raise DataError("dataset 'shards' needs the shards' directory or URL (--data-dir)")
+            raise DataError(
+                "dataset 'shards' needs the shards' directory or URL (data_dir, or the config's data.root)",
+                field="data_dir",
+            )
         where = f"{str(root).rstrip('/')}/{INDEX_NAME}"
         with _open(str(root), INDEX_NAME) as f:
             try:

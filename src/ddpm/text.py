@@ -19,6 +19,8 @@ from .errors import first_line
 
 @dataclass
 class TextEncoding:
+    """A ``Condition`` (ddpm.conditioning.condition), as ``TokenIds`` is."""
+
     tokens: torch.Tensor  # [B, L, D]
     mask: torch.Tensor  # [B, L] bool, True where a token is real
     pooled: torch.Tensor  # [B, D]
@@ -55,6 +57,10 @@ class TextEncoding:
         """The first ``length`` token positions (padding beyond the longest text is never attended)."""
         return TextEncoding(self.tokens[:, :length], self.mask[:, :length], self.pooled)
 
+    def chunk(self, n: int) -> list[TextEncoding]:
+        parts = zip(self.tokens.chunk(n), self.mask.chunk(n), self.pooled.chunk(n), strict=True)
+        return [TextEncoding(*part) for part in parts]
+
 
 @dataclass
 class TokenIds:
@@ -82,6 +88,9 @@ class TokenIds:
 
     def truncate(self, length: int) -> TokenIds:
         return TokenIds(self.ids[:, :length], self.mask[:, :length])
+
+    def chunk(self, n: int) -> list[TokenIds]:
+        return [TokenIds(i, m) for i, m in zip(self.ids.chunk(n), self.mask.chunk(n), strict=True)]
 
     @staticmethod
     def cat(items: list[TokenIds]) -> TokenIds:

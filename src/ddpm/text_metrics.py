@@ -224,12 +224,12 @@ def evaluate_text(
     if not source.exists():
         raise DataError(f"{source} does not exist; give a text-conditional run or its samples' folder")
     if per_prompt <= 0:
-        raise DataError(f"--per-prompt must be positive, got {per_prompt}")
+        raise DataError(f"per_prompt must be positive, got {per_prompt}", field="per_prompt")
     if clip is not None:
         clip = PretrainedClip(clip)  # a bad model fails before any sampling
-    for flag, folder in (("--domain-clip", domain_clip), ("--data-dir", data_dir)):
+    for name, folder in (("domain_clip", domain_clip), ("data_dir", data_dir)):
         if folder is not None and not Path(folder).is_dir():  # so does a missing folder
-            raise DataError(f"{flag} {folder} is not a folder")
+            raise DataError(f"{name} {folder} is not a folder", field=name)
     sampling = sampling or SampleOptions()
     if (source / "pipeline.json").is_file():
         source = _generate_through(source, per_prompt, sampling, progress)
@@ -295,7 +295,9 @@ def _prompts_to_score(cfg: dict, source: Path, sampling) -> tuple[str, ...]:
         raise DataError(f"{source} is not text-conditional; `eval text` needs a run trained on captions")
     prompts = sampling.prompts or tuple(attribute_prompts(cfg["data"].get("class_names") or ()))
     if not prompts:
-        raise DataError(f"{source}'s data has no class names: give the prompts to score with --prompt")
+        raise DataError(
+            f"{source}'s data has no class names: give prompts, the texts to score", field="prompts"
+        )
     return prompts
 
 

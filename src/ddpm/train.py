@@ -16,11 +16,13 @@ import json
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .budget import Budget
 from .checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -32,8 +34,8 @@ from .errors import CheckpointError, ConfigError
 from .files import write_json
 from .rng import seed_dropout, step_generator
 from .rundir import RunDirectory
-from .runtime import Runtime, init_processes
-from .tasks import Task, TaskContext, make_task
+from .runtime import Runtime, init_processes, probe_precision
+from .tasks import Batch, Task, TaskContext, make_task
 
 # With train.on_nonfinite = "skip", this many skipped steps in a row stop the run all the same.
 MAX_CONSECUTIVE_SKIPS = 100
@@ -74,11 +76,15 @@ class EMA:
 def learning_rate(
     step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", total_steps: int = 0
 ) -> float:
-    """Linear warm-up from 0 over ``warmup_steps`` updates, then constant (the original code) or, with
-    ``schedule="cosine"``, decaying along a half cosine to 0 at ``total_steps``."""
+    """Linear warm-up from 0 over ``warmup_steps`` updates, then constant (the original code) or decaying
+    to 0 at ``total_steps``: along a half cosine (``schedule="cosine"``) or a straight line ("linear"; with
+    the warm-up, the one-cycle shape). ``total_steps`` 0 is a count not known yet (a budgeted run's probe,
+    ddpm.budget): no decay."""
     lr = base_lr * min(step / warmup_steps, 1.0) if warmup_steps > 0 else base_lr
-    if schedule == "cosine":
+    if schedule == "cosine" and total_steps:
         lr *= 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    elif schedule == "linear" and total_steps:
+        lr *= max(1.0 - step / total_steps, 0.0)
     return lr
 
 
@@ -174,7 +180,9 @@ class Trainer:
         self.run = RunDirectory(run_dir)
         self.run_dir = self.run.path
         t = cfg.train
-        self.runtime = Runtime(t.device, t.precision, t.channels_last, t.compile, t.compile_mode).resolve()
+        probing = t.precision == "auto"  # (chosen below, once the network and a batch exist)
+        precision = "fp32" if probing else t.precision
+        self.runtime = Runtime(t.device, precision, t.channels_last, t.compile, t.compile_mode).resolve()
         self.device = self.runtime.device
         self.procs = init_processes(self.device)
         self.progress = progress and self.procs.is_main
@@ -188,10 +196,16 @@ class Trainer:
         if resume:
             ckpt = Checkpoint(self.run_dir / CHECKPOINT_NAME)
             restore_resolved(cfg, ckpt)
+        self.budget = Budget.of(t.budget_minutes, ckpt.train_state.get("budget") if ckpt else None)
+        if self.budget is not None:  # its step count replaces train.steps (measured, or being measured)
+            t.steps = self.budget.total_steps()
+        if resume:
             check_resume_changes(ckpt.config, cfg)
         elif (self.run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
-                f"{self.run_dir} already holds a run; use --resume to continue it or pick --out"
+                f"{self.run_dir} already holds a run; continue it with resume, or choose another run "
+                "directory",
+                field="resume",
             )
         self.cfg = cfg
         context = TaskContext(self.run_dir, self.device, self.procs, cache_dir, self.progress)
@@ -207,8 +221,6 @@ class Trainer:
 
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        # The network as the loss calls it: with the precision and speed options of the config.
-        self.network = self.runtime.wrap(self.ddp or self.model)
         optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(
             self.model.parameters(),
@@ -227,14 +239,21 @@ class Trainer:
         self.unchecked = []  # train.deferred_checks: (step, loss, grad norm) not yet read back
         if ckpt is not None:
             self._restore(ckpt)
+        self.batches: dict[int, Batch] = {}  # a step's batch made before its step (the precision probe's)
+        self.precision_probe = self._choose_precision(cfg) if t.precision == "auto" else None
+        # The network as the loss calls it: with the precision and speed options of the config.
+        self.network = self.runtime.wrap(self.ddp or self.model)
         self.stop_signal: int | None = None
+        self.clock = time.perf_counter  # what the loop times its steps with (a test's own clock in tests)
         problem = None
         if self.procs.is_main:
             # Owned from here on (checked last, so that bad input leaves no directory behind).
             try:
                 self.run.lock()
                 if not resume and (self.run_dir / CHECKPOINT_NAME).exists():  # written while we got ready
-                    raise ConfigError(f"{self.run_dir} already holds a run; use --resume to continue it")
+                    raise ConfigError(
+                        f"{self.run_dir} already holds a run; continue it with resume", field="resume"
+                    )
                 self.run.remove_temporary_files()
                 self.run.keep_metrics_up_to(self.step)
                 write_json(self.run_dir / "config.json", cfg.to_dict())
@@ -268,13 +287,38 @@ class Trainer:
         self.skipped_steps = int(ckpt.train_state.get("skipped_steps", 0))
         self.consecutive_skips = int(ckpt.train_state.get("consecutive_skips", 0))
 
+    def _choose_precision(self, cfg: Config) -> dict:
+        """train.precision "auto": time this run's own first training step (forward and backward of its
+        first micro-batch) in fp32 and bf16 (``ddpm.runtime.probe_precision``) and train in the faster,
+        recorded as the config's resolved train.precision (so a resumed run keeps it). The probe's
+        gradients are dropped and the batch is kept for the step (a stream is read once), so the run is
+        the one it would be with that precision asked for. Every process must find bf16 faster for it."""
+        t = cfg.train
+        batch = self.task.batch(self.step, step_generator(t.seed, self.step))
+        self.batches[self.step] = batch
+        micro = batch.chunk(t.grad_accum)[0]
+
+        def step(precision: str) -> None:
+            network = replace(self.runtime, precision=precision, compile=False).wrap(self.ddp or self.model)
+            self.task.loss(network, micro).mean().backward()
+            self.model.zero_grad(set_to_none=True)
+
+        probe = probe_precision(step, self.device)
+        probe["chose"] = "fp32" if self.procs.any(probe["chose"] != "bf16")[0] else "bf16"
+        t.precision = probe["chose"]
+        self.runtime = replace(self.runtime, precision=t.precision)
+        return probe
+
     # ---- one training step (Algorithm 1) ----
 
     def train_step(self) -> dict[str, float | torch.Tensor]:
         t_cfg = self.cfg.train
-        batch = self.task.batch(self.step, step_generator(t_cfg.seed, self.step))
+        batch = self.batches.pop(self.step, None)
+        if batch is None:
+            batch = self.task.batch(self.step, step_generator(t_cfg.seed, self.step))
         seed_dropout(t_cfg.seed, self.step, self.procs.rank)
-        lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps, t_cfg.lr_schedule, t_cfg.steps)
+        total = t_cfg.steps if self.budget is None or self.budget.fixed else 0
+        lr = learning_rate(self.step, t_cfg.lr, t_cfg.warmup_steps, t_cfg.lr_schedule, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         (self.ddp or self.model).train()
@@ -387,16 +431,22 @@ class Trainer:
         bar = _progress(self.progress, self.step, t_cfg.steps)
         metrics_file = open(self.run.metrics_path, "a") if self.procs.is_main else None
         stopped = "done"
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images = self.clock(), 0
         handlers = _catch_stop_signals(self)
         try:
             while self.step < t_cfg.steps:
-                start = time.perf_counter()
+                start = self.clock()
                 stats = self.train_step()
-                elapsed = time.perf_counter() - start
+                elapsed = self.clock() - start
                 self.train_seconds += elapsed
                 session_seconds += elapsed
                 window_images += t_cfg.batch_size
+                if self.budget is not None:  # (every process fixes the same count: the slowest's)
+                    fixed = self.budget.observe(
+                        self.step - 1, elapsed, self.train_seconds, self.procs.largest
+                    )
+                    if fixed is not None:
+                        t_cfg.steps = bar.total = fixed
                 bar.update(1)
                 # Every process must stop at the same step: the time limit and signals are agreed on.
                 sigint, sigterm, out_of_time = self.procs.any(
@@ -409,18 +459,18 @@ class Trainer:
                 log = self.step % t_cfg.log_every == 0 or self.step == t_cfg.steps or "skipped" in stats
                 checkpoint = self.step % t_cfg.checkpoint_every == 0 or last
                 if t_cfg.deferred_checks and (log or checkpoint):  # (on every process: they agree)
-                    start = time.perf_counter()
+                    start = self.clock()
                     stats = {name: float(value) for name, value in stats.items()}
                     skipped = self.check_deferred()
-                    waited = time.perf_counter() - start  # for the device to finish the unchecked steps
+                    waited = self.clock() - start  # for the device to finish the unchecked steps
                     self.train_seconds += waited
                     session_seconds += waited
                     if skipped:
                         stats["skipped"], log = float(skipped), True
                 if log:
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = self.clock() - window_start
                     stats["images_per_s"] = round(window_images / max(elapsed, 1e-9), 2)
-                    window_start, window_images = time.perf_counter(), 0
+                    window_start, window_images = self.clock(), 0
                     if metrics_file is not None:
                         record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
                         metrics_file.write(json.dumps(record) + "\n")
@@ -443,6 +493,10 @@ class Trainer:
                 metrics_file.close()
             bar.close()
         result = {"step": self.step, "stopped": stopped, "train_seconds": round(self.train_seconds, 1)}
+        if self.budget is not None:
+            result["budget"] = self.budget.record()
+        if self.precision_probe is not None:
+            result["precision_probe"] = self.precision_probe
         if self.skipped_steps:
             result["skipped_steps"] = self.skipped_steps
         return result
@@ -455,6 +509,10 @@ class Trainer:
             state["consecutive_skips"] = self.consecutive_skips
         if self.procs.distributed:
             state["world_size"] = self.procs.world_size
+        if self.budget is not None:
+            state["budget"] = self.budget.record()
+        if self.precision_probe is not None:
+            state["precision_probe"] = self.precision_probe
         state.update(self.task.checkpoint_state(lambda: self.ema.model_copy(self.model)))
         save_checkpoint(
             self.run_dir / CHECKPOINT_NAME,

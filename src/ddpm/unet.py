@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioning.condition import ClassIds, Condition
 from .conditioning.low_res import LowResImage
 from .text import TextEncoding
 
@@ -205,10 +206,11 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """The DDPM U-Net. ``model(x, t)`` maps images [B, C, H, W] and timesteps [B] to [B, out_ch, H, W].
 
-    With ``num_classes`` > 0 it is class-conditional: ``model(x, t, y)`` with class ids y [B] in
-    0..num_classes, where id ``num_classes`` is the reserved "null" class (no condition; what condition
-    dropout trains and classifier-free guidance contrasts with). The class embedding is added to the time
-    embedding. With num_classes = 0 (the default) the network is exactly the paper's.
+    With ``num_classes`` > 0 it is class-conditional: ``model(x, t, y)`` with ``ClassIds`` y (or their
+    tensor [B]) in 0..num_classes, where id ``num_classes`` is the reserved "null" class (no condition,
+    what y None gives; what condition dropout trains and classifier-free guidance contrasts with). The
+    class embedding is added to the time embedding. With num_classes = 0 (the default) the network is
+    exactly the paper's.
 
     With ``low_res_channels`` > 0 it is a super-resolution stage of a cascade: ``model(x, t, low)`` with a
     ``LowResImage`` whose (upsampled, noised) image is concatenated to x and whose augmentation level is
@@ -303,8 +305,31 @@ class UNet(nn.Module):
                 raise ValueError("a super-resolution U-Net takes no class or text condition")
             self.level_embed = nn.Sequential(linear(ch, temb_ch), nn.SiLU(), linear(temb_ch, temb_ch))
 
+    def condition(self, y: Condition | torch.Tensor | None, n: int, device) -> Condition | None:
+        """``y`` as the condition this network takes (what the network is decides, not what ``y`` is),
+        one row for each of ``n`` examples: ClassIds for a class-conditional U-Net (a tensor of ids or one
+        id is wrapped; None is the null class), a TextEncoding for a text-conditional one, a LowResImage for
+        a super-resolution stage, None for an unconditional one. Any other is a ValueError."""
+        if self.class_embed is not None:
+            if y is None:  # no condition: the null class
+                return ClassIds(torch.full((n,), self.num_classes, device=device, dtype=torch.long))
+            if isinstance(y, torch.Tensor):  # class ids as a bare tensor, as before ClassIds
+                y = ClassIds.of(y)
+            takes, hint = ClassIds, "class-conditional: give ClassIds (or a tensor of class ids)"
+        elif self.text_pool is not None:  # the null text is the encoder's "", which only it knows
+            takes, hint = TextEncoding, 'text-conditional: give a TextEncoding (of "" for none)'
+        elif self.level_embed is not None:
+            takes, hint = LowResImage, "a super-resolution stage: give a LowResImage"
+        elif y is None:
+            return None
+        else:
+            raise ValueError("this U-Net is unconditional; it takes no condition")
+        if not isinstance(y, takes):
+            raise ValueError(f"this U-Net is {hint}, got {type(y).__name__}")
+        return y.repeat_to(n)
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextEncoding | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: Condition | torch.Tensor | None = None
     ) -> torch.Tensor:
         if x.shape[-2:] != (self.resolution, self.resolution):
             # Attention placement was fixed for `resolution`; another size would silently move it.
@@ -315,30 +340,21 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
+        y = self.condition(y, x.shape[0], x.device)
         text = None
         if self.class_embed is not None:
-            if y is None:  # no condition: the null class
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            elif y.ndim == 0:
-                y = y.expand(x.shape[0])
-            temb = temb + self.class_embed(y).to(temb.dtype)
+            temb = temb + self.class_embed(y.ids).to(temb.dtype)
         elif self.text_pool is not None:
-            if not isinstance(y, TextEncoding):  # the null text is the encoder's "", which only it knows
-                raise ValueError('this U-Net is text-conditional: give a TextEncoding (of "" for none)')
-            text = y.repeat_to(x.shape[0])
+            text = y
             temb = temb + self.text_pool(text.pooled.to(temb.dtype))
         elif self.level_embed is not None:
-            if not isinstance(y, LowResImage):
-                raise ValueError("this U-Net is a super-resolution stage: give a LowResImage")
             if y.image.shape[1] != self.low_res_channels or y.image.shape[-2:] != x.shape[-2:]:
                 raise ValueError(
                     f"a low-resolution condition of shape {tuple(y.image.shape)} for inputs {tuple(x.shape)}"
                 )
             x = torch.cat([x, y.image.to(x.dtype)], dim=1)
-            level = timestep_embedding(y.level.expand(x.shape[0]), self.ch).to(temb.dtype)
+            level = timestep_embedding(y.level, self.ch).to(temb.dtype)
             temb = temb + self.level_embed(level)
-        elif y is not None:
-            raise ValueError("this U-Net is unconditional; it takes no condition")
 
         def attend(attn, h):
             return attn(h) if text is None or isinstance(attn, nn.Identity) else attn(h, text)

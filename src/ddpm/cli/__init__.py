@@ -12,7 +12,7 @@ import sys
 
 from ..errors import DDPMError
 from ..runtime import finish_processes, keep_freed_memory
-from .parser import build_parser, refuse_invalid_utf8
+from .parser import build_parser, chosen_command, in_flags, refuse_invalid_utf8
 
 __all__ = ["build_parser", "main"]
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_processes()  # under torchrun: after every process is done
         return code
     except DDPMError as e:
-        say(f"ddpm: error: {e}", file=sys.stderr)
+        say(f"ddpm: error: {in_flags(e, chosen_command(parser, args)[1])}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out names an existing file, a full disk, no permission
         say(f"ddpm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

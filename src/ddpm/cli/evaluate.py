@@ -14,14 +14,15 @@ def add_eval(commands) -> None:
     metrics = p.add_subparsers(dest="metric", required=True)
 
     e = metrics.add_parser("fid", help="FID, KID and Inception (or classifier) score vs a data split")
-    add_flags(e, "source:fid", "--dataset:fid", "--split:fid", "--extractor", "--inception-weights")
-    add_flags(e, "--cache-dir", "--num:fid", *SAMPLING_FLAGS, "--out:fid", "--data-dir:fid", "--no-progress")
+    add_flags(e, "source:fid", "--dataset:fid", "--split", "--extractor", "--inception-weights")
+    add_flags(e, "--resamples")
+    add_flags(e, "--cache-dir", "--num:fid", *SAMPLING_FLAGS, "--out:fid", "--data-dir", "--no-progress")
     e.set_defaults(func=cmd_eval_fid)
 
     e = metrics.add_parser("nll", help="the NLL bound in bits/dim, per-t terms and rate/distortion")
-    add_flags(e, "checkpoint", "--out:nll", "--split", "--num:nll", "--no-clip:nll", "--estimate-steps")
+    add_flags(e, "checkpoint", "--out:nll", "--split", "--num:nll", "--no-clip", "--estimate-steps")
     add_flags(e, "--batch-size:nll", "--seed", "--no-ema", *RUNTIME_FLAGS, "--data-dir", "--var-type")
-    add_flags(e, "--no-progress", "--class:nll", "--prompt:nll")
+    add_flags(e, "--no-progress", "--class", "--prompt")
     e.set_defaults(func=cmd_eval_nll)
 
     e = metrics.add_parser(
@@ -37,7 +38,7 @@ def add_train_classifier(commands) -> None:
         "train-classifier", help="train (or retrain) the domain classifier used by eval fid"
     )
     add_flags(p, "--dataset:classifier", "--image-size:classifier", "--epochs", "--cache-dir")
-    add_flags(p, "--data-dir:classifier", "--no-progress")
+    add_flags(p, "--data-dir", "--no-progress")
     p.set_defaults(func=cmd_train_classifier)
 
 
@@ -56,6 +57,7 @@ def cmd_eval_fid(args) -> int:
         inception_weights=args.inception_weights,
         out=args.out,
         progress=not args.no_progress,
+        resamples=args.resamples,
     )
     if path is None:  # not the main process under torchrun
         return 0

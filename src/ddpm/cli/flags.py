@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..config import COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, PRECISIONS
+from ..config import COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, PRECISIONS, TRAIN_PRECISIONS
 from ..runtime import Runtime
 from ..sample import SampleOptions
 from ..samplers import SAMPLERS, SPACINGS
@@ -68,8 +68,6 @@ def flag(usual: dict | None = None, **meanings: dict) -> Flag:
 
 OUT = "output directory (default RUN_DIR/{})"  # the commands that write into the run they read
 KEEP = " (default: the config's)"  # a training flag left unset leaves the config's value
-SAMPLE_CLASS = "class-conditional runs: sample this class (name or index); default: every class in "
-NLL_CLASS = "class-conditional runs: the bound on log p(x | class) over the split's images of this class"
 
 # name -> argparse keywords, or a Flag where commands take the name in different senses
 FLAGS: dict[str, dict | Flag] = {
@@ -111,10 +109,8 @@ FLAGS: dict[str, dict | Flag] = {
         classifier=dict(default="fashion-mnist"),
     ),
     "--data-dir": flag(
-        dict(help="where the dataset is (default: as in the run's config)"),
+        dict(help="where the dataset is (default: the run's, else the dataset's usual place)"),
         config=dict(help="data directory (image folder, or where the dataset files are)", config="data.root"),
-        fid=dict(help="where the reference dataset is (default: the usual place)"),
-        classifier=dict(help="where the dataset is"),
     ),
     "--image-size": flag(
         config=dict(type=int, config="data.image_size"),
@@ -142,6 +138,13 @@ FLAGS: dict[str, dict | Flag] = {
     "--time-limit": dict(
         type=float, metavar="MINUTES", help="stop training after this long", config="train.time_limit_minutes"
     ),
+    "--budget": dict(
+        type=float,
+        metavar="MINUTES",
+        help="train for this much training time: the step count is fixed from the speed of the first 25 "
+        "steps (--steps is then not used) and the learning-rate schedule ends there",
+        config="train.budget_minutes",
+    ),
     "--tokenizer": dict(
         choices=("bytes", "bpe"),
         help="bytes (the preset's): UTF-8 bytes; bpe: byte-level BPE trained on the captions (`tokenizers`)",
@@ -161,9 +164,10 @@ FLAGS: dict[str, dict | Flag] = {
             "keeps GroupNorm in bf16 (no casts around it on CUDA) (default fp32)",
         ),
         config=dict(
-            choices=PRECISIONS,
+            choices=TRAIN_PRECISIONS,
             default=None,
-            help="fp32, bf16 autocast, or bf16-norm (GroupNorm in bf16 too)" + KEEP,
+            help="fp32, bf16 autocast, bf16-norm (GroupNorm in bf16 too), or auto (the faster of fp32 and "
+            "bf16 on this machine, by a short probe)" + KEEP,
             config="train.precision",
         ),
     ),
@@ -225,24 +229,14 @@ FLAGS: dict[str, dict | Flag] = {
         help="noise level: DDIM's (0 deterministic, the default; 1 = ancestral fixed-small) or the SDE "
         "solvers' (1 the reverse SDE, the default; 0 the ODE; more adds noise)",
     ),
-    "--spacing": flag(
-        dict(
-            choices=SPACINGS,
-            help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and "
-            "ddim), leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
-        ),
-        invert=dict(
-            choices=SPACINGS,
-            default="linspace",
-            help="timesteps (default linspace, the chain `ddpm sample --sampler ddim --steps N` uses)",
-        ),
+    "--spacing": dict(
+        choices=SPACINGS,
+        help="which timesteps --steps keeps: linspace (0 and T-1 included; default for ancestral and ddim, "
+        "and so for invert), leading, trailing, or logsnr (even in log-SNR; default for dpm++2m)",
     ),
-    "--no-clip": flag(
-        sampling=dict(
-            action="store_true",
-            help="do not clip the predicted x0 to [-1, 1] (2-D points are never clipped)",
-        ),
-        nll=dict(action="store_true", help="do not clip x0 in the model mean (default: clip)"),
+    "--no-clip": dict(
+        action="store_true",
+        help="do not clip the predicted x0 to [-1, 1] in the model mean (2-D points are never clipped)",
     ),
     "--no-ema": dict(action="store_true", help="use the raw weights instead of the EMA"),
     "--var-type": dict(
@@ -254,46 +248,41 @@ FLAGS: dict[str, dict | Flag] = {
         help="super-resolution stages: the low-resolution images to upsample (samples.npz or its folder, "
         "e.g. a base model's `ddpm sample` output; larger images are downsampled first)",
     ),
-    "--low-res-noise": flag(
-        dict(
-            type=int,  # bounds: the stage's timesteps (ddpm.sample)
-            metavar="LEVEL",
-            help="super-resolution stages: the augmentation noise level of the low-resolution input "
-            "(0 = clean; default the stage's model.low_res_noise)",
-        ),
-        generate=dict(type=int, metavar="LEVEL", help="the decoder's augmentation level (default its own)"),
+    "--low-res-noise": dict(
+        type=int,  # bounds: the stage's timesteps (ddpm.sample)
+        metavar="LEVEL",
+        help="super-resolution stages (generate: the decoder): the augmentation noise level of the "
+        "low-resolution input (0 = clean; default the stage's model.low_res_noise)",
     ),
     # ---- conditions and guidance (ddpm.conditioning) ----
+    # the commands that draw many images take several classes or prompts; those that follow one chain
+    # per image (invert, figures, eval nll) take one, and default to the unconditional branch
     "--class": flag(
         dict(
             dest="class_name",
-            help="class-conditional runs: condition on this class (name or index); default: the null "
-            "class (the model's unconditional branch)",
+            help="class-conditional runs: condition on this class (name or index; eval nll: over the "
+            "split's images of it); default: the null class (the model's unconditional branch)",
         ),
-        sampling=dict(dest="class_name", help=SAMPLE_CLASS + "equal blocks, one grid row each"),
-        nll=dict(dest="class_name", help=NLL_CLASS + " (default: the null class, the unconditional branch)"),
+        sampling=dict(
+            dest="class_name",
+            help="class-conditional runs: sample this class (name or index); default: every class in "
+            "equal blocks, one grid row each",
+        ),
     ),
     "--prompt": flag(
         dict(
-            help="text-conditional runs: condition on this text; default: the empty text (unconditional "
-            "branch)"
+            help="text-conditional runs: condition on this text (eval nll: the bound on log p(x | it)); "
+            "default: the empty text (the unconditional branch)"
         ),
-        nll=dict(help="text-conditional runs: the bound on log p(x | this text)"),
         sampling=dict(
             action="append",
             dest="prompts",
             help="text-conditional runs: a prompt (repeatable: the samples are split into equal blocks, a "
             "grid row per prompt; default 'a photo of a CLASS' for each class of the data)",
         ),
-        generate=dict(
-            action="append",
-            dest="prompts",
-            help="a prompt (repeatable: equal blocks, a grid row each; default one per class of the data)",
-        ),
     ),
-    "--negative-prompt": flag(
-        dict(help="text-conditional runs: guide away from this text (default: the empty text)"),
-        generate=dict(help="guide away from this text (default: the empty text)"),
+    "--negative-prompt": dict(
+        help="text-conditional runs: guide away from this text (default: the empty text)"
     ),
     "--guidance": dict(
         type=float,  # bounds: ddpm.conditioning.guidance
@@ -333,9 +322,8 @@ FLAGS: dict[str, dict | Flag] = {
     "--images": dict(  # invert
         help="samples.npz (or its folder) to invert (default: the run's test split)"
     ),
-    "--split": flag(  # eval fid, eval nll
-        dict(default="test", choices=("train", "test"), help="the data split (default test)"),
-        fid=dict(default="test", choices=("train", "test"), help="the reference split (default test)"),
+    "--split": dict(  # eval fid (the reference images), eval nll
+        default="test", choices=("train", "test"), help="the data split (default test)"
     ),
     "--extractor": dict(
         choices=["auto", "inception", "domain"],
@@ -346,6 +334,12 @@ FLAGS: dict[str, dict | Flag] = {
     "--inception-weights": dict(
         metavar="PATH",
         help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: download)",
+    ),
+    "--resamples": dict(  # eval fid
+        type=integer(2, 10_000),
+        default=50,
+        help="bootstrap resamples behind the FID's standard error and 95%% interval (default 50; each costs "
+        "one FID: milliseconds with the domain classifier, about a second with Inception)",
     ),
     "--estimate-steps": dict(
         type=positive,
@@ -381,11 +375,11 @@ RUNTIME_FLAGS = ("--device", "--precision", "--channels-last", "--compile", "--c
 # `ddpm config` and the training commands
 CONFIG_FLAGS = ("--preset", "--config", "--set", "--dataset:config", "--data-dir:config")
 CONFIG_FLAGS += ("--image-size:config", "--channels", "--steps:config", "--batch-size:config", "--lr")
-CONFIG_FLAGS += ("--seed:config", "--device:config", "--precision:config", "--time-limit")
+CONFIG_FLAGS += ("--seed:config", "--device:config", "--precision:config", "--time-limit", "--budget")
 # (the cache: for an autoencoder's report at its finish)
 TRAINING_FLAGS = (*CONFIG_FLAGS, "--out:train", "--resume", "--no-progress", "--cache-dir")
 # how to sample: `sample`, `eval fid` and `eval text`
-SAMPLING_FLAGS = ("--steps", "--sampler", "--eta", "--no-clip:sampling", "--batch-size", "--seed")
+SAMPLING_FLAGS = ("--steps", "--sampler", "--eta", "--no-clip", "--batch-size", "--seed")
 SAMPLING_FLAGS += ("--spacing", "--no-ema", *RUNTIME_FLAGS, "--var-type", "--class:sampling", "--guidance")
 SAMPLING_FLAGS += ("--guidance-interval", "--guidance-rescale", "--prompt:sampling", "--negative-prompt")
 SAMPLING_FLAGS += ("--low-res", "--low-res-noise")
@@ -423,3 +417,11 @@ CONFIG_KEYS = {
     for spec in (*CONFIG_FLAGS, "--tokenizer")
     if "config" in keywords(spec)
 }
+
+# The fields that the library's errors name (DDPMError.field) whose flag's dest has another name: the
+# field -> the dest of the flag that sets it. Every other field is its flag's dest (guidance_rescale is
+# --guidance-rescale). Config keys (train.lr) stay as they are: --set takes them so.
+FIELD_DESTS = {"clip_denoised": "no_clip", "use_ema": "no_ema"}
+# (the folder written: sample_to_dir's and generate_to_dir's out_dir, Trainer's and import_diffusers'
+# run_dir; evaluate_nll's num_images)
+FIELD_DESTS |= {"out_dir": "out", "run_dir": "out", "num_images": "num"}

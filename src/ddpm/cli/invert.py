@@ -9,7 +9,7 @@ from .options import output_dir, print_json, runtime
 def add_invert(commands) -> None:
     p = commands.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
     add_flags(p, "checkpoint", "--out:invert", "--images", "--num:invert", "--steps:invert")
-    add_flags(p, "--spacing:invert", "--batch-size", "--no-ema", *RUNTIME_FLAGS, "--data-dir")
+    add_flags(p, "--spacing", "--batch-size", "--no-ema", *RUNTIME_FLAGS, "--data-dir")
     add_flags(p, "--class", "--prompt", "--guidance")
     p.set_defaults(func=cmd_invert)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ..errors import DDPMError
 from . import config, convert, evaluate, figures, invert, pipeline, sample, train
+from .flags import FIELD_DESTS
 
 # `ddpm --help` lists the commands in this order
 COMMANDS = (
@@ -49,12 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_invalid_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (exit 2, one line) a flag or positional argument whose value was not valid UTF-8 on the
-    command line (Python holds such bytes as surrogate escapes): e.g. a path or a prompt in another
-    encoding, which would fail later when written or printed."""
-    from ..conditioning import check_text
-
+def chosen_command(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The (sub)command parser that ``args`` were parsed by, and its arguments: dest -> the flag (its
+    first option string) or, for a positional argument, its name."""
     names, chosen, command = {}, [parser], parser
     while chosen:  # the parser, then the subcommand's parser (and its own subcommand's)
         command = chosen.pop()
@@ -62,6 +61,30 @@ def refuse_invalid_utf8(parser: argparse.ArgumentParser, args: argparse.Namespac
             names.setdefault(action.dest, action.option_strings[0] if action.option_strings else action.dest)
             if isinstance(action, argparse._SubParsersAction):
                 chosen.append(action.choices[getattr(args, action.dest)])
+    return command, names
+
+
+def in_flags(error: DDPMError, flags: dict[str, str]) -> str:
+    """``error``'s message as the command line says it: the field it names (see DDPMError) replaced by
+    the flag that sets it, where the command has one (``flags``: dest -> flag, as chosen_command gives).
+    Only the field as a word of its own: not part of a longer word (``out`` in ``output``, ``out_dir``,
+    ``train.out``) or of a path (``runs/out/x``)."""
+    message = str(error)
+    for field in (error.field,) if isinstance(error.field, str) else error.field or ():
+        flag = flags.get(FIELD_DESTS.get(field, field))
+        if flag is not None and flag.startswith("-"):
+            word = rf"(?<![\w./\\-]){re.escape(field)}(?![\w/\\-])"
+            message = re.sub(word, lambda _, flag=flag: flag, message, count=1)
+    return message
+
+
+def refuse_invalid_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2, one line) a flag or positional argument whose value was not valid UTF-8 on the
+    command line (Python holds such bytes as surrogate escapes): e.g. a path or a prompt in another
+    encoding, which would fail later when written or printed."""
+    from ..conditioning import check_text
+
+    command, names = chosen_command(parser, args)
     for dest, value in vars(args).items():
         for text in value if isinstance(value, list | tuple) else [value]:
             if isinstance(text, str) and not text.isascii():

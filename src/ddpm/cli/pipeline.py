@@ -21,11 +21,11 @@ def add_generate(commands) -> None:
     p = commands.add_parser(
         "generate", help="run a pipeline: prompt -> text encoder -> generator -> decoder -> images"
     )
-    add_flags(p, "pipeline", "--out:generate", "--num:generate", "--prompt:generate")
-    add_flags(p, "--negative-prompt:generate", "--class", "--guidance", "--seed", "--batch-size")
+    add_flags(p, "pipeline", "--out:generate", "--num:generate", "--prompt:sampling")
+    add_flags(p, "--negative-prompt", "--class", "--guidance", "--seed", "--batch-size")
     add_flags(p, *RUNTIME_FLAGS, "--no-progress", "--guidance-interval", "--guidance-rescale")
     add_flags(p, "--sampler:generate")
-    add_flags(p, "--steps:generate", "--decoder-sampler", "--decoder-steps", "--low-res-noise:generate")
+    add_flags(p, "--steps:generate", "--decoder-sampler", "--decoder-steps", "--low-res-noise")
     p.set_defaults(func=cmd_generate)
 
 

@@ -1,7 +1,9 @@
 """What a network is conditioned on, and guidance: one conditioner per run (nothing, class ids or text;
 it owns the null condition, turns a request into each sample's condition and builds the guided
-network), one guidance value, and the checks a request gets."""
+network), one guidance value, and the checks a request gets. Every kind of condition answers one
+protocol (``Condition``); class ids are ``ClassIds``."""
 
+from .condition import ClassIds, Condition, as_condition
 from .conditioner import (
     NULL_TEXT,
     ClassConditioner,
@@ -23,6 +25,8 @@ __all__ = [
     "MAX_GUIDANCE",
     "NULL_TEXT",
     "ClassConditioner",
+    "ClassIds",
+    "Condition",
     "ConditionRequest",
     "LowResConditioner",
     "Guidance",
@@ -30,6 +34,7 @@ __all__ = [
     "TextConditioner",
     "TrainingConditions",
     "Unconditional",
+    "as_condition",
     "balanced_classes",
     "check_guidance",
     "check_request",

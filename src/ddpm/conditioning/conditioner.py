@@ -10,11 +10,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from ..diffusion import VarType, parse_option
 from ..errors import ConfigError
+from .condition import ClassIds
 from .guidance import Guidance, check_guidance, guided
 from .requests import balanced_classes, check_text, class_index, grid_prompts, warn_cut_prompts
 
@@ -42,17 +44,25 @@ def check_request(
     """The class id asked for (None: none), after checking that this run can take the request."""
     check_guidance(guidance)
     if prompt is not None:
-        check_text(prompt)
+        check_text(prompt, "prompt")
     if cfg.model.context_dim:
         if class_name is not None:
-            raise ConfigError("this model is text-conditional: give --prompt, not --class")
+            raise ConfigError(
+                "this model is text-conditional: give prompt, not class_name", field=("prompt", "class_name")
+            )
         return None
     if prompt is not None:
-        kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
-        raise ConfigError(f"--prompt needs a text-conditional run; this one is {kind}")
+        kind = "class-conditional: use class_name" if cfg.model.num_classes else "unconditional"
+        raise ConfigError(
+            f"prompt needs a text-conditional run; this one is {kind}", field=("prompt", "class_name")
+        )
     if cfg.model.num_classes == 0 and (class_name is not None or guidance):
-        raise ConfigError("this model is unconditional: --class and --guidance need a conditional run")
+        _unconditional("class_name" if class_name is not None else "guidance")
     return None if class_name is None else class_index(cfg, class_name)
+
+
+def _unconditional(field: str) -> NoReturn:
+    raise ConfigError(f"this model is unconditional: {field} needs a conditional run", field=field)
 
 
 def guided_network(
@@ -63,16 +73,17 @@ def guided_network(
     rescale: float = 0.0,
     null=None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``network(x, t, class_ids)`` (ids per example, or one int for all) guided with scale w away from
-    the null class. With a learned variance only the prediction's channels are guided (the variance is
-    the conditional branch's). ``null``: the null condition (default the null class; a text run's is an
-    encoding of "" or of a negative prompt)."""
+    """``network(x, t, cond)`` (a condition per example or one for all: ClassIds, or class ids as a
+    tensor or one int; a text run's encodings) guided with scale w away from the null class. With a
+    learned variance only the prediction's channels are guided (the variance is the conditional
+    branch's). ``null``: the null condition (default the null class; a text run's is an encoding of ""
+    or of a negative prompt)."""
     learned = parse_option(VarType, cfg.diffusion.var_type, "variance type").learned
     channels = cfg.data.channels if learned else None
-    null = cfg.model.num_classes if null is None else null
+    null = ClassIds.of(cfg.model.num_classes) if null is None else null
 
-    def conditional(x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor | int) -> torch.Tensor:
-        return guided(network, class_ids, null, guidance, channels, interval, rescale)(x, t)
+    def conditional(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return guided(network, cond, null, guidance, channels, interval, rescale)(x, t)
 
     return conditional
 
@@ -93,13 +104,19 @@ class ConditionRequest:
 
 def _not_low_res(request: ConditionRequest) -> None:
     if request.low_res is not None or request.low_res_noise is not None:
-        raise ConfigError("--low-res and --low-res-noise need a super-resolution stage (model.low_res)")
+        field = "low_res" if request.low_res is not None else "low_res_noise"
+        raise ConfigError(
+            f"{field}: low-resolution inputs need a super-resolution stage (model.low_res)", field=field
+        )
 
 
 def _not_text(cfg, prompts, guidance: Guidance) -> None:
     if prompts or guidance.negative_prompt is not None:
-        kind = "class-conditional: use --class" if cfg.model.num_classes else "unconditional"
-        raise ConfigError(f"--prompt and --negative-prompt need a text-conditional run; this one is {kind}")
+        kind = "class-conditional: use class_name" if cfg.model.num_classes else "unconditional"
+        raise ConfigError(
+            f"prompts and negative_prompt need a text-conditional run; this one is {kind}",
+            field=("prompts", "negative_prompt", "class_name"),
+        )
 
 
 def with_condition(network, cond):
@@ -121,7 +138,7 @@ class Unconditional:
         _not_low_res(request)
         _not_text(self.cfg, request.prompts, guidance)
         if request.class_name is not None or guidance.w:
-            raise ConfigError("this model is unconditional: --class and --guidance need a conditional run")
+            _unconditional("class_name" if request.class_name is not None else "guidance")
         if guidance.options:
             raise ConfigError("this model is unconditional: guidance options need a conditional run")
         return network, None, None, {}
@@ -142,7 +159,7 @@ class ClassConditioner:
 
     def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
         """The guided ``network(x, t, class_ids)``, each sample's class (``class_name``'s, or every class
-        in equal blocks), the conditions to feed (the same ids) and how they were chosen."""
+        in equal blocks), the conditions to feed (the same ids, as ClassIds) and how they were chosen."""
         request = request or ConditionRequest()
         _not_low_res(request)
         _not_text(self.cfg, request.prompts, guidance)
@@ -157,7 +174,7 @@ class ClassConditioner:
             "class_names": list(self.cfg.data.class_names),
             **guidance.record(),
         }
-        return conditional, labels, labels, info
+        return conditional, labels, ClassIds(labels), info
 
     def guided(self, network, guidance: Guidance):
         return guided_network(network, self.cfg, guidance.w, guidance.interval, guidance.rescale)
@@ -165,10 +182,12 @@ class ClassConditioner:
     def for_one(self, network, index, w: float = 0.0, prompt=None):
         if index is None:
             if w:
-                raise ConfigError("--guidance needs --class (the class to guide towards)")
+                raise ConfigError(
+                    "guidance needs class_name (the class to guide towards)", field=("guidance", "class_name")
+                )
             return network
-        conditional = guided_network(network, self.cfg, w)
-        return lambda x, t: conditional(x, t, index)
+        conditional, ids = guided_network(network, self.cfg, w), ClassIds.of(index)
+        return lambda x, t: conditional(x, t, ids)
 
     # training
 
@@ -181,11 +200,12 @@ class ClassConditioner:
         if cfg.model.num_classes not in (0, len(names)):
             raise ConfigError(f"model.num_classes={cfg.model.num_classes}; the data has {len(names)}")
         cfg.model.num_classes, cfg.data.class_names = len(names), tuple(names)
-        return TrainingConditions(dataset.labels, self.null, lambda rows: rows, self._grid)
+        # a row is its class id: the network's condition wraps the batch's rows, copying nothing
+        return TrainingConditions(dataset.labels, self.null, ClassIds, self._grid)
 
     def _grid(self, n: int):
         labels = balanced_classes(n, self.null)
-        return labels, labels
+        return labels, ClassIds(labels)
 
 
 class TextConditioner:
@@ -213,13 +233,14 @@ class TextConditioner:
         request = request or ConditionRequest()
         _not_low_res(request)
         if request.class_name is not None:
-            raise ConfigError("this model is text-conditional: give --prompt, not --class")
+            message = "this model is text-conditional: give prompts, not class_name"
+            raise ConfigError(message, field=("prompts", "class_name"))
         if guidance.interval is not None:
             guidance.check_interval(chain.num_timesteps)
         given = bool(request.prompts)
         prompts = list(request.prompts or grid_prompts(self.cfg))
         if not prompts:
-            raise ConfigError("this model is text-conditional: give --prompt")
+            raise ConfigError("this model is text-conditional: give prompts", field="prompts")
         encoder, negative = self.encoder, guidance.negative_prompt
         cut = warn_cut_prompts(encoder, prompts)
         if negative:
@@ -243,7 +264,9 @@ class TextConditioner:
             warn_cut_prompts(self.encoder, [prompt])
         if prompt is None:
             if w:
-                raise ConfigError("--guidance needs --prompt (the text to guide towards)")
+                raise ConfigError(
+                    "guidance needs prompt (the text to guide towards)", field=("guidance", "prompt")
+                )
             return lambda x, t: network(x, t, null.to(x.device))
         text = self.encoder.encode([prompt])
 
@@ -309,23 +332,27 @@ class LowResConditioner:
         r = request
         if r.class_name is not None or r.prompts or guidance.negative_prompt is not None or guidance.w:
             raise ConfigError(
-                "this run is a super-resolution stage: it takes --low-res, not a class or prompt"
+                "this run is a super-resolution stage: it takes low_res, not a class or prompt",
+                field="low_res",
             )
         if r.low_res is None and not low_res_to_come:
             raise ConfigError(
-                "this run is a super-resolution stage: give --low-res SAMPLES.npz (the images to upsample)"
+                "this run is a super-resolution stage: give low_res, the images to upsample (samples.npz, "
+                "its folder, or uint8 [N, C, H, W])",
+                field="low_res",
             )
         T = self.cfg.diffusion.num_timesteps
         if r.low_res_noise is not None and not 0 <= r.low_res_noise <= T:
             level = r.low_res_noise
             raise ConfigError(
-                f"--low-res-noise: the low-resolution noise level must be in 0..{T}, got {level}"
+                f"low_res_noise: the low-resolution noise level must be in 0..{T}, got {level}",
+                field="low_res_noise",
             )
 
     def for_one(self, network, index, w: float = 0.0, prompt=None):
         raise ConfigError(
             "this run is a super-resolution stage: invert, eval nll and figures take no low-resolution "
-            "images to condition it on (sample it with --low-res)"
+            "images to condition it on (sample it: `ddpm sample RUN --low-res SAMPLES`)"
         )
 
     def for_samples(self, network, num, guidance: Guidance, request=None, chain=None, device=None):
@@ -338,10 +365,13 @@ class LowResConditioner:
         low_res = request.low_res
         images = low_res if isinstance(low_res, torch.Tensor) else load_samples(low_res)
         if len(images) < num:
-            raise ConfigError(f"--low-res holds {len(images)} images; {num} samples were asked for")
+            raise ConfigError(
+                f"low_res holds {len(images)} images; {num} samples were asked for", field="low_res"
+            )
         if images.shape[1] != cfg.data.channels:
             raise ConfigError(
-                f"--low-res images have {images.shape[1]} channels; the stage {cfg.data.channels}"
+                f"low_res images have {images.shape[1]} channels; the stage {cfg.data.channels}",
+                field="low_res",
             )
         alphas = chain.np["alphas_cumprod"]
         cond = conditions_for(

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..text import TEXT_CONDITIONS
+from .condition import Condition, as_condition
 from .requests import check_text
 
-ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ConditionalModel = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
 # The largest guidance scale taken. Useful scales are 0 to about 10 (Stable Diffusion's 7.5 is w = 6.5);
 # at w = 100 the guided output is already dominated by the difference of the branches, and far beyond
@@ -25,10 +25,12 @@ ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 MAX_GUIDANCE = 100.0
 
 
-def check_guidance(guidance: float, what: str = "--guidance") -> None:
+def check_guidance(guidance: float, what: str = "guidance") -> None:
     """Guidance is a finite w in [0, MAX_GUIDANCE]."""
     if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        raise ConfigError(f"{what} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {guidance}")
+        raise ConfigError(
+            f"{what} must be a finite number >= 0 and at most {MAX_GUIDANCE:g}, got {guidance}", field=what
+        )
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,11 @@ class Guidance:
     def __post_init__(self):
         check_guidance(self.w)
         if not (math.isfinite(self.rescale) and 0 <= self.rescale <= 1):
-            raise ConfigError(f"--guidance-rescale must be in [0, 1], got {self.rescale}")
+            raise ConfigError(
+                f"guidance_rescale must be in [0, 1], got {self.rescale}", field="guidance_rescale"
+            )
         if self.negative_prompt is not None:
-            check_text(self.negative_prompt, "--negative-prompt")
+            check_text(self.negative_prompt, "negative_prompt")
 
     @property
     def options(self) -> bool:
@@ -58,7 +62,11 @@ class Guidance:
     def check_interval(self, num_timesteps: int) -> None:
         lo, hi = self.interval if self.interval is not None else (0, 0)
         if not 0 <= lo <= hi < num_timesteps:
-            raise ConfigError(f"--guidance-interval must be LO HI with 0 <= LO <= HI < {num_timesteps}")
+            raise ConfigError(
+                f"guidance_interval must be (lo, hi) with 0 <= lo <= hi < {num_timesteps}, "
+                f"got {self.interval}",
+                field="guidance_interval",
+            )
 
     def record(self) -> dict:
         """How it guided, for a command's JSON record."""
@@ -72,8 +80,8 @@ class Guidance:
 
 def guided(
     model: ConditionalModel,
-    cond: torch.Tensor | int,
-    null: torch.Tensor | int,
+    cond: Condition | torch.Tensor | int,
+    null: Condition | torch.Tensor | int,
     scale: float,
     channels: int | None = None,
     interval: tuple[int, int] | None = None,
@@ -82,26 +90,21 @@ def guided(
     """``model`` guided towards ``cond`` and away from ``null`` (the unconditional condition, or a
     negative prompt's) with scale ``scale`` (w).
 
-    - ``cond`` / ``null``: a condition per example ([B, ...] class ids, or a TextEncoding / TokenIds of B
-      texts) or one for all (an int class id, or the encoding of one text: a negative prompt's as the null);
+    - ``cond`` / ``null``: a condition (ddpm.conditioning.condition: ClassIds, a TextEncoding / TokenIds,
+      ...) per example or one for all (a batch of 1: the null class, or the encoding of one text, a
+      negative prompt's as the null); class ids may also be given as an int or a tensor of ids. ``model``
+      is called with a condition (ClassIds for class ids), moved to x's device;
     - ``channels``: with a learned variance, how many leading output channels are guided (the prediction);
       the variance channels come from the conditional branch;
     - ``interval``: (lowest, highest) model timestep at which to guide (Kynkaanniemi et al. 2024); outside
       it the conditional branch alone runs;
     - ``rescale``: CFG rescale (Lin et al. 2024), blending the guided output towards one with the
       conditional output's per-example standard deviation, 0 (off) to 1."""
-    check_guidance(scale, "the guidance scale")
+    check_guidance(scale, "scale")
+    cond, null = as_condition(cond), as_condition(null)
 
-    def per_example(c, x: torch.Tensor):
-        if isinstance(c, TEXT_CONDITIONS):
-            return c.repeat_to(x.shape[0])
-        c = torch.as_tensor(c, device=x.device)
-        return c.expand(x.shape[0], *c.shape) if c.ndim == 0 else c
-
-    def both(c, n):  # the conditional and the null condition, as one batch
-        if isinstance(c, TEXT_CONDITIONS):
-            return type(c).cat([c, n])
-        return torch.cat([c, n])
+    def per_example(c: Condition, x: torch.Tensor) -> Condition:
+        return c.to(x.device).repeat_to(x.shape[0])
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = per_example(cond, x)
@@ -110,7 +113,8 @@ def guided(
             inside = inside and bool(((t >= interval[0]) & (t <= interval[1])).all())
         if not inside:
             return model(x, t, c)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), both(c, per_example(null, x)))
+        # the conditional and the null condition as one batch
+        out = model(torch.cat([x, x]), torch.cat([t, t]), type(c).cat([c, per_example(null, x)]))
         conditional, unconditional = out.chunk(2)
         k = conditional.shape[1] if channels is None else channels
         pred = conditional[:, :k] + scale * (conditional[:, :k] - unconditional[:, :k])

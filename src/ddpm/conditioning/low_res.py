@@ -25,7 +25,7 @@ from ..rng import SEED_AUGMENTATION, generator, to_device
 @dataclass
 class LowResImage:
     """A batch of super-resolution conditions: ``image`` [B, C, H, W] (upsampled, noised, model range) and
-    ``level`` [B] (int64, the augmentation level). Batches like class ids (slices, index tensors, chunks)."""
+    ``level`` [B] (int64, the augmentation level). A ``Condition`` (ddpm.conditioning.condition)."""
 
     image: torch.Tensor
     level: torch.Tensor
@@ -38,6 +38,17 @@ class LowResImage:
 
     def __getitem__(self, rows) -> LowResImage:
         return LowResImage(self.image[rows], self.level[rows])
+
+    def repeat_to(self, n: int) -> LowResImage:
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"{len(self)} low-resolution images for a batch of {n}")
+        return LowResImage(self.image.expand(n, -1, -1, -1), self.level.expand(n))
+
+    @staticmethod
+    def cat(items: list[LowResImage]) -> LowResImage:
+        return LowResImage(torch.cat([i.image for i in items]), torch.cat([i.level for i in items]))
 
     def chunk(self, n: int) -> list[LowResImage]:
         return [LowResImage(i, s) for i, s in zip(self.image.chunk(n), self.level.chunk(n), strict=True)]

@@ -33,17 +33,19 @@ def class_index(cfg, name: str | int) -> int:
     raise ConfigError(f"unknown class {name!r}; this run's classes: {', '.join(names)}")
 
 
-def check_text(text: str, what: str = "--prompt") -> None:
+def check_text(text: str, what: str = "prompts") -> None:
     """``text`` must be text: Python hands a command-line argument that is not valid UTF-8 over with its
     bad bytes as lone surrogates ('\\udcff'), which no encoder, tokenizer or JSON file takes."""
     if not isinstance(text, str):
-        raise ConfigError(f"{what} must be text, got {type(text).__name__}")
+        raise ConfigError(f"{what} must be text, got {type(text).__name__}", field=what)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
         bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-        raise ConfigError(f"{what} is not valid UTF-8 text ({bad} at character {e.start + 1})") from None
+        raise ConfigError(
+            f"{what} is not valid UTF-8 text ({bad} at character {e.start + 1})", field=what
+        ) from None
 
 
 def warn_cut_prompts(encoder, texts: list[str], what: str = "--prompt") -> list[str]:

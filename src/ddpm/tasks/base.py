@@ -40,8 +40,9 @@ class TaskContext:
 @dataclass
 class Batch:
     """This process's share of one step's examples. A task fills what its loss reads: images or latents
-    ``x``, timesteps ``t``, noise, and a condition (class ids, caption rows, a LowResImage: anything with
-    ``chunk``)."""
+    ``x``, timesteps ``t``, noise, and a condition: a tensor of rows (class ids, caption rows) that the
+    task turns into the network's condition, or a condition itself (a LowResImage). Every field splits
+    the same way, with ``chunk`` (a tensor's, or a ``ddpm.conditioning.condition.Condition``'s)."""
 
     x: torch.Tensor
     t: torch.Tensor | None = None

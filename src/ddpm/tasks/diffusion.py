@@ -115,7 +115,7 @@ class DiffusionTask:
         return Batch(x, t, noise, cond)
 
     def loss(self, network, batch: Batch) -> torch.Tensor:
-        if batch.cond is not None:  # class ids, caption rows, or a LowResImage
+        if batch.cond is not None:  # rows (-> ClassIds, or text encodings), or a LowResImage
             cond = self.labels.inputs(batch.cond) if self.labels is not None else batch.cond
             network = with_condition(network, cond)
         return self.diffusion.training_losses(network, batch.x, batch.t, batch.noise)["loss"]
