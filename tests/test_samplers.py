@@ -403,13 +403,14 @@ def test_the_registry_gives_every_sampler_one_signature_and_its_spacing():
         solver_timesteps,
     )
 
-    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m", "sde-dpm++3m"}
+    assert set(SAMPLERS) == {"ancestral", "ddim", "dpm++2m", "sde-dpm++2m", "sde-dpm++3m", "edm"}
     assert {name: sampler.default_spacing for name, sampler in SAMPLERS.items()} == {
         "ancestral": "linspace",
         "ddim": "linspace",
         "dpm++2m": "logsnr",
         "sde-dpm++2m": "logsnr",
         "sde-dpm++3m": "linspace",
+        "edm": "karras",
     }
     expected = ["generator", "device", "clip_denoised", "x_start", "eta", "progress", "callback"]
     d = linear(T=100)

@@ -23,7 +23,15 @@ from .unet import UNet
 def build_diffusion(cfg: Config) -> GaussianDiffusion:
     d = cfg.diffusion
     betas = make_betas(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return GaussianDiffusion(betas, d.mean_type, d.var_type, d.loss_type, d.hybrid_lambda)
+    return GaussianDiffusion(
+        betas,
+        d.mean_type,
+        d.var_type,
+        d.loss_type,
+        d.hybrid_lambda,
+        loss_weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
+    )
 
 
 def build_model(cfg: Config, channels: int, text_tower: nn.Module | None = None) -> nn.Module:

@@ -22,6 +22,8 @@ from .files import check_tree, read_json, read_text
 TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: Adam (weight decay added to the gradient) or AdamW
 LR_SCHEDULES = ("constant", "cosine", "linear")  # train.lr_schedule, after the linear warm-up
+LOSS_WEIGHTINGS = ("none", "min-snr")  # diffusion.loss_weighting
+MAX_EMA_WIDTH = 12**-0.5  # train.ema_width (EDM2's sigma_rel) below this: a power-function EMA exists
 # the network's: fp32; bf16 autocast; bf16 autocast with GroupNorm in bf16 too (ddpm.runtime.wrap_network)
 PRECISIONS = ("fp32", "bf16", "bf16-norm")
 COMPILE_MODES = (
@@ -210,6 +212,10 @@ class DiffusionConfig:
     var_type: str = "fixedlarge"
     loss_type: str = "mse"
     hybrid_lambda: float = 0.001
+    # L_simple's weight per timestep: "none" (the paper's: every t alike) or "min-snr" (Hang et al. 2023:
+    # the loss on x0 weighted by min(SNR(t), gamma), i.e. eps's by min(SNR, gamma) / SNR)
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -237,6 +243,9 @@ class TrainConfig:
     warmup_steps: int = 5000
     grad_clip: float = 1.0  # the global gradient norm's limit; 0 = no clipping
     ema_decay: float = 0.9999
+    # EDM2's power-function EMA (Karras et al. 2024) of this relative width sigma_rel (e.g. 0.05 to 0.1) in
+    # place of the constant train.ema_decay: its length is a share of the run, whatever the run's length
+    ema_width: float | None = None
     cond_dropout: float = 0.1  # class-conditional runs: the share of examples trained as the null class
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -479,6 +488,15 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.ema_width is not None and not 0 < t.ema_width < MAX_EMA_WIDTH:
+        # (wider has no power-function profile: its exponent would be negative)
+        raise ConfigError(f"train.ema_width must be in (0, {MAX_EMA_WIDTH:.4f}), got {t.ema_width}")
+    if d.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(
+            f"diffusion.loss_weighting must be {' or '.join(LOSS_WEIGHTINGS)}, got {d.loss_weighting!r}"
+        )
+    if not d.min_snr_gamma > 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
     check_precision(t.precision, "train.precision", TRAIN_PRECISIONS)
     check_compile_mode(t.compile_mode, "train.compile_mode")
     if t.optimizer not in OPTIMIZERS or t.lr_schedule not in LR_SCHEDULES:

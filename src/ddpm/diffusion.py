@@ -105,6 +105,8 @@ class GaussianDiffusion:
         loss_type: LossType | str = LossType.SIMPLE,
         hybrid_lambda: float = 0.001,
         timestep_map: np.ndarray | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         self.mean_type = parse_option(MeanType, mean_type, "mean type")
         self.var_type = parse_option(VarType, var_type, "variance type")
@@ -117,6 +119,15 @@ class GaussianDiffusion:
                 "the hybrid loss trains a learned variance; use var_type learned_range or loss mse"
             )
         self.hybrid_lambda = hybrid_lambda
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
+        if loss_weighting not in ("none", "min-snr"):
+            raise ConfigError(f"loss weighting must be none or min-snr, got {loss_weighting!r}")
+        if loss_weighting != "none" and (
+            self.loss_type == LossType.KL or self.mean_type == MeanType.PREVIOUS_X
+        ):
+            raise ConfigError(
+                "min-snr weights L_simple's eps, x0 or v prediction: not the kl loss or an xprev model"
+            )
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0 or not np.all((betas > 0) & (betas <= 1)):
@@ -150,9 +161,29 @@ class GaussianDiffusion:
             fixed_large_variance=np.append(posterior_variance[1:2], betas[1:]) if T > 1 else betas,
         )
         self.np["fixed_large_log_variance"] = np.log(self.np["fixed_large_variance"])
+        self.np["loss_weight"] = self._loss_weights()
         # Cast once to float32 tensors: each sampling step then costs one gather per coefficient.
         self._coef = {k: torch.from_numpy(v).float() for k, v in self.np.items()}
         self._model_t = torch.from_numpy(self.timestep_map).long()
+        # the whole diffusion this chain was respaced from (itself unless respaced): EDM's sampler rounds
+        # its churned noise levels to the nearest of all T (ddpm.samplers.edm_churn_sample_loop)
+        self.full_chain = self
+
+    def _loss_weights(self) -> np.ndarray:
+        """L_simple's weight at each timestep. Min-SNR-gamma (Hang et al. 2023) weights the loss on x0 by
+        min(SNR_t, gamma), SNR_t = abar_t / (1 - abar_t); the same loss on the eps prediction, whose
+        error is SNR_t times smaller per unit of x0 error, takes min(SNR_t, gamma) / SNR_t, and on v
+        (error SNR_t + 1 times smaller) min(SNR_t, gamma) / (SNR_t + 1)."""
+        ac = self.np["alphas_cumprod"]
+        if self.loss_weighting == "none":
+            return np.ones_like(ac)
+        snr = ac / (1.0 - ac)
+        clipped = np.minimum(snr, self.min_snr_gamma)
+        return {
+            MeanType.EPSILON: clipped / snr,
+            MeanType.START_X: clipped,
+            MeanType.VELOCITY: clipped / (snr + 1.0),
+        }[self.mean_type]
 
     @property
     def betas(self) -> np.ndarray:
@@ -183,14 +214,18 @@ class GaussianDiffusion:
             raise ConfigError(f"respaced timesteps must lie in 0..{self.num_timesteps - 1}")
         ac = self.alphas_cumprod[kept]
         new_betas = 1.0 - ac / np.append(1.0, ac[:-1])
-        return GaussianDiffusion(
+        chain = GaussianDiffusion(
             new_betas,
             self.mean_type,
             self.var_type,
             self.loss_type,
             self.hybrid_lambda,
             timestep_map=self.timestep_map[kept],
+            loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
         )
+        chain.full_chain = self.full_chain
+        return chain
 
     # ---- forward process q ----
 
@@ -419,13 +454,15 @@ class GaussianDiffusion:
             target = self.v_target(x0, t, noise)
         terms["mse"] = mean_flat((target - prediction) ** 2)
         terms["loss"] = terms["mse"]
+        if self.loss_weighting != "none":  # (the reported mse stays the plain one, comparable across runs)
+            terms["loss"] = self.coef("loss_weight", t, 1).reshape(-1) * terms["mse"]
         if self.loss_type == LossType.HYBRID:
             # Only the variance learns from the bound: the mean is trained by L_simple alone.
             frozen = torch.cat([prediction.detach(), model_output[:, C:]], dim=1)
             vb = self.vb_terms_bpd(frozen, x0, x_t, t, clip_denoised=False)[0]
             # L_vlb = sum over T terms = T * E_t[L_t]; lambda * L_vlb with one sampled t.
             terms["vb"] = vb * self.num_timesteps * self.hybrid_lambda
-            terms["loss"] = terms["mse"] + terms["vb"]
+            terms["loss"] = terms["loss"] + terms["vb"]
         return terms
 
 

@@ -20,6 +20,8 @@ from .conditioning import (
     ConditionRequest,
     Guidance,
     LowResConditioner,
+    autoguided,
+    check_guidance,
     check_text,
     make_conditioner,
     with_condition,
@@ -71,6 +73,12 @@ class SampleOptions:
     guidance: float = 0.0  # classifier-free guidance, Ho and Salimans' w (0: plain conditional sampling)
     guidance_interval: tuple[int, int] | None = None  # guide only at model timesteps lo..hi
     guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), 0 (off) to 1
+    # Autoguidance (Karras et al. 2024): guide away from a weaker version of the model with this w (0: off;
+    # (1 + w) * model - w * weaker), any run, with or without classifier-free guidance. The weaker model:
+    # another checkpoint of the same network (an earlier one of the run), or None: the raw weights of
+    # the one sampled (which is then its EMA).
+    autoguidance: float = 0.0
+    autoguide_from: str | Path | None = None
     # Text-conditional runs: the prompts (equal blocks, a grid row each; default: one per class where the
     # data has classes) and a negative prompt, the null branch of guidance (default: the empty text).
     prompts: tuple[str, ...] | None = None
@@ -274,6 +282,13 @@ class Request:
 
         return decode_latents(self.autoencoder, samples, self.device, opts.batch_size)
 
+    def _autoguidance(self) -> dict:
+        opts = self.opts
+        if not opts.autoguidance:
+            return {}
+        weaker = "model weights" if opts.autoguide_from is None else str(opts.autoguide_from)
+        return {"autoguidance": opts.autoguidance, "autoguide_from": weaker}
+
     def record(self) -> dict:
         opts = self.opts
         return {
@@ -291,6 +306,7 @@ class Request:
             "steps": opts.steps or self.diffusion.num_timesteps,
             "clip_denoised": self.clip_denoised,
             **opts.runtime.record(),
+            **self._autoguidance(),
             **({"processes": self.procs.world_size} if self.procs.distributed else {}),
             **({"autoencoder": self.autoencoder.source} if self.autoencoder is not None else {}),
             **self.conditions,
@@ -323,6 +339,8 @@ def load_run(
     runtime = runtime.resolve()
     procs = procs or init_processes(runtime.device)
     loaded = load_network(checkpoint, "ema" if opts.use_ema else "model", runtime, opts.var_type)
+    if opts.autoguidance:
+        loaded = _autoguided(loaded, opts)
     cfg = loaded.cfg
     if cfg.model.kind == "autoencoder":
         raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
@@ -388,6 +406,30 @@ class LoadedRun:
             )
 
 
+def _autoguided(loaded: LoadedNetwork, opts: SampleOptions) -> LoadedNetwork:
+    """``loaded`` with its network autoguided as ``opts`` ask, by the weaker model they name: another
+    checkpoint of the same network (its EMA weights), or the raw weights of the one loaded."""
+    if opts.autoguide_from is None and not opts.use_ema:
+        raise ConfigError(
+            "autoguidance of the raw weights needs a weaker model: give autoguide_from (an earlier "
+            "checkpoint of the run)",
+            field="autoguide_from",
+        )
+    source = loaded.checkpoint if opts.autoguide_from is None else opts.autoguide_from
+    weaker = load_network(source, "model" if opts.autoguide_from is None else "ema", loaded.runtime)
+    mine, theirs = loaded.cfg.to_dict(), weaker.cfg.to_dict()
+    for section in ("model", "diffusion"):
+        if mine[section] != theirs[section]:
+            changed = sorted(k for k in mine[section] if mine[section][k] != theirs[section].get(k))
+            raise ConfigError(
+                f"autoguide_from {weaker.checkpoint.path} is another network ({section}.{changed[0]} "
+                f"differs): autoguidance needs a weaker version of the same one",
+                field="autoguide_from",
+            )
+    network = autoguided(loaded.network, weaker.network, opts.autoguidance)
+    return dataclasses.replace(loaded, network=network)
+
+
 def check_options(opts: SampleOptions) -> None:
     """What can be checked of ``opts`` without the run: one-line ConfigErrors."""
     get_sampler(opts.sampler)
@@ -396,6 +438,7 @@ def check_options(opts: SampleOptions) -> None:
         raise ConfigError("the number of samples and the batch size must be positive")
     check_seed(opts.seed)
     _ = opts.guidance_value  # the guidance options as one value: checked when made (negative prompt too)
+    check_guidance(opts.autoguidance, "autoguidance")
     if opts.low_res_noise is not None and opts.low_res_noise < 0:
         raise ConfigError(
             f"low_res_noise must be a noise level >= 0 (0 = clean), got {opts.low_res_noise}",

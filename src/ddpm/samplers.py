@@ -1,6 +1,6 @@
 """Samplers: the paper's ancestral sampler (Algorithm 2), DDIM (Song et al. 2021) with its inversion,
 DPM-Solver++(2M) (Lu et al. 2022) and its stochastic SDE variants (2M, and 3M as in k-diffusion) with a
-noise level, each under its own name in ``SAMPLERS``.
+noise level, and EDM's stochastic Heun sampler (Karras et al. 2022), each under its own name in ``SAMPLERS``.
 
 Every sampler walks a chain: the diffusion itself (all T steps) or a subset of its timesteps chosen by
 a named spacing (:func:`sampling_chain`), which is a respaced diffusion whose every step goes to the
@@ -106,14 +106,22 @@ def solver_timesteps(
 # The samplers with a noise level eta, and their default: DDIM's (0 deterministic, 1 = Algorithm 2 with the
 # fixed-small variance) and the SDE solvers' (0 = the probability-flow ODE, 1 = the reverse SDE, more =
 # extra noise: each step forgets more of x_s and re-noises more of its x0 prediction).
-ETA_DEFAULTS = {"ddim": 0.0, "sde-dpm++2m": 1.0, "sde-dpm++3m": 1.0}
+# EDM's eta is its S_churn (see edm_churn_sample_loop): each step's churn is gamma = min(eta / N, sqrt(2) - 1)
+# on N steps, so eta is the churn summed over the steps. 10 is EDM's ImageNet-64 setting (S_churn = 40 on 256
+# steps, gamma = 0.156) scaled to 64 steps: gamma = 0.1-0.2 at the 50-100 steps a stochastic sampler wants
+# here, 0.4 at 25 (the cap, sqrt(2) - 1 = 0.414, at 24 or fewer).
+ETA_DEFAULTS = {"ddim": 0.0, "sde-dpm++2m": 1.0, "sde-dpm++3m": 1.0, "edm": 10.0}
 # The largest eta each takes. DDIM's is 1: its step noise sigma = eta * (the posterior's std) must leave
 # 1 - alphabar_prev - sigma^2 >= 0 for the direction term's square root, which eta = 1 just keeps on the
 # longest (respaced) steps; above it the square root is NaN and the images come out black. The SDE
 # solvers take any eta mathematically (each step keeps exp(-h eta) of x_s), but by 10 they re-noise
 # their x0 prediction almost completely every step at the usual 10-100 steps; 2-3 already over-disperse
 # (tests/test_samplers.py), and values like 1e308 only overflow the step's arithmetic.
-ETA_LIMITS = {"ddim": 1.0, "sde-dpm++2m": 10.0, "sde-dpm++3m": 10.0}
+# EDM's S_churn takes any value too, as gamma is capped at sqrt(2) - 1 (the churn that at most doubles the
+# noise variance): above (sqrt(2) - 1) N every one of the N steps is at the cap, so 1000 already puts every
+# chain of up to 2414 steps (more than the paper's T = 1000) there, and more only hides a typo. EDM's own
+# settings are 30-80.
+ETA_LIMITS = {"ddim": 1.0, "sde-dpm++2m": 10.0, "sde-dpm++3m": 10.0, "edm": 1000.0}
 
 
 def check_eta(sampler: str, eta: float | None) -> float:
@@ -130,11 +138,11 @@ def check_eta(sampler: str, eta: float | None) -> float:
         raise ConfigError(f"eta must be a finite number >= 0, got {eta}")
     limit = ETA_LIMITS.get(sampler)
     if limit is not None and eta > limit:
-        why = (
-            "1 is the ancestral sampler's noise; more leaves no variance for the step"
-            if sampler == "ddim"
-            else "1 is the reverse SDE; more re-noises each step further"
-        )
+        why = {
+            "ddim": "1 is the ancestral sampler's noise; more leaves no variance for the step",
+            "edm": "eta is EDM's S_churn, each of N steps churning min(eta / N, sqrt(2) - 1): "
+            "above 1000 every chain of up to 2414 steps is already at that cap",
+        }.get(sampler, "1 is the reverse SDE; more re-noises each step further")
         raise ConfigError(f"the {sampler} sampler's eta must be at most {limit:g} ({why}), got {eta}")
     return eta
 
@@ -391,6 +399,112 @@ def sde_dpm_solver_pp_3m_sample_loop(
     return x
 
 
+# ---- EDM's stochastic sampler ----
+
+# Algorithm 2's other knobs (the noise level S_churn is the loop's eta). S_noise: EDM's 1.003 (ImageNet-64)
+# makes up for a network that removes slightly too much noise; 1 adds exactly the noise that reaches the
+# churned level, which an exact denoiser needs (the toy Gaussian in tests/test_churn.py).
+EDM_S_NOISE = 1.0
+# Churn only at noise levels sigma in [S_tmin, S_tmax]: everywhere, as EDM's defaults (its ImageNet-64
+# setting is [0.05, 50]). Near t = 0 the discrete chain's levels are too far apart for a small churn to
+# reach the next one, so there it rounds back to no churn anyway (see below).
+EDM_S_TMIN = 0.0
+EDM_S_TMAX = math.inf
+
+
+def _full_chain(chain: GaussianDiffusion) -> tuple[GaussianDiffusion, np.ndarray]:
+    """The diffusion ``chain`` was respaced from (``chain.full_chain``) and each chain step's index in it."""
+    full = chain.full_chain
+    return full, np.searchsorted(full.timestep_map, chain.timestep_map)
+
+
+def _round_level(levels: np.ndarray, target: float, lowest: int) -> int:
+    """The index of the level nearest to ``target`` in the increasing ``levels`` (EDM's ``round_sigma``),
+    but not below ``lowest`` (the level the churn starts from)."""
+    above = int(np.searchsorted(levels, target))  # the first level >= target
+    if above >= len(levels):
+        return len(levels) - 1
+    if above > 0 and target - levels[above - 1] <= levels[above] - target:
+        above -= 1
+    return max(above, lowest)
+
+
+@torch.inference_mode()
+def edm_churn_sample_loop(
+    chain: GaussianDiffusion,
+    model: Model,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    clip_denoised: bool = True,
+    x_start: torch.Tensor | None = None,
+    eta: float = ETA_DEFAULTS["edm"],
+    progress: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): Heun's method on the probability-flow
+    ODE in EDM's variables, with "churn" (noise added, then removed by the ODE step) at each step.
+    ``eta`` is S_churn; 0 is the deterministic Heun sampler (EDM's Algorithm 1).
+
+    The VP chain is taken to EDM's: sigma = sqrt((1 - alphabar) / alphabar) and x = x_t / sqrt(alphabar),
+    so that x = x0 + sigma eps, and the denoiser D(x, sigma) is the chain's x0 prediction for
+    x_t = x sqrt(alphabar) at that timestep (``clip_denoised`` clips it). The noise levels are the
+    chain's steps, from its last to its first, and then sigma = 0. Step i from sigma_i to sigma_{i+1}:
+
+        gamma = min(eta / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax else 0
+        sigma_hat = sigma_i (1 + gamma), rounded to the nearest noise level of the full diffusion
+        x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
+        d = (x_hat - D(x_hat, sigma_hat)) / sigma_hat;   x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d
+        and when sigma_{i+1} > 0, Heun's correction: d' = (x_{i+1} - D(x_{i+1}, sigma_{i+1})) / sigma_{i+1},
+        x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2
+
+    The churned level sigma_hat is between the chain's steps, where a network trained on T discrete
+    timesteps cannot be evaluated: as EDM does for its discrete-time (iDDPM) models (the preconditioner's
+    ``round_sigma``), it is rounded to the nearest of the T noise levels of the diffusion the chain was
+    respaced from (``chain.full_chain``), and exactly the noise that reaches the rounded level is added
+    (S_noise = 1); a churn too small to reach the next level adds none.
+
+    N steps evaluate the network 2N - 1 times (the last step, to sigma = 0, is Euler's: its update is
+    D itself), against N for the other samplers: compare them at equal evaluations. ``x_start`` is x_T in
+    the VP scale (the chain's last step); ``callback`` gets each step's x back in that scale and the
+    x0 prediction D at the step's (churned) start."""
+    eta = check_eta("edm", eta)
+    full, index = _full_chain(chain)
+    ab = np.asarray(full.alphas_cumprod, dtype=np.float64)
+    levels = np.sqrt((1 - ab) / ab)  # increasing with the timestep
+    steps = chain.num_timesteps
+    gamma = min(eta / steps, math.sqrt(2) - 1)
+
+    def denoise(x, j):  # D(x, sigma_j) at level j of the full diffusion
+        x_t = x * math.sqrt(ab[j])
+        return full.predict(model, x_t, timestep_batch(j, shape[0], device), clip_denoised).pred_x0
+
+    x = initial_sample(shape, generator, device, x_start) / math.sqrt(ab[index[-1]])
+    for n, i in enumerate(reverse_indices(steps - 1, progress)):
+        sigma = levels[index[i]]
+        j = int(index[i])
+        if gamma > 0 and EDM_S_TMIN <= sigma <= EDM_S_TMAX:
+            j = _round_level(levels, sigma * (1 + gamma), j)
+            if j != index[i]:
+                noise = math.sqrt(levels[j] ** 2 - sigma**2) * EDM_S_NOISE
+                x = x + noise * randn_like(x, generator)
+        sigma_hat = levels[j]
+        x0 = denoise(x, j)
+        if i == 0:  # to sigma = 0: the Euler step lands on D
+            if callback is not None:
+                callback(n, i, x0, x0)
+            return x0
+        sigma_next = levels[index[i - 1]]
+        d = (x - x0) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * d
+        d_next = (x_next - denoise(x_next, int(index[i - 1]))) / sigma_next
+        x = x + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_next)
+        if callback is not None:
+            callback(n, i, x * math.sqrt(ab[index[i - 1]]), x0)
+    return x  # (a chain always has a step 0, which returns above)
+
+
 # ---- the registry ----
 
 SampleLoop = Callable[..., torch.Tensor]
@@ -430,6 +544,14 @@ SAMPLERS: dict[str, Sampler] = {
         "linspace",
         solver_timesteps,
         "SDE-DPM-Solver++(3M), third-order multistep for the reverse SDE",
+    ),
+    # EDM's schedule: its N noise levels even in sigma^(1/7) from sigma_max (t = T-1) to sigma_min (t = 0),
+    # both kept, then sigma = 0; solver_timesteps would be the same on karras, not on linspace or leading.
+    "edm": Sampler(
+        edm_churn_sample_loop,
+        "karras",
+        timestep_subset,
+        "EDM's stochastic sampler, Karras et al. 2022 (Heun steps with churn; N steps = 2N - 1 evaluations)",
     ),
 }
 

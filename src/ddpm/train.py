@@ -29,7 +29,7 @@ from .checkpoint import (
     load_optimizer_state,
     save_checkpoint,
 )
-from .config import Config, validate
+from .config import MAX_EMA_WIDTH, Config, validate
 from .errors import CheckpointError, ConfigError
 from .files import write_json
 from .rng import seed_dropout, step_generator
@@ -41,17 +41,68 @@ from .tasks import Batch, Task, TaskContext, make_task
 MAX_CONSECUTIVE_SKIPS = 100
 
 
-class EMA:
-    """Exponential moving average of the parameters, starting from the initial weights (no warm-up)."""
+def power_ema_exponent(sigma_rel: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA profile (Karras et al. 2024, Section 3.1 and
+    Appendix C.2) of relative width ``sigma_rel``: the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0 (their ``std_to_exp``), i.e.
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). For 0 < sigma_rel < 12^-0.5 that root is
+    the only one above 0 (the relation decreases there from 12^-0.5 at gamma = 0) and below 1 / sigma_rel
+    (sigma_rel < 1 / (gamma + 2)); it is found by bisection in plain floats, to the last bit and the same
+    bits on every machine (an eigenvalue solver such as numpy.roots may differ in the last bits with the
+    linear algebra library)."""
+    if not 0 < sigma_rel < MAX_EMA_WIDTH:
+        raise ValueError(f"a power-function EMA's width must be in (0, {MAX_EMA_WIDTH:.4f}), got {sigma_rel}")
+    inv = sigma_rel**-2
 
-    def __init__(self, model: nn.Module, decay: float):
+    def cubic(g: float) -> float:
+        return ((g + 7.0) * g + 16.0 - inv) * g + 12.0 - inv
+
+    lo, hi = 0.0, 1.0 / sigma_rel  # cubic(lo) < 0 < cubic(hi)
+    for _ in range(2200):  # (each halves the interval: the floats between them run out well before)
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if cubic(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return lo if abs(cubic(lo)) <= abs(cubic(hi)) else hi
+
+
+class EMA:
+    """Moving average of the parameters, starting from the initial weights (no warm-up).
+
+    With a constant ``decay`` (train.ema_decay, the paper's), the exponential one. With ``width``
+    (train.ema_width, EDM2's sigma_rel), EDM2's power-function EMA in its place: the update after the
+    t-th optimiser update (t = 1, 2, ...) has decay beta_t = (1 - 1/t)^(gamma + 1), gamma =
+    ``power_ema_exponent(width)`` (EDM2's ``power_function_beta``; beta_1 = 0, so it starts as the weights
+    after the first update). Since beta_{i+1} ... beta_t = (i/t)^(gamma + 1), the average after step t
+    is sum_i (i^(gamma+1) - (i-1)^(gamma+1)) / t^(gamma+1) * theta_i, theta_i the weights after step i:
+    exactly the continuous profile (gamma+1) s^gamma / t^(gamma+1) over the weights held at theta_i on
+    (i-1, i], and close to the i^gamma-weighted average. Its length is thus a share of the run's length,
+    whatever that is. The step count comes from the caller (the Trainer's step, which a checkpoint
+    keeps), so the shadow weights are all the state there is."""
+
+    def __init__(self, model: nn.Module, decay: float, width: float | None = None):
         self.decay = decay
+        self.width = width
+        self.exponent = None if width is None else power_ema_exponent(width)
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay of the update that follows optimiser update ``step`` (1-based): ``decay``, or
+        beta_step of the power-function profile."""
+        if self.exponent is None:
+            return self.decay
+        if step is None or step < 1:
+            raise ValueError(f"a power-function EMA needs the optimiser step (1, 2, ...), got {step}")
+        return (1.0 - 1.0 / step) ** (self.exponent + 1.0)
+
     @torch.no_grad()
-    def update(self, model: nn.Module, weight: torch.Tensor | None = None) -> None:
-        """One step towards ``model``'s weights; ``weight``, a 0-dim device tensor in place of
-        1 - decay, lets a skipped step move it by 0 without reading anything back."""
+    def update(self, model: nn.Module, weight: torch.Tensor | None = None, step: int | None = None) -> None:
+        """One step towards ``model``'s weights, after optimiser update ``step`` (1-based; needed by the
+        power-function profile only); ``weight``, a 0-dim device tensor in place of 1 - decay, lets a
+        skipped step move it by 0 without reading anything back."""
         shadows, values = [], []
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]
@@ -63,7 +114,7 @@ class EMA:
         # shadow = decay * shadow + (1 - decay) * value, for every tensor in a few kernels on a GPU (one
         # launch per tensor dominated the EMA's cost); bit-identical to a lerp_ per tensor
         if weight is None:
-            torch._foreach_lerp_(shadows, values, 1.0 - self.decay)
+            torch._foreach_lerp_(shadows, values, 1.0 - self.decay_at(step))
         else:
             torch._foreach_lerp_(shadows, values, [weight] * len(shadows))
 
@@ -231,7 +282,7 @@ class Trainer:
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
-        self.ema = EMA(self.model, t.ema_decay)
+        self.ema = EMA(self.model, t.ema_decay, t.ema_width)
         self.step = 0
         self.train_seconds = 0.0
         self.skipped_steps = 0
@@ -348,7 +399,7 @@ class Trainer:
         stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
         if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
             self.optimizer.step()
-            self.ema.update(self.model)
+            self.ema.update(self.model, step=self.step + 1)
             self.consecutive_skips = 0
         else:  # never let a NaN or an infinity into the weights, the EMA or a checkpoint
             self._skip_or_stop(self.step + 1, stats["loss"], stats["grad_norm"])
@@ -364,7 +415,7 @@ class Trainer:
         bad = (~(loss.isfinite() & grad_norm.isfinite())).float()
         self.optimizer.found_inf = bad
         self.optimizer.step()
-        self.ema.update(self.model, weight=(1.0 - self.ema.decay) * (1.0 - bad))
+        self.ema.update(self.model, weight=(1.0 - self.ema.decay_at(self.step + 1)) * (1.0 - bad))
         self.unchecked.append((self.step + 1, loss, grad_norm))
         self.step += 1
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}

@@ -227,7 +227,8 @@ FLAGS: dict[str, dict | Flag] = {
     "--eta": dict(
         type=float,  # bounds: the sampler's (ddpm.samplers.check_eta)
         help="noise level: DDIM's (0 deterministic, the default; 1 = ancestral fixed-small) or the SDE "
-        "solvers' (1 the reverse SDE, the default; 0 the ODE; more adds noise)",
+        "solvers' (1 the reverse SDE, the default; 0 the ODE; more adds noise) or edm's S_churn (default 10; "
+        "0 the deterministic Heun sampler)",
     ),
     "--spacing": dict(
         choices=SPACINGS,
@@ -297,6 +298,18 @@ FLAGS: dict[str, dict | Flag] = {
         help="guide only at model timesteps LO..HI (0-based; outside, the conditional model alone)",
     ),
     "--guidance-rescale": dict(type=float, default=0.0, help="CFG rescale (Lin et al. 2024), 0 (off) to 1"),
+    "--autoguidance": dict(
+        type=float,  # bounds: ddpm.conditioning.guidance
+        default=0.0,
+        metavar="W",
+        help="autoguidance (Karras et al. 2024): (1 + W) * model - W * a weaker version of it "
+        "(--autoguide-from); any run, with or without --guidance; 0 (default) is off",
+    ),
+    "--autoguide-from": dict(
+        metavar="CHECKPOINT",
+        help="autoguidance's weaker model: an earlier checkpoint of the same network (its EMA weights); "
+        "default: the raw weights of the checkpoint sampled",
+    ),
     # ---- one command's own ----
     "--shard-size": dict(type=positive, default=1000, help="images per shard (default 1000)"),  # make-shards
     "--generator": dict(  # pipeline
@@ -382,7 +395,7 @@ TRAINING_FLAGS = (*CONFIG_FLAGS, "--out:train", "--resume", "--no-progress", "--
 SAMPLING_FLAGS = ("--steps", "--sampler", "--eta", "--no-clip", "--batch-size", "--seed")
 SAMPLING_FLAGS += ("--spacing", "--no-ema", *RUNTIME_FLAGS, "--var-type", "--class:sampling", "--guidance")
 SAMPLING_FLAGS += ("--guidance-interval", "--guidance-rescale", "--prompt:sampling", "--negative-prompt")
-SAMPLING_FLAGS += ("--low-res", "--low-res-noise")
+SAMPLING_FLAGS += ("--low-res", "--low-res-noise", "--autoguidance", "--autoguide-from")
 
 
 def keywords(spec: str) -> dict:

@@ -36,6 +36,8 @@ def sample_options(args) -> SampleOptions:
         guidance=args.guidance,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_rescale=args.guidance_rescale,
+        autoguidance=args.autoguidance,
+        autoguide_from=args.autoguide_from,
         prompts=tuple(args.prompts) if args.prompts else None,
         negative_prompt=args.negative_prompt,
         low_res=args.low_res,

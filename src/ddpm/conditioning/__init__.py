@@ -18,7 +18,7 @@ from .conditioner import (
     make_conditioner,
     with_condition,
 )
-from .guidance import MAX_GUIDANCE, Guidance, check_guidance, guided
+from .guidance import MAX_GUIDANCE, Guidance, autoguided, check_guidance, guided
 from .requests import balanced_classes, check_text, class_index, grid_prompts, warn_cut_prompts
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "TrainingConditions",
     "Unconditional",
     "as_condition",
+    "autoguided",
     "balanced_classes",
     "check_guidance",
     "check_request",

@@ -127,3 +127,24 @@ def guided(
         return torch.cat([pred, conditional[:, k:]], dim=1)
 
     return network
+
+
+def autoguided(good: Callable[..., torch.Tensor], bad: Callable[..., torch.Tensor], scale: float):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): ``good``
+    guided away from ``bad``, a weaker version of the same model (its raw weights against their EMA, or
+    an earlier checkpoint of the run), which costs no training: output = (1 + w) * good - w * bad with
+    w = ``scale`` (their guidance weight is 1 + w), on the prediction's channels (x's: a learned
+    variance's channels are ``good``'s). Called as the models are, ``(x, t)`` or ``(x, t, cond)``, so that
+    classifier-free guidance can wrap it: each of its two branches is then autoguided (four network
+    passes per step)."""
+    check_guidance(scale, "autoguidance")
+
+    def network(x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
+        out = good(x, t, *cond)
+        if scale == 0:
+            return out
+        k = x.shape[1]
+        pred = out[:, :k] + scale * (out[:, :k] - bad(x, t, *cond)[:, :k])
+        return torch.cat([pred, out[:, k:]], dim=1)
+
+    return network
