@@ -190,3 +190,68 @@ def test_a_skipped_step_moves_the_power_ema_by_zero_checked_now_or_deferred(idx_
         assert trainer.train()["skipped_steps"] == 1
         emas[deferred] = Checkpoint(tmp_path / str(deferred)).ema
     assert all(torch.equal(emas[False][k], emas[True][k]) for k in emas[False])
+
+
+# ---- train.ema_widths: EMAs kept beside the run's, to choose the width after training ----
+
+
+def test_kept_widths_are_the_emas_of_runs_with_that_width_and_resume_bit_for_bit(idx_dir, tmp_path):
+    """Each kept EMA is, bit for bit, the EMA a run with ema_width = that width would have (the EMA never
+    changes the training), through a resume too."""
+    for steps, resume in ((5, False), (12, True)):
+        kept = ema_config(idx_dir, steps=steps)
+        kept.train.ema_widths = (0.05, 0.2)
+        Trainer(kept, tmp_path / "kept", resume=resume, progress=False).train()
+    ckpt = Checkpoint(tmp_path / "kept")
+    assert list(ckpt.kept_emas) == [0.05, 0.2]
+    for width in (0.05, 0.2):
+        alone = ema_config(idx_dir, steps=12)
+        alone.train.ema_width = width
+        Trainer(alone, tmp_path / f"alone-{width}", progress=False).train()
+        theirs = Checkpoint(tmp_path / f"alone-{width}").ema
+        mine = ckpt.weights(ema_width=width)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # the run's own EMA (width 0.1) is still its EMA, and differs from the kept ones
+    assert not all(torch.equal(ckpt.ema[k], ckpt.kept_emas[0.05][k]) for k in ckpt.ema)
+
+
+def test_a_kept_width_is_sampled_by_name_and_a_missing_one_is_one_line(idx_dir, tmp_path, capsys):
+    from ddpm.build import load_network
+    from ddpm.cli import main
+    from ddpm.errors import CheckpointError, ConfigError
+    from ddpm.sample import sample_to_dir
+
+    cfg = ema_config(idx_dir, steps=3)
+    cfg.train.ema_widths = (0.05,)
+    run = tmp_path / "run"
+    Trainer(cfg, run, progress=False).train()
+    loaded = load_network(run, "ema", ema_width=0.05)
+    kept = Checkpoint(run).kept_emas[0.05]
+    assert all(torch.equal(v, kept[k]) for k, v in loaded.model.state_dict().items())
+    opts = dict(num=2, batch_size=2, steps=3, sampler="ddim", progress=False)
+    record = sample_to_dir(run, tmp_path / "a", ema_width=0.05, **opts)
+    assert record["ema_width"] == 0.05 and record["weights"] == "ema"
+    with pytest.raises(CheckpointError, match="has no ema_width 0.07; it keeps: 0.05$") as e:
+        sample_to_dir(run, tmp_path / "b", ema_width=0.07, **opts)
+    assert e.value.field == "ema_width"
+    with pytest.raises(ConfigError, match="^ema_width chooses a kept EMA: not the raw weights$"):
+        sample_to_dir(run, tmp_path / "b", ema_width=0.05, use_ema=False, **opts)
+    argv = ["sample", str(run), "--num", "2", "--steps", "3", "--out", str(tmp_path / "c"), "--no-progress"]
+    assert main([*argv, "--ema-width", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no --ema-width 0.3; it keeps: 0.05" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [((0.05, 0.05), "must differ from each other"), ((0.05, 0.3), r"must be in \(0, 0.2887\), got 0.3")],
+)
+def test_bad_kept_widths_are_refused(widths, message):
+    from ddpm.config import validate
+    from ddpm.errors import ConfigError
+
+    cfg = tiny_config("data")
+    cfg.train.ema_widths = widths
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

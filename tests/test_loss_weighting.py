@@ -114,3 +114,85 @@ def test_bad_weightings_are_refused():
 
     built = build_diffusion(cfg)
     assert built.loss_weighting == "min-snr" and built.min_snr_gamma == 1.5
+
+
+# ---- diffusion.timestep_sampling "lognormal": EDM's noise-level distribution on the discrete chain ----
+
+
+def log_sigmas(diffusion):
+    ab = diffusion.alphas_cumprod
+    return 0.5 * np.log((1 - ab) / ab)
+
+
+def test_lognormal_timesteps_are_the_nearest_in_log_sigma_with_edms_probabilities():
+    import math
+
+    from ddpm.diffusion import lognormal_timesteps
+
+    d = GaussianDiffusion(BETAS)
+    levels = log_sigmas(d)
+    g = torch.Generator().manual_seed(0)
+    t = lognormal_timesteps(d.alphas_cumprod, 1000, g, -1.2, 1.2)
+    # the same normal draws, taken to the nearest level by brute force
+    drawn = -1.2 + 1.2 * torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    nearest = np.abs(drawn.numpy()[:, None] - levels[None, :]).argmin(1)
+    np.testing.assert_array_equal(t.numpy(), nearest)
+    # frequencies against the normal's mass between the midpoints, in 12 bins of timesteps
+    n = 400_000
+    t = lognormal_timesteps(d.alphas_cumprod, n, torch.Generator().manual_seed(1), -1.2, 1.2).numpy()
+    edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
+    cdf = np.array([0.5 * (1 + math.erf((e + 1.2) / (1.2 * math.sqrt(2)))) for e in edges])
+    mass = np.diff(cdf)  # P(t) for each of the 1000 timesteps
+    bins = np.array_split(np.arange(1000), 12)
+    for b in bins:
+        p = mass[b].sum()
+        seen = np.isin(t, b).mean()
+        assert abs(seen - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9, (b[0], seen, p)
+    # EDM's median sigma e^-1.2 = 0.30 is abar = 0.917: t = 89 on the linear schedule
+    assert abs(np.median(t) - np.abs(levels - -1.2).argmin()) <= 2
+
+
+def test_edm_preconditioning_with_sigma_data_1_is_v_prediction():
+    """EDM's loss lambda(sigma) |D(x) - x0|^2 with D = c_skip x + c_out F, sigma_data = 1 (Karras et al.
+    2022, Table 1), equals the plain MSE of a v-predicting network with F = -v, at every t: so
+    mean_type v with lognormal timesteps is EDM's recipe (sigma_data = 1) on this chain."""
+    g = torch.Generator().manual_seed(3)
+    x0, noise, out = (torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 40, 89, 500, 999])
+    d = GaussianDiffusion(BETAS, "v")
+    mse = d.training_losses(Fixed(out.float()), x0.float(), t, noise.float())["loss"].double()
+    ab = torch.from_numpy(d.alphas_cumprod)[t].reshape(-1, 1, 1, 1)
+    sigma = ((1 - ab) / ab).sqrt()
+    x = x0 + sigma * noise  # EDM's x: x_t / sqrt(abar)
+    c_skip, c_out = 1 / (sigma**2 + 1), sigma / (sigma**2 + 1).sqrt()
+    D = c_skip * x + c_out * -out
+    weight = (sigma**2 + 1) / sigma**2
+    edm = (weight * (D - x0) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(mse, edm, rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_draws_lognormal_timesteps_and_bad_values_are_refused(idx_dir):
+    from conftest import tiny_config
+
+    from ddpm.train import Trainer
+
+    cfg = tiny_config(idx_dir)
+    cfg.diffusion.timestep_sampling = "lognormal"
+    chain = GaussianDiffusion(make_betas("linear", 50, 1e-4, 0.02))  # the tiny config's 50 steps
+    cfg.diffusion.lognormal_mean, cfg.diffusion.lognormal_std = float(log_sigmas(chain)[20]), 1e-9
+    trainer = Trainer(cfg, idx_dir.parent / "run", progress=False)
+    batch = trainer.task.batch(0, torch.Generator().manual_seed(0))
+    assert batch.t.tolist() == [20] * len(batch.t)
+    for key, value, message in (
+        ("diffusion.timestep_sampling", "beta", "must be uniform or lognormal, got 'beta'"),
+        ("diffusion.lognormal_std", "0", "lognormal_std positive"),
+        ("diffusion.lognormal_mean", "-101", "diffusion.lognormal_mean must be >= -100"),
+    ):
+        bad = preset("fashion-mnist")
+        set_value(bad, key, value)
+        with pytest.raises(ConfigError, match=message):
+            validate(bad)
+    good = preset("fashion-mnist")
+    set_value(good, "diffusion.timestep_sampling", "lognormal")
+    set_value(good, "diffusion.lognormal_mean", "-1.2")
+    validate(good)

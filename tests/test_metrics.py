@@ -210,3 +210,51 @@ def test_the_comparison_script_puts_two_results_side_by_side_with_the_difference
     assert compare["main"]([str(tmp_path / "a" / "fid.json"), str(tmp_path / "b" / "fid.json")]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[2].startswith("b ") and out.splitlines()[2].endswith("better")  # -10 +- 8.3
+
+
+def test_the_quality_curves_script_plots_finished_points_with_their_intervals(tmp_path, capsys):
+    """bench/quality_curves.py: evaluations per sample, settings and recipes parsed strictly, finished
+    points reused (no command runs here), curve.json and curve.png written."""
+    import runpy
+    from pathlib import Path
+
+    curves = runpy.run_path(str(Path(__file__).parent.parent / "bench" / "quality_curves.py"))
+    assert curves["evaluations"]("edm", 10) == 19 and curves["evaluations"]("sde-dpm++3m", 20) == 20
+    assert curves["parse_setting"]("sde-dpm++3m:20:3") == ("sde-dpm++3m", 20, 3.0)
+    assert curves["parse_setting"]("edm:10") == ("edm", 10, None)
+    for bad in ("edm", "edm:0", "edm:x:1", "a:1:2:3"):
+        with pytest.raises(SystemExit, match="a setting is SAMPLER:STEPS"):
+            curves["parse_setting"](bad)
+    assert curves["parse_recipe"]("new=--preset fashion-mnist --set a=b") == (
+        "new",
+        ["--preset", "fashion-mnist", "--set", "a=b"],
+    )
+    with pytest.raises(SystemExit, match="a recipe is NAME=ARGS"):
+        curves["parse_recipe"]("--preset fashion-mnist")
+
+    def result(fid, n=5000):
+        return {"fid": fid, "fid_interval": [fid - 3, fid + 4], "num_samples": n, "real_floor": {"fid": 1.0}}
+
+    out = tmp_path / "nfe"
+    out.mkdir()
+    for name, fid in (("edm-10", 50.0), ("sde-dpm++3m-20-eta3", 40.0)):
+        (out / f"{name}.fid.json").write_text(json.dumps(result(fid)))
+    argv = ["nfe", str(out), "run", "--setting", "edm:10", "--setting", "sde-dpm++3m:20:3"]
+    assert curves["main"](argv) == 0
+    points = json.loads((out / "curve.json").read_text())
+    assert [(p["recipe"], p["nfe"], p["fid"], p["fid_interval"]) for p in points] == [
+        ("edm", 19, 50.0, [47.0, 54.0]),
+        ("sde-dpm++3m eta 3", 20, 40.0, [37.0, 44.0]),
+    ]
+    assert (out / "curve.png").stat().st_size > 1000
+    assert "FID   40.00 [37.00, 44.00]" in capsys.readouterr().out
+    out = tmp_path / "minutes"
+    for minutes, fid in ((3, 60.0), (6, 45.0)):
+        run = out / f"demo-{minutes}min"
+        run.mkdir(parents=True)
+        (run / "checkpoint.safetensors").write_bytes(b"")  # (a finished run: not trained again)
+        (run / "train.json").write_text(json.dumps({"step": 100 * minutes, "train_seconds": 60.0 * minutes}))
+        (out / f"demo-{minutes}min.fid.json").write_text(json.dumps(result(fid)))
+    assert curves["main"](["minutes", str(out), "--recipe", "demo=--preset x", "--minutes", "3", "6"]) == 0
+    points = json.loads((out / "curve.json").read_text())
+    assert [(p["minutes"], p["steps"], p["fid"]) for p in points] == [(3.0, 300, 60.0), (6.0, 600, 45.0)]

@@ -82,8 +82,10 @@ def load_model(
     use_ema: bool = True,
     device: str | torch.device = "cpu",
     var_type: str | None = None,
+    ema_width: float | None = None,
 ) -> tuple[nn.Module, GaussianDiffusion, Config]:
-    """Rebuild the model and diffusion from a checkpoint; EMA weights by default.
+    """Rebuild the model and diffusion from a checkpoint; EMA weights by default (``ema_width``: the
+    EMA of that width the run kept, train.ema_widths).
 
     ``var_type`` swaps one fixed reverse variance for the other (fixedsmall <-> fixedlarge), e.g. to
     sample imported weights whose scheduler names the other one; a learned variance cannot be swapped."""
@@ -106,7 +108,7 @@ def load_model(
 
         tower = run_text_encoder(cfg, ckpt.path.parent).tower(fresh=True)
     model = build_model(cfg, cfg.data.channels, tower)
-    weights = ckpt.weights(use_ema)
+    weights = ckpt.weights(use_ema, ema_width)
     load_weights(model, weights, "checkpoint weights do not fit its config")
     broken = [
         name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()
@@ -141,17 +143,19 @@ def load_network(
     weights: str = "ema",
     runtime: Runtime | None = None,
     var_type: str | None = None,
+    ema_width: float | None = None,
 ) -> LoadedNetwork:
     """The network of the run at ``checkpoint`` (its directory, its checkpoint file or a Checkpoint) with
     its ``weights`` ("ema", the default, or "model", the raw ones), on ``runtime``'s device and wrapped
     for its precision and speed options (default ``Runtime()``: auto, fp32); with its diffusion (``var_type``:
-    see ``load_model``), config and checkpoint. Sampling, inversion, the likelihood and the figures all
+    see ``load_model``), config and checkpoint; ``ema_width``: with "ema", the EMA of that width the run
+    kept (train.ema_widths). Sampling, inversion, the likelihood and the figures all
     load their network here."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     runtime = (runtime or Runtime()).resolve()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-    model, diffusion, cfg = load_model(ckpt, weights == "ema", runtime.device, var_type)
+    model, diffusion, cfg = load_model(ckpt, weights == "ema", runtime.device, var_type, ema_width)
     return LoadedNetwork(runtime.wrap(model), model, diffusion, cfg, ckpt, weights, runtime)
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import atomic_write, parse_json
 
 FORMAT = "ddpm-checkpoint"
@@ -64,14 +64,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict | None = None,
     request: dict | None = None,
+    kept_emas: list[dict[str, torch.Tensor]] = (),
 ) -> None:
     """Write one checkpoint file atomically. ``config`` is the config the networks were built from;
     ``request`` (default: the same) the config the run was asked for, without what training resolved
     from the data and the run's parts (the data's channels, the classes, a text encoder's width, a
-    latent shape)."""
+    latent shape). ``kept_emas``: the EMAs of the config's train.ema_widths, in their order."""
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    for i, kept in enumerate(kept_emas, start=1):  # ("ema1.", ...: a width's dot would split the name)
+        tensors.update({f"ema{i}.{k}": v for k, v in kept.items()})
     optim_meta = None
     if optimizer is not None:
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
@@ -155,6 +158,9 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {path} has damaged metadata (step {step!r} is not a count)")
         self.model, self.ema, self.optimizer = {}, {}, {}
         groups = {"model": self.model, "ema": self.ema, "optim": self.optimizer}
+        widths = self.config.get("train", {}).get("ema_widths") or []
+        # the EMAs kept for train.ema_widths (ema1 for the first width, ...)
+        self.kept_emas = {width: groups.setdefault(f"ema{i}", {}) for i, width in enumerate(widths, 1)}
         for name, tensor in tensors.items():
             group, _, key = name.partition(".")
             if group not in groups:
@@ -168,7 +174,19 @@ class Checkpoint:
         """The training steps taken (0 for imported weights)."""
         return self.train_state.get("step", 0)
 
-    def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    def weights(self, use_ema: bool = True, ema_width: float | None = None) -> dict[str, torch.Tensor]:
+        """The raw weights, the EMA, or (``ema_width``) the kept EMA of that width."""
+        if ema_width is not None:
+            if not use_ema:
+                raise ConfigError("ema_width chooses a kept EMA: not the raw weights", field="ema_width")
+            kept = {w: ema for w, ema in self.kept_emas.items() if ema}
+            if ema_width not in kept:
+                have = ", ".join(f"{w:g}" for w in kept) or "none (see train.ema_widths)"
+                raise CheckpointError(
+                    f"checkpoint {self.path} has no ema_width {ema_width:g}; it keeps: {have}",
+                    field="ema_width",
+                )
+            return kept[ema_width]
         if use_ema and not self.ema and self.train_state.get("model_is_ema"):
             return self.model
         if use_ema and not self.ema:

@@ -23,6 +23,7 @@ TEXT_TOWERS = ("frozen", "finetune", "scratch")  # model.text_tower
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: Adam (weight decay added to the gradient) or AdamW
 LR_SCHEDULES = ("constant", "cosine", "linear")  # train.lr_schedule, after the linear warm-up
 LOSS_WEIGHTINGS = ("none", "min-snr")  # diffusion.loss_weighting
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")  # diffusion.timestep_sampling
 MAX_EMA_WIDTH = 12**-0.5  # train.ema_width (EDM2's sigma_rel) below this: a power-function EMA exists
 # the network's: fp32; bf16 autocast; bf16 autocast with GroupNorm in bf16 too (ddpm.runtime.wrap_network)
 PRECISIONS = ("fp32", "bf16", "bf16-norm")
@@ -216,6 +217,11 @@ class DiffusionConfig:
     # the loss on x0 weighted by min(SNR(t), gamma), i.e. eps's by min(SNR, gamma) / SNR)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    # How training draws t: "uniform" (Algorithm 1) or "lognormal" (EDM, Karras et al. 2022: ln sigma_t ~
+    # N(mean, std), sigma_t = sqrt((1 - abar_t) / abar_t), taken to the nearest timestep of the chain)
+    timestep_sampling: str = "uniform"
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
 
 
 @dataclass
@@ -246,6 +252,9 @@ class TrainConfig:
     # EDM2's power-function EMA (Karras et al. 2024) of this relative width sigma_rel (e.g. 0.05 to 0.1) in
     # place of the constant train.ema_decay: its length is a share of the run, whatever the run's length
     ema_width: float | None = None
+    # More power-function EMAs kept beside it, one per width (each in the checkpoint): the width to sample
+    # is then chosen after training, by measured FID (SampleOptions.ema_width, `--ema-width`)
+    ema_widths: tuple[float, ...] = ()
     cond_dropout: float = 0.1  # class-conditional runs: the share of examples trained as the null class
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -442,7 +451,9 @@ LIMITS = {
     **{f"model.{name}": MAX_WIDTH for name in ("ch", "latent_channels", "context_dim", "text_width")},
     **{f"model.{name}": MAX_WIDTH for name in ("text_heads", "image_width", "embed_dim", "mlp_hidden")},
     **{f"model.{name}": 1024 for name in ("num_res_blocks", "num_groups", "text_layers", "mlp_layers")},
+    "diffusion.lognormal_mean": 100.0,  # (ln sigma: e^100 is far past any chain's noise)
 }
+SIGNED = {"diffusion.lognormal_mean"}  # the numbers that may be negative: -LIMITS[key]..LIMITS[key]
 
 
 def validate(cfg: Config) -> None:
@@ -476,9 +487,11 @@ def validate(cfg: Config) -> None:
         for name, value in vars(section).items():
             key = f"{_section_name(cfg, section)}.{name}"
             high = LIMITS.get(key, 2**63 - 1)
+            low = -high if key in SIGNED else 0
             for number in value if isinstance(value, tuple) else (value,):
-                if isinstance(number, int | float) and not 0 <= number <= high:
-                    bound = "must be >= 0" if number < 0 else f"must be at most {LIMITS.get(key, '2**63-1')}"
+                if isinstance(number, int | float) and not low <= number <= high:
+                    most = LIMITS.get(key, "2**63-1")
+                    bound = f"must be >= {low:g}" if number < low else f"must be at most {most}"
                     raise ConfigError(f"{key} {bound}, got {number}")
     if data.channels == 0:  # (images have 1 or 3, checked with the data; 2-D points 2)
         raise ConfigError("data.channels must be positive (or none: the data's own)")
@@ -488,13 +501,20 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.ema_width is not None and not 0 < t.ema_width < MAX_EMA_WIDTH:
-        # (wider has no power-function profile: its exponent would be negative)
-        raise ConfigError(f"train.ema_width must be in (0, {MAX_EMA_WIDTH:.4f}), got {t.ema_width}")
+    for width in (() if t.ema_width is None else (t.ema_width,)) + tuple(t.ema_widths):
+        if not 0 < width < MAX_EMA_WIDTH:  # (wider has no power-function profile: a negative exponent)
+            raise ConfigError(f"train.ema_width(s) must be in (0, {MAX_EMA_WIDTH:.4f}), got {width}")
+    if len(set(t.ema_widths)) != len(t.ema_widths):
+        raise ConfigError(f"train.ema_widths must differ from each other, got {t.ema_widths}")
     if d.loss_weighting not in LOSS_WEIGHTINGS:
         raise ConfigError(
             f"diffusion.loss_weighting must be {' or '.join(LOSS_WEIGHTINGS)}, got {d.loss_weighting!r}"
         )
+    if d.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        choices = " or ".join(TIMESTEP_SAMPLINGS)
+        raise ConfigError(f"diffusion.timestep_sampling must be {choices}, got {d.timestep_sampling!r}")
+    if not (math.isfinite(d.lognormal_mean) and d.lognormal_std > 0):
+        raise ConfigError("diffusion.lognormal_mean must be finite and diffusion.lognormal_std positive")
     if not d.min_snr_gamma > 0:
         raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
     check_precision(t.precision, "train.precision", TRAIN_PRECISIONS)

@@ -466,6 +466,19 @@ class GaussianDiffusion:
         return terms
 
 
+def lognormal_timesteps(
+    alphas_cumprod: np.ndarray, n: int, generator: torch.Generator | None, mean: float, std: float
+) -> torch.Tensor:
+    """``n`` training timesteps drawn as EDM draws its noise levels (Karras et al. 2022, Table 1:
+    ln sigma ~ N(mean, std), -1.2 and 1.2 for images), each taken to the timestep whose
+    sigma_t = sqrt((1 - abar_t) / abar_t) is nearest in ln sigma (a draw beyond the chain's ends takes
+    the end). One normal draw per timestep, from ``generator``."""
+    log_sigma = 0.5 * (np.log1p(-alphas_cumprod) - np.log(alphas_cumprod))  # increasing in t
+    between = torch.from_numpy((log_sigma[1:] + log_sigma[:-1]) / 2)  # where the nearest one changes
+    drawn = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
+    return torch.bucketize(drawn, between)
+
+
 def kl_weights(kept: list[int], T: int) -> torch.Tensor:
     """How many of the terms t = 1..T-1 each kept timestep stands for (each term goes to the nearest
     kept t >= 1); the decoder term t = 0 counts once. All ones when every t is kept."""

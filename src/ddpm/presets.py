@@ -50,8 +50,9 @@ def _preset_fashion_mnist() -> Config:
     groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8 on 2026-11-24, a
     57.1 not reproduced since: see README), no dropout, a 5x larger learning rate with a 100-step
     warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near the initial weights after 1,375
-    steps), bf16 autocast, and the fixed-small variance, which gives clean samples on 100 respaced steps
-    where fixed-large leaves visible grain.
+    steps), precision "auto" (bf16 autocast where a probe of the run's first step finds it at least 10%
+    faster: 1.9x on a Xeon with AMX, 1.42x slower on one without), and the fixed-small variance, which
+    gives clean samples on 100 respaced steps where fixed-large leaves visible grain.
     """
     return Config(
         name="fashion-mnist",
@@ -66,7 +67,7 @@ def _preset_fashion_mnist() -> Config:
             lr=1e-3,
             warmup_steps=100,
             ema_decay=0.995,
-            precision="bf16",
+            precision="auto",
             log_every=50,
             checkpoint_every=200,
             sample_every=700,

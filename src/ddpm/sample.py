@@ -61,6 +61,7 @@ class SampleOptions:
     spacing: str | None = None  # None = the sampler's default (SAMPLERS[name].default_spacing)
     clip_denoised: bool | None = None  # None = clip images to [-1, 1], never 2-D points
     use_ema: bool = True
+    ema_width: float | None = None  # the EMA of this width the run kept (train.ema_widths); None: its EMA
     var_type: str | None = None  # swap fixedsmall <-> fixedlarge; None = the checkpoint's
     device: str = "auto"
     precision: str = "fp32"
@@ -296,6 +297,7 @@ class Request:
             "dataset": self.cfg.data.dataset,
             "step": self.ckpt.train_state.get("step"),
             "weights": "ema" if opts.use_ema else "model",
+            **({"ema_width": opts.ema_width} if opts.ema_width is not None else {}),
             "num_samples": opts.num,
             "batch_size": opts.batch_size,
             "seed": opts.seed,
@@ -338,7 +340,8 @@ def load_run(
     runtime = opts.runtime if device is None else dataclasses.replace(opts.runtime, device=device)
     runtime = runtime.resolve()
     procs = procs or init_processes(runtime.device)
-    loaded = load_network(checkpoint, "ema" if opts.use_ema else "model", runtime, opts.var_type)
+    weights = "ema" if opts.use_ema else "model"
+    loaded = load_network(checkpoint, weights, runtime, opts.var_type, opts.ema_width)
     if opts.autoguidance:
         loaded = _autoguided(loaded, opts)
     cfg = loaded.cfg

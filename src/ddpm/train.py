@@ -283,6 +283,7 @@ class Trainer:
             weight_decay=t.weight_decay,
         )
         self.ema = EMA(self.model, t.ema_decay, t.ema_width)
+        self.kept_emas = [EMA(self.model, t.ema_decay, width) for width in t.ema_widths]
         self.step = 0
         self.train_seconds = 0.0
         self.skipped_steps = 0
@@ -318,15 +319,17 @@ class Trainer:
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
             self.model.load_state_dict(ckpt.model)
-            if ckpt.ema.keys() != self.ema.shadow.keys():
-                raise KeyError("its EMA weights do not match the model's parameters")
-            for name, value in ckpt.ema.items():
-                if value.shape != self.ema.shadow[name].shape:
-                    raise ValueError(
-                        f"EMA tensor {name} has shape {tuple(value.shape)}, the model's "
-                        f"{tuple(self.ema.shadow[name].shape)}"
-                    )
-            self.ema.shadow = {k: v.to(self.device) for k, v in ckpt.ema.items()}
+            kept = [ckpt.kept_emas.get(ema.width, {}) for ema in self.kept_emas]
+            for ema, saved in zip((self.ema, *self.kept_emas), (ckpt.ema, *kept), strict=True):
+                if saved.keys() != ema.shadow.keys():
+                    raise KeyError("its EMA weights do not match the model's parameters")
+                for name, value in saved.items():
+                    if value.shape != ema.shadow[name].shape:
+                        raise ValueError(
+                            f"EMA tensor {name} has shape {tuple(value.shape)}, the model's "
+                            f"{tuple(ema.shadow[name].shape)}"
+                        )
+                ema.shadow = {k: v.to(self.device) for k, v in saved.items()}
             load_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.optimizer_meta)
             stepped = len(self.optimizer.state)
             if ckpt.step > 0 and stepped != len(list(self.model.parameters())):
@@ -399,7 +402,8 @@ class Trainer:
         stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
         if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
             self.optimizer.step()
-            self.ema.update(self.model, step=self.step + 1)
+            for ema in (self.ema, *self.kept_emas):
+                ema.update(self.model, step=self.step + 1)
             self.consecutive_skips = 0
         else:  # never let a NaN or an infinity into the weights, the EMA or a checkpoint
             self._skip_or_stop(self.step + 1, stats["loss"], stats["grad_norm"])
@@ -415,7 +419,8 @@ class Trainer:
         bad = (~(loss.isfinite() & grad_norm.isfinite())).float()
         self.optimizer.found_inf = bad
         self.optimizer.step()
-        self.ema.update(self.model, weight=(1.0 - self.ema.decay_at(self.step + 1)) * (1.0 - bad))
+        for ema in (self.ema, *self.kept_emas):
+            ema.update(self.model, weight=(1.0 - ema.decay_at(self.step + 1)) * (1.0 - bad))
         self.unchecked.append((self.step + 1, loss, grad_norm))
         self.step += 1
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
@@ -573,6 +578,7 @@ class Trainer:
             self.optimizer,
             state,
             self.request,
+            [ema.shadow for ema in self.kept_emas],
         )
 
     def sample_path(self, step: int) -> Path:

@@ -240,6 +240,11 @@ FLAGS: dict[str, dict | Flag] = {
         help="do not clip the predicted x0 to [-1, 1] in the model mean (2-D points are never clipped)",
     ),
     "--no-ema": dict(action="store_true", help="use the raw weights instead of the EMA"),
+    "--ema-width": dict(
+        type=float,
+        metavar="SIGMA_REL",
+        help="use the EMA of this width that the run kept (train.ema_widths) instead of its EMA",
+    ),
     "--var-type": dict(
         choices=("fixedsmall", "fixedlarge"),
         help="use this fixed reverse variance instead of the checkpoint's",
@@ -393,7 +398,8 @@ CONFIG_FLAGS += ("--seed:config", "--device:config", "--precision:config", "--ti
 TRAINING_FLAGS = (*CONFIG_FLAGS, "--out:train", "--resume", "--no-progress", "--cache-dir")
 # how to sample: `sample`, `eval fid` and `eval text`
 SAMPLING_FLAGS = ("--steps", "--sampler", "--eta", "--no-clip", "--batch-size", "--seed")
-SAMPLING_FLAGS += ("--spacing", "--no-ema", *RUNTIME_FLAGS, "--var-type", "--class:sampling", "--guidance")
+SAMPLING_FLAGS += ("--spacing", "--no-ema", "--ema-width", *RUNTIME_FLAGS, "--var-type", "--class:sampling")
+SAMPLING_FLAGS += ("--guidance",)
 SAMPLING_FLAGS += ("--guidance-interval", "--guidance-rescale", "--prompt:sampling", "--negative-prompt")
 SAMPLING_FLAGS += ("--low-res", "--low-res-noise", "--autoguidance", "--autoguide-from")
 

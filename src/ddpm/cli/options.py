@@ -29,6 +29,7 @@ def sample_options(args) -> SampleOptions:
         spacing=args.spacing,
         clip_denoised=False if args.no_clip else None,  # None: clip images, never points
         use_ema=not args.no_ema,
+        ema_width=args.ema_width,
         var_type=args.var_type,
         **dataclasses.asdict(runtime(args)),  # SampleOptions' fields of the same names
         progress=not args.no_progress,

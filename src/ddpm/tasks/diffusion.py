@@ -12,6 +12,7 @@ from ..build import build_diffusion, build_model
 from ..conditioning import make_conditioner, with_condition
 from ..conditioning.low_res import conditions_for, downsample, low_res_condition
 from ..config import Config, check_levels
+from ..diffusion import lognormal_timesteps
 from ..errors import ConfigError
 from ..images import plot_points, save_class_grid, save_grid, to_model_range, to_uint8
 from ..rng import to_device
@@ -89,7 +90,12 @@ class DiffusionTask:
         B, device, m = self.cfg.train.batch_size, self.context.device, self.cfg.model
         indices = self.examples.indices(step)
         flip = flips(self.examples, B, g)
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)
+        d = self.cfg.diffusion
+        if d.timestep_sampling == "lognormal":
+            ab = self.diffusion.alphas_cumprod
+            t = lognormal_timesteps(ab, B, g, d.lognormal_mean, d.lognormal_std)
+        else:  # Algorithm 1's uniform t
+            t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)
         noise = torch.randn((B, *self.example_shape), generator=g)
         mine = self.context.share(B)
         t, noise = to_device(t[mine], device), to_device(noise[mine], device)
