@@ -87,6 +87,7 @@ def test_eval_fid_inception_caches_reference_stats(inception_weights, cifar_dir,
     cache = tmp_path / "cache"
     argv = ["eval", "fid", str(samples), "--dataset", "cifar10", "--split", "train", "--data-dir"]
     argv += [str(cifar_dir), "--inception-weights", str(inception_weights), "--cache-dir", str(cache)]
+    argv += ["--resamples", "2"]  # (each bootstrap resample is a 2048-wide matrix square root: 1.5 s)
     assert main(argv + ["--no-progress"]) == 0
     result = json.loads((samples / "fid-inception-v3-compat-train.json").read_text())
     assert result["extractor"] == "inception-v3-compat" and "torch-fidelity" in result["tool"]
