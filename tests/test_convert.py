@@ -198,7 +198,7 @@ def test_scheduler_with_trained_betas_is_refused(tmp_path):
     folder = write_pipeline(
         tmp_path / "pipe", tiny_unet(), num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4]
     )
-    import_fails(folder, tmp_path / "run", "trained_betas cannot be imported; use a named beta_schedule")
+    import_fails(folder, tmp_path / "run", "trained_betas can be imported only from `ddpm export`")
 
 
 @pytest.mark.parametrize(

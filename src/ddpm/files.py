@@ -302,7 +302,7 @@ class OutputFolder:
         self.lock.release()
 
 
-# Every name an OutputFolder of samples may hold; earlier ones the new results lack are stale.
+# Every name an OutputFolder (of samples, or an export) may hold; earlier ones the new results lack are stale.
 PUBLISHED = {
     "grid.png",
     "images",
@@ -311,4 +311,8 @@ PUBLISHED = {
     "points.png",
     "model.safetensors",
     "low-res-grid.png",
+    # a diffusers folder from `ddpm export`
+    "model_index.json",
+    "unet",
+    "scheduler",
 }

@@ -1,4 +1,5 @@
-"""`ddpm make-shards` and `ddpm import`: an image folder as tar shards, a diffusers folder as a run."""
+"""`ddpm make-shards`, `ddpm import` and `ddpm export`: an image folder as tar shards, a diffusers folder as a
+run and a run as a diffusers folder."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def add_import(commands) -> None:
     p.set_defaults(func=cmd_import)
 
 
+def add_export(commands) -> None:
+    p = commands.add_parser("export", help="write a run as a diffusers folder that DDPMPipeline loads")
+    add_flags(p, "checkpoint", "--out:export", "--no-ema", "--ema-width")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_make_shards(args) -> int:
     from ..shards import make_shards
 
@@ -30,3 +37,10 @@ def cmd_import(args) -> int:
     from ..convert import import_diffusers
 
     return print_json(checkpoint=str(import_diffusers(args.folder, args.out)))
+
+
+def cmd_export(args) -> int:
+    from ..convert import export_diffusers
+
+    out = export_diffusers(args.checkpoint, args.out, use_ema=not args.no_ema, ema_width=args.ema_width)
+    return print_json(out=str(out), pipeline="diffusers.DDPMPipeline")

@@ -188,6 +188,9 @@ FLAGS: dict[str, dict | Flag] = {
         generate=dict(help="output directory (default PIPELINE/generated)"),
         shards=dict(required=True, help="directory for shard-NNNNNN.tar and shards.json"),
         diffusers=dict(required=True, help="run directory to create"),
+        export=dict(
+            required=True, help="the diffusers folder to write (model_index.json, unet/, scheduler/)"
+        ),
         fid=dict(help="result JSON (default: next to the samples)"),
         text=dict(help="result JSON (default: text-eval.json beside the samples)"),
     ),

@@ -22,6 +22,7 @@ COMMANDS = (
     invert.add_invert,
     convert.add_make_shards,
     convert.add_import,
+    convert.add_export,
     evaluate.add_eval,
     evaluate.add_train_classifier,
     train.add_train_text_encoder,
