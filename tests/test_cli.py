@@ -418,6 +418,7 @@ def test_the_config_shortcuts_come_from_the_flag_table():
             "precision": "train.precision",
             "time_limit": "train.time_limit_minutes",
             "budget": "train.budget_minutes",
+            "no_tensorboard": "train.tensorboard",
             "tokenizer": "model.tokenizer",
         }.items()
     )

@@ -283,6 +283,7 @@ class TrainConfig:
     # train.steps is not used (ddpm.budget)
     budget_minutes: float | None = None
     log_every: int = 100
+    tensorboard: bool = True  # event files in RUN/tensorboard where the package is installed (ddpm.dashboard)
     checkpoint_every: int = 5000
     sample_every: int = 10000
     num_sample_images: int = 64

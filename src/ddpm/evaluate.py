@@ -8,7 +8,7 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .config import check_run_config
 from .data import CLASS_NAMES, DATASETS, TOYS
-from .errors import DataError
+from .errors import DataError, DDPMError
 from .files import read_json, write_json
 from .images import load_sample_labels, load_samples
 from .metrics import DOMAIN_DATASETS, FID_RESAMPLES, evaluate_domain
@@ -119,4 +119,27 @@ def evaluate_fid(
         result["sampling"] = made
     path = Path(out) if out else folder / f"fid-{result['extractor']}-{split}.json"
     write_json(path, result)
+    if made.get("checkpoint"):
+        log_evaluation(Path(made["checkpoint"]), made, result, split)
     return path, result
+
+
+def log_evaluation(checkpoint: Path, made: dict, result: dict, split: str) -> None:
+    """The FID of a run's samples into the run's TensorBoard events, at the sampled checkpoint's step,
+    under a tag naming how they were drawn (so that settings do not share a curve). A run directory that
+    cannot be written (a read-only copy) keeps its events as they are."""
+    from .dashboard import Dashboard
+
+    run_dir = checkpoint.parent
+    how = f"{made.get('sampler')}-{made.get('steps')}steps-n{result['num_samples']}-{made.get('weights')}"
+    if made.get("guidance"):
+        how += f"-w{made['guidance']}"
+    try:
+        config = read_json(run_dir / "config.json", expect=dict, strict=False)
+        if not config.get("train", {}).get("tensorboard", True) or not isinstance(made.get("step"), int):
+            return
+        dashboard = Dashboard(run_dir)
+        dashboard.scalars(made["step"], {f"fid-{result['extractor']}-{split}/{how}": result["fid"]}, "eval")
+        dashboard.close()
+    except (OSError, DDPMError):  # no run directory there now, or one that is not ours to write
+        pass

@@ -30,6 +30,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import MAX_EMA_WIDTH, Config, validate
+from .dashboard import Dashboard
 from .errors import CheckpointError, ConfigError
 from .files import write_json
 from .rng import seed_dropout, step_generator
@@ -153,6 +154,7 @@ RESUMABLE_CHANGES = {
     "train.fused_optimizer",
     "train.deferred_checks",
     "train.log_every",
+    "train.tensorboard",
     "train.checkpoint_every",
     "train.sample_every",
     "train.num_sample_images",
@@ -486,6 +488,7 @@ class Trainer:
         session_seconds = 0.0
         bar = _progress(self.progress, self.step, t_cfg.steps)
         metrics_file = open(self.run.metrics_path, "a") if self.procs.is_main else None
+        dashboard = Dashboard(self.run_dir, self.step, enabled=self.procs.is_main and t_cfg.tensorboard)
         stopped = "done"
         window_start, window_images = self.clock(), 0
         handlers = _catch_stop_signals(self)
@@ -531,11 +534,13 @@ class Trainer:
                         record = {"step": self.step, **{k: float(f"{v:.6g}") for k, v in stats.items()}}
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
+                        dashboard.scalars(self.step, {k: v for k, v in record.items() if k != "step"})
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
                 if self.procs.is_main and checkpoint:
                     self.save()
                 if self.step % t_cfg.sample_every == 0 or (last and not signalled):
-                    self.write_samples()  # every process draws its share of the grid's batches
+                    # every process draws its share of the grid's batches; the main one writes it
+                    dashboard.image(self.step, self.write_samples())
                 if signalled:
                     stopped = "SIGINT" if sigint else "SIGTERM"
                     break
@@ -547,6 +552,7 @@ class Trainer:
                 signal.signal(signum, handler)
             if metrics_file is not None:
                 metrics_file.close()
+            dashboard.close()
             bar.close()
         result = {"step": self.step, "stopped": stopped, "train_seconds": round(self.train_seconds, 1)}
         if self.budget is not None:

@@ -138,6 +138,13 @@ FLAGS: dict[str, dict | Flag] = {
     "--time-limit": dict(
         type=float, metavar="MINUTES", help="stop training after this long", config="train.time_limit_minutes"
     ),
+    "--no-tensorboard": dict(
+        action="store_const",
+        const=False,
+        default=None,
+        help="write no TensorBoard event files (RUN/tensorboard; written where the package is installed)",
+        config="train.tensorboard",
+    ),
     "--budget": dict(
         type=float,
         metavar="MINUTES",
@@ -397,6 +404,7 @@ RUNTIME_FLAGS = ("--device", "--precision", "--channels-last", "--compile", "--c
 CONFIG_FLAGS = ("--preset", "--config", "--set", "--dataset:config", "--data-dir:config")
 CONFIG_FLAGS += ("--image-size:config", "--channels", "--steps:config", "--batch-size:config", "--lr")
 CONFIG_FLAGS += ("--seed:config", "--device:config", "--precision:config", "--time-limit", "--budget")
+CONFIG_FLAGS += ("--no-tensorboard",)
 # (the cache: for an autoencoder's report at its finish)
 TRAINING_FLAGS = (*CONFIG_FLAGS, "--out:train", "--resume", "--no-progress", "--cache-dir")
 # how to sample: `sample`, `eval fid` and `eval text`
