@@ -1,6 +1,7 @@
 """`ddpm eval fid` (ddpm.evaluate): which samples, how many, which extractor, and what is written."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def test_evaluate_fid_samples_a_checkpoint_first(idx_dir, tmp_path):
     path, result = evaluate_fid(
         run, num=7, sampling=options, data_dir=str(idx_dir), cache_dir=str(tmp_path / "c"), progress=False
     )
-    folder = run / "fid-samples-7"
+    (folder,) = run.glob("fid-samples-7-*")
     assert path == folder / "fid-domain-fashion-mnist-cnn-v1-test.json"
     assert json.loads(path.read_text()) == result
     assert result["num_samples"] == 7 and result["samples"] == str(folder)
@@ -128,6 +129,41 @@ def test_eval_fid_of_a_class_conditional_run_reports_class_agreement(class_run, 
     assert result["sampling"]["classes"] == "balanced" and result["sampling"]["guidance"] == 1.0
     # the labels are kept with the samples: scoring their folder again gives the same agreement
     _, again = evaluate_fid(
-        run / "fid-samples-20", data_dir=str(data), cache_dir=str(tmp_path / "c"), progress=False
+        result["samples"], data_dir=str(data), cache_dir=str(tmp_path / "c"), progress=False
     )
     assert again["class_agreement"] == agreement
+
+
+def test_eval_fid_reuses_the_samples_of_the_same_settings_only(idx_dir, tmp_path):
+    """RUN/fid-samples-N-KEY: the same checkpoint and settings reuse the samples; another sampler or
+    seed at the same N draws its own (they once shared fid-samples-N); a later checkpoint's evaluation
+    removes the earlier checkpoint's folders and a killed evaluation's leftovers, but no other folder."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(idx_dir, steps=2), run, progress=False).train()
+
+    def fid(**options):
+        sampling = SampleOptions(steps=3, batch_size=5, **options)
+        kw = dict(num=5, data_dir=str(idx_dir), cache_dir=str(tmp_path / "c"), progress=False)
+        return evaluate_fid(run, sampling=sampling, **kw)[1]
+
+    first = fid(sampler="ddim", seed=1)
+    folder = Path(first["samples"])
+    made = (folder / "samples.json").stat().st_mtime_ns
+    again = fid(sampler="ddim", seed=1)
+    assert again["samples"] == str(folder) and (folder / "samples.json").stat().st_mtime_ns == made
+    assert again["fid"] == first["fid"]
+    other = fid(sampler="ddim", seed=2)
+    assert other["samples"] != str(folder) and other["fid"] != first["fid"]
+    assert Path(first["samples"]).is_dir()  # the first setting's samples are kept beside
+
+    killed = run / "fid-samples-5-killed"  # what a SIGKILL during sampling leaves
+    (killed / ".partial-x1" / "images").mkdir(parents=True)
+    theirs = run / "fid-samples-mine"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    Trainer(tiny_config(idx_dir, steps=4), run, resume=True, progress=False).train()
+    later = fid(sampler="ddim", seed=1)
+    assert later["sampling"]["step"] == 4 and later["samples"] != str(folder)
+    assert sorted(p.name for p in run.glob("fid-samples-*")) == sorted(
+        [Path(later["samples"]).name, theirs.name]
+    )

@@ -528,3 +528,24 @@ def test_the_runtime_reaches_the_network_once_and_generate_takes_it_wrapped(clas
     with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
         sample_to_dir(tmp_path / "no-run", tmp_path / "c", options, precision="fp16")  # before loading
     assert not (tmp_path / "c").exists()
+
+
+def test_grids_show_at_most_256_samples_and_every_sample_is_kept(class_run, tmp_path):
+    """1,000 samples made a 962x962 grid before; now a grid shows the first 256 (unconditional: 16x16) or,
+    with classes, each class's first 25 in its row, while images/ and samples.npz keep all of them."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.images import save_grid
+
+    run, _ = class_run
+    cell = 8 + 2
+    ddpm.sample_to_dir(run, tmp_path / "s", num=300, batch_size=300, steps=1, progress=False)
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 + 25 * cell, 2 + 10 * cell)
+    assert len(list((tmp_path / "s" / "images").iterdir())) == 300
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape[0] == 300
+    images = torch.arange(300, dtype=torch.uint8).reshape(300, 1, 1, 1).expand(300, 1, 8, 8)
+    save_grid(images, tmp_path / "plain.png")
+    grid = np.asarray(Image.open(tmp_path / "plain.png"))
+    assert grid.shape[:2] == (2 + 16 * cell, 2 + 16 * cell)
+    assert grid[2 + 15 * cell, 2 + 15 * cell] == 255  # the last cell is sample 255

@@ -3,16 +3,21 @@ sampling them from a checkpoint first when given one."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+
+import torch
 
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .config import check_run_config
 from .data import CLASS_NAMES, DATASETS, TOYS
-from .errors import DataError, DDPMError
-from .files import read_json, write_json
+from .errors import ConfigError, DataError, DDPMError
+from .files import DirectoryLock, read_json, write_json
 from .images import load_sample_labels, load_samples
 from .metrics import DOMAIN_DATASETS, FID_RESAMPLES, evaluate_domain
 from .runtime import init_processes, resolve_device
+from .safeload import sha256_file
 from .sample import SampleOptions, sample_to_dir
 
 # The reference datasets FID can compare images with (the 2-D toys are points, not images).
@@ -53,15 +58,15 @@ def evaluate_fid(
 ) -> tuple[Path | None, dict]:
     """Score ``source``: a samples.npz written by `ddpm sample`, its folder, or a run directory /
     checkpoint, from which ``num`` samples (default: the published count for the dataset) are first
-    drawn with ``sampling`` into RUN/fid-samples-N/. The reference is ``split`` of ``dataset`` (default:
-    the samples' own, from samples.json). ``extractor`` "auto" takes the domain classifier for
-    Fashion-MNIST / MNIST and Inception otherwise. Writes the result as JSON (``out``, default next to
-    the samples) and returns its path and the result; a ``warning`` key says when the count is below
-    the published one. The FID comes with its uncertainty (``fid_se``, ``fid_interval``: a bootstrap over
-    ``resamples`` resamples of the samples) and the real-data floor at the same count (``real_floor``);
-    a Fashion-MNIST or MNIST score of fewer than COMPARISON_SAMPLES samples is marked ``"screening":
-    true``. Under torchrun the processes share the sampling and the main one scores; the
-    others return (None, {})."""
+    drawn with ``sampling`` into RUN/fid-samples-N-KEY/ (or reused from there: see sample_cache). The
+    reference is ``split`` of ``dataset`` (default: the samples' own, from samples.json). ``extractor``
+    "auto" takes the domain classifier for Fashion-MNIST / MNIST and Inception otherwise. Writes the
+    result as JSON (``out``, default next to the samples) and returns its path and the result; a
+    ``warning`` key says when the count is below the published one. The FID comes with its uncertainty
+    (``fid_se``, ``fid_interval``: a bootstrap over ``resamples`` resamples of the samples) and the
+    real-data floor at the same count (``real_floor``); a Fashion-MNIST or MNIST score of fewer than
+    COMPARISON_SAMPLES samples is marked ``"screening": true``. Under torchrun the processes share the
+    sampling and the main one scores; the others return (None, {})."""
     if dataset is not None:  # before anything is loaded, downloaded or sampled
         check_fid_dataset(dataset)
     if resamples < 2:
@@ -77,9 +82,10 @@ def evaluate_fid(
         check_run_config(ckpt.config, f"checkpoint {ckpt.path}")
         dataset = dataset or check_fid_dataset(ckpt.config["data"].get("dataset", "fashion-mnist"))
         num = num if num is not None else FID_SAMPLES.get(dataset, DEFAULT_FID_SAMPLES)
-        folder = (source if source.is_dir() else source.parent) / f"fid-samples-{num}"
-        if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
-            return None, {}  # under torchrun: this process helped sample; the main one scores
+        folder = sample_cache(ckpt, num, sampling)
+        if not (folder / "samples.json").is_file():  # else: these very samples were drawn before
+            if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
+                return None, {}  # under torchrun: this process helped sample; the main one scores
         source = folder
     if not init_processes(resolve_device(sampling.device)).is_main:
         return None, {}  # under torchrun only the main process scores (and writes)
@@ -122,6 +128,58 @@ def evaluate_fid(
     if made.get("checkpoint"):
         log_evaluation(Path(made["checkpoint"]), made, result, split)
     return path, result
+
+
+CACHE_PREFIX = "fid-samples-"
+
+
+def sample_cache(ckpt: Checkpoint, num: int, sampling: SampleOptions) -> Path:
+    """The folder of a run's FID samples: RUN/fid-samples-N-KEY, KEY a digest of the checkpoint's bytes
+    and every sampling setting, so an evaluation with the same ones reuses the samples (complete: their
+    samples.json is written last) and one with others draws its own. Removes the run's sample folders of
+    other checkpoints (an earlier step) and those a killed evaluation left unfinished; never a folder
+    another process is writing, nor one whose samples did not come from this run."""
+    import dataclasses
+    import hashlib
+
+    def value(v):  # a low-res image given as a tensor counts by its bytes
+        return (
+            hashlib.sha256(v.cpu().numpy().tobytes()).hexdigest() if isinstance(v, torch.Tensor) else str(v)
+        )
+
+    settings = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("num", "progress")}
+    settings |= {"num": num, "checkpoint": sha256_file(ckpt.path)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=value).encode()).hexdigest()[:12]
+    run_dir = ckpt.path.parent
+    folder = run_dir / f"{CACHE_PREFIX}{num}-{key}"
+    step = ckpt.train_state.get("step")
+    for other in sorted(run_dir.glob(f"{CACHE_PREFIX}*")):
+        if other != folder and other.is_dir() and not other.is_symlink():
+            _remove_if_stale(other, ckpt.path, step)
+    return folder
+
+
+def _remove_if_stale(folder: Path, checkpoint: Path, step) -> None:
+    made = folder / "samples.json"
+    if made.is_file():
+        try:
+            record = read_json(made, expect=dict, strict=False)
+        except DDPMError:
+            return  # not a record ddpm wrote: not ours to remove
+        ours = Path(str(record.get("checkpoint", ""))).resolve() == checkpoint.resolve()
+        if not ours or record.get("step") == step:
+            return  # another source's samples, or this checkpoint's with other settings: kept
+    elif any(p.name not in (".lock",) and not p.name.startswith(".partial-") for p in folder.iterdir()):
+        return  # not a folder of ddpm's making
+    lock = DirectoryLock(folder, "ddpm process writing there")
+    try:
+        lock.acquire()
+    except ConfigError:
+        return  # being written now
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def log_evaluation(checkpoint: Path, made: dict, result: dict, split: str) -> None:

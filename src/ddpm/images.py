@@ -47,8 +47,12 @@ def make_grid(images_uint8: torch.Tensor, nrow: int | None = None, padding: int 
     return grid
 
 
+GRID_LIMIT = 256  # the most images a grid shows (every sample is still in images/ and samples.npz)
+
+
 def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    grid = _pil(make_grid(images_uint8, nrow))
+    """A grid of the first GRID_LIMIT images (``nrow`` a row)."""
+    grid = _pil(make_grid(images_uint8[:GRID_LIMIT], nrow))
     atomic_write(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
 
 
@@ -60,10 +64,12 @@ def save_pngs(images_uint8: torch.Tensor, directory: str | Path, start: int = 0)
 
 
 def save_class_grid(images_uint8: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
-    """A grid with one row per class present in ``labels`` (in class order), blank cells padding the
-    rows of classes with fewer samples."""
-    classes = labels.unique().tolist()
-    rows = [images_uint8[labels == c] for c in classes]
+    """A grid with one row per class present in ``labels`` (in class order; the first GRID_LIMIT classes),
+    blank cells padding the rows of classes with fewer samples; each row the class's first samples, as
+    many as keep the grid within GRID_LIMIT cells (at least one)."""
+    classes = labels.unique().tolist()[:GRID_LIMIT]
+    per_row = max(1, GRID_LIMIT // len(classes))
+    rows = [images_uint8[labels == c][:per_row] for c in classes]
     width = max(len(r) for r in rows)
     cells = torch.zeros(len(rows) * width, *images_uint8.shape[1:], dtype=torch.uint8)
     for i, row in enumerate(rows):

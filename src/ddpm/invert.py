@@ -13,7 +13,7 @@ from .config import DataConfig
 from .data import load_dataset
 from .errors import ConfigError, DataError
 from .files import write_json
-from .images import load_samples, save_grid, to_model_range, to_uint8
+from .images import GRID_LIMIT, load_samples, save_grid, to_model_range, to_uint8
 from .runtime import Runtime
 from .samplers import ddim_invert, ddim_sample_loop, get_sampler, sampling_chain
 
@@ -75,7 +75,8 @@ def invert_to_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "latents.npy", latents.numpy())
-    save_grid(torch.cat([originals, recon]), out / "reconstruction.png", nrow=len(originals))
+    shown = min(len(originals), GRID_LIMIT // 2)  # originals above, their reconstructions below
+    save_grid(torch.cat([originals[:shown], recon[:shown]]), out / "reconstruction.png", nrow=shown)
     diff = recon.float() - originals.float()
     info = {
         "num_images": len(originals),
