@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: a virtual environment in .venv with ddpm (and, unless --no-dev,
-# its dev tools: pytest, ruff, diffusers), and the Fashion-MNIST Debian package where apt is available.
+# its dev tools: pytest, ruff, diffusers, tensorboard, gradio, selenium), the Fashion-MNIST Debian package
+# where apt is available, and (dev) Debian's chromium for the browser test.
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     echo "setup: installing the dataset-fashion-mnist package"
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
         || echo "setup: warning: could not install dataset-fashion-mnist; torchvision will be needed"
+fi
+
+# Chromium and its driver for the test of `ddpm serve`'s page in a real browser (dev set-up only).
+if [ -n "$EXTRAS" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium and chromium-driver (for the web page's browser test)"
+    (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+        || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)) \
+        || echo "setup: warning: could not install chromium; the browser test will be skipped"
 fi
 
 # PyTorch: a CPU-only wheel that lies on this machine is much smaller than the default CUDA build.

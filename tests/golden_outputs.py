@@ -122,7 +122,7 @@ def compute(root: Path, perturb_ulp: bool = False) -> dict:
         x = ddpm.generate(model, diffusion, num=5, shape=shape, batch_size=3, seed=7, **kwargs)
         out[f"sample_{name}"] = digest(x)
 
-    # The progressive chain of a respaced diffusion, as the README shows it.
+    # The progressive chain of a respaced diffusion, as docs/python-api.md shows it.
     g = torch.Generator().manual_seed(3)
     steps = list(diffusion.respaced(10).p_sample_loop_progressive(model, (2, *shape), generator=g))
     out["progressive"] = digest(*(s.sample for s in steps), *(s.pred_x0 for s in steps))

@@ -1,4 +1,4 @@
-"""The README's Python API example, on a tiny configuration."""
+"""The Python API example (README.md's short one, docs/python-api.md's whole one), on a tiny configuration."""
 
 import numpy as np
 import torch

@@ -198,7 +198,7 @@ def test_out_that_is_a_file_is_one_line_error(idx_dir, tmp_path, capsys):
 
 
 def test_paper_reproduction_sequence_on_a_random_cifar10_network(tmp_path, inception_weights):
-    """README 'Reproducing the paper': import -> eval nll -> eval fid (sampling included), on the real
+    """docs/reproducing.md: import -> eval nll -> eval fid (sampling included), on the real
     CIFAR-10 architecture (random weights, saved in the layout of google/ddpm-cifar10-32), a fake
     CIFAR-10 binary release and a random Inception network saved like torch-fidelity's weights."""
     from diffusers import DDPMScheduler

@@ -145,6 +145,8 @@ def world(tmp_path_factory, class_run, text_run):
         ("invert",): [class_run_dir, "--steps", "10"],  # its default, 100, is more than the run's T
         ("make-shards",): [str(base / "images"), "--out", "shards"],
         ("import",): [str(base / "diffusers"), "--out", "imported"],
+        ("export",): [class_run_dir, "--out", "exported"],
+        ("serve",): [text_run_dir],
         ("eval", "fid"): [class_run_dir],
         ("eval", "nll"): [class_run_dir],
         ("eval", "text"): [text_run_dir, "--domain-clip", str(encoder)],
@@ -191,6 +193,7 @@ def sealed(world):
             if getattr(module, "CACHE", None) == data.CACHE:
                 mp.setattr(module, "CACHE", base / "cache")
         mp.setattr(metrics.DomainClassifier, "forward", stopped_forward)
+        mp.setattr(ddpm.serve, "launch", stopped_forward)  # `ddpm serve`'s work: the page's server
         parser = cli.build_parser()
         mp.setattr(cli, "build_parser", lambda: parser)  # built once: the cases differ in argv only
         yield

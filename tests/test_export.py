@@ -1,6 +1,6 @@
 """`ddpm export`: a run as a diffusers folder. Checked against diffusers itself: DDPMPipeline loads it, the
 UNet2DModel computes our network's function, a seeded diffusers sample equals ours drawn with the same
-noise, class-conditional runs sample with ``class_labels`` (the README's lines, run as written), and
+noise, class-conditional runs sample with ``class_labels`` (docs/diffusers.md's lines, run as written), and
 export then import gives back the same weights."""
 
 import json
@@ -20,7 +20,7 @@ from ddpm.convert import EXPORT_RECORD, diffusers_scheduler_config, export_diffu
 from ddpm.errors import CheckpointError
 from ddpm.train import Trainer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DIFFUSERS_DOC = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
 
 
 def trained_run(path, data_dir, **diffusion):
@@ -93,15 +93,15 @@ def test_export_then_import_gives_back_identical_weights_and_schedule(idx_dir, t
     assert after.config["diffusion"]["beta_schedule"] == "warmup10"
 
 
-def readme_class_labels_lines() -> str:
-    """The README's lines that sample an exported class-conditional run with diffusers."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def documented_class_labels_lines() -> str:
+    """docs/diffusers.md's lines that sample an exported class-conditional run with diffusers."""
+    blocks = re.findall(r"```python\n(.*?)```", DIFFUSERS_DOC.read_text(), re.S)
     lines = [block for block in blocks if "class_labels=" in block]
-    assert len(lines) == 1, "the README shows one way to sample an exported class-conditional run"
+    assert len(lines) == 1, "docs/diffusers.md shows one way to sample an exported class-conditional run"
     return lines[0]
 
 
-def test_a_class_conditional_export_samples_with_class_labels_as_the_readme_shows(class_run, tmp_path):
+def test_a_class_conditional_export_samples_with_class_labels_as_the_docs_show(class_run, tmp_path):
     run, _ = class_run
     out = export_diffusers(run, tmp_path / "class-export")
     unet = json.loads((out / "unet" / "config.json").read_text())
@@ -109,10 +109,10 @@ def test_a_class_conditional_export_samples_with_class_labels_as_the_readme_show
     model, diffusion, cfg = load_model(run)
     assert unet["num_class_embeds"] == cfg.model.num_classes + 1 == record["null_class"] + 1
 
-    # the README's lines as written, with the folder and the classes it names
+    # docs/diffusers.md's lines as written, with the folder and the classes it names
     namespace = {}
-    code = readme_class_labels_lines().replace('"runs/fashion-mnist-class/diffusers"', repr(str(out)))
-    exec(compile(code, "README.md", "exec"), namespace)
+    code = documented_class_labels_lines().replace('"runs/fashion-mnist-class/diffusers"', repr(str(out)))
+    exec(compile(code, "docs/diffusers.md", "exec"), namespace)
     labels, images = namespace["labels"], namespace["images"]
     assert images.shape == (len(labels), 1, 8, 8)
     expected = our_sample(model, diffusion, tuple(images.shape), seed=namespace["seed"], labels=labels)

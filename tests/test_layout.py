@@ -1,5 +1,5 @@
-"""The package's shape: who may import whom, no import cycles, one test file per module, the README's
-layout, `python -m`.
+"""The package's shape: who may import whom, no import cycles, one test file per module, the layout that
+docs/design.md lists, `python -m`.
 
 Modules are named by their dotted path inside the package: "data", and "tasks.base" for
 src/ddpm/tasks/base.py; a package's __init__.py is the package ("tasks"), the top one's "__init__"."""
@@ -164,11 +164,11 @@ def test_every_module_with_logic_has_its_test_file():
     assert not missing
 
 
-def readme_layout() -> set[str]:
-    """The modules the README's layout lists under src/ddpm/, a sub-package's (an indented ``pkg/``
-    line, its modules indented below it) as "pkg.module"."""
-    readme = (ROOT / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("```")[1].split("\ntests/")[0]
+def documented_layout() -> set[str]:
+    """The modules the layout of docs/design.md lists under src/ddpm/, a sub-package's (an indented
+    ``pkg/`` line, its modules indented below it) as "pkg.module"."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    layout = design.split("## Layout", 1)[1].split("```")[1].split("\ntests/")[0]
     listed, packages = set(), []  # packages: (indent, name) of the sub-packages the line is inside
     for indent, name, kind in re.findall(r"^( +)(\w+)(\.py|/)\s", layout, re.M):
         packages = [(i, p) for i, p in packages if i < len(indent)]
@@ -179,14 +179,14 @@ def readme_layout() -> set[str]:
     return listed
 
 
-def test_the_readme_layout_names_every_module():
-    listed = readme_layout()
+def test_the_documented_layout_names_every_module():
+    listed = documented_layout()
     top = {m for m in MODULES if "." not in m}
     assert {m for m in listed if "." not in m} == top | {"__main__"}
 
 
-def test_the_readme_layout_names_every_sub_package_module():
-    assert {m for m in readme_layout() if "." in m} == {m for m in MODULES if "." in m}
+def test_the_documented_layout_names_every_sub_package_module():
+    assert {m for m in documented_layout() if "." in m} == {m for m in MODULES if "." in m}
 
 
 def test_python_dash_m_ddpm_runs_the_cli():

@@ -237,6 +237,10 @@ def test_generate_loads_each_part_once(parts, tmp_path, monkeypatch):
     made = draw()
     assert loaded == ["text-4", "sr-4-8"] and len(encoded) == 1 and made.images.shape == (2, 1, 8, 8)
     assert made.record["decoder"]["low_res"] == "the generator's samples"
+    # a later request (another seed, sampler and count) reuses both loaded networks
+    other = dataclasses.replace(options, sampler="ancestral")
+    again = pipeline(prompts=["a coat"], num=3, seed=9, generator_options=other, decoder_options=options)
+    assert loaded == ["text-4", "sr-4-8"] and again.images.shape == (3, 1, 8, 8)
     # the decoder's options are checked before anything is drawn
     bad = dataclasses.replace(options, guidance=1.0)
     with pytest.raises(ddpm.ConfigError, match="super-resolution stage: it takes low_res, not a class"):
@@ -269,3 +273,26 @@ def test_a_whole_guidance_value_reaches_the_generator(parts, tmp_path):
     assert {k: generated[k] for k in record if k.startswith(("guidance", "negative"))} == {
         k: v for k, v in record.items() if k.startswith(("guidance", "negative"))
     }
+
+
+def test_a_served_pipeline_draws_what_generate_draws(parts, tmp_path):
+    """`ddpm serve PIPELINE`'s Studio: the page's request through both stages, as the API draws it."""
+    from ddpm.conditioning.guidance import Guidance
+    from ddpm.serve import Request, Studio
+
+    pipe = tmp_path / "pipe"
+    assert assemble(pipe, parts / "text-4", parts / "sr-4-8", "--text-encoder", str(parts / "encoder")) == 0
+    studio = Studio(pipe)
+    assert studio.conditioning == "text"
+    request = Request(prompt="a dark shirt", negative_prompt="a coat", guidance=1.5, steps=3, seed=2, count=2)
+    images = studio.draw(request)
+    options = ddpm.SampleOptions(sampler="ddim", steps=3, progress=False)
+    made = ddpm.Pipeline.load(pipe)(
+        prompts=["a dark shirt"],
+        guidance=Guidance(1.5, negative_prompt="a coat"),
+        num=2,
+        seed=2,
+        generator_options=options,
+        decoder_options=options,
+    )
+    assert images.shape == (2, 1, 8, 8) and torch.equal(images, made.images)

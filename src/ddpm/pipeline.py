@@ -31,7 +31,7 @@ from .config import check_run_config
 from .errors import ConfigError, DDPMError
 from .files import read_json, write_json
 from .images import to_uint8
-from .sample import LoadedRun, SampleOptions, load_run, prepare
+from .sample import LoadedRun, LoadedRuns, SampleOptions
 
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "ddpm-pipeline"
@@ -73,6 +73,7 @@ class Pipeline:
         self.decoder_part = by_role["decoder"]
         self.text_encoder = by_role.get("text-encoder")
         self.encoder = None  # the text encoder, loaded: the generator's sampling encodes with it
+        self.runs = LoadedRuns()  # the generator and decoder, loaded once for every request
         if self.decoder_part.kind == "latent":
             self.decoder = self._check_latent_decoder()
         else:
@@ -257,7 +258,7 @@ class Pipeline:
         if not isinstance(guidance, Guidance):
             guidance = dataclasses.replace(base.guidance_value, w=guidance)
         base = base.with_guidance(guidance)
-        first = prepare(self.generator, base, text_encoder=self.encoder)
+        first = self.runs.load(self.generator, base).request(text_encoder=self.encoder)
         second_opts = dataclasses.replace(
             decoder_options or SampleOptions(sampler="ddim", steps=50, progress=False), num=num, seed=seed
         )
@@ -270,7 +271,7 @@ class Pipeline:
         if self.decoder_part.kind != "latent":
             # Loaded once, on the generator's device, and checked but for its low-resolution images: they
             # are the generator's, whose size and channels the pipeline's checks matched to the decoder's.
-            second = load_run(self.decoder, second_opts, first.device, first.procs)
+            second = self.runs.load(self.decoder, second_opts, first.device, first.procs)
             second.check_before_low_res()
         return functools.partial(self._draw, first, second)
 

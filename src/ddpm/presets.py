@@ -45,13 +45,13 @@ def _preset_256(name: str, steps: int) -> Config:
 def _preset_fashion_mnist() -> Config:
     """A small U-Net tuned for good Fashion-MNIST samples in about 10 minutes on 2 CPU cores.
 
-    Departures from the paper, each chosen by measurement on this budget (see README): a 1.1M-parameter
-    network (ch 32, one res block per level, two downsamplings, attention at 7x7, GroupNorm with 8
-    groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8 on 2026-11-24, a
-    57.1 not reproduced since: see README), no dropout, a 5x larger learning rate with a 100-step
-    warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near the initial weights after 1,375
-    steps), precision "auto" (bf16 autocast where a probe of the run's first step finds it at least 10%
-    faster: 1.9x on a Xeon with AMX, 1.42x slower on one without), and the fixed-small variance, which
+    Departures from the paper, each chosen by measurement on this budget (see docs/results.md): a
+    1.1M-parameter network (ch 32, one res block per level, two downsamplings, attention at 7x7, GroupNorm
+    with 8 groups; at equal time it beat the 1.6M two-block net on domain FID, 57.1 vs 61.8 on 2026-11-24,
+    a 57.1 not reproduced since: see docs/results.md), no dropout, a 5x larger learning rate with a
+    100-step warm-up, batch 64, EMA decay 0.995 (0.9999 would still be near the initial weights after
+    1,375 steps), precision "auto" (bf16 autocast where a probe of the run's first step finds it at least
+    10% faster: 1.9x on a Xeon with AMX, 1.42x slower on one without), and the fixed-small variance, which
     gives clean samples on 100 respaced steps where fixed-large leaves visible grain.
     """
     return Config(
@@ -127,7 +127,7 @@ def _preset_fashion_mnist_autoencoder() -> Config:
     """Latent diffusion's first stage for Fashion-MNIST: a KL autoencoder from 1x28x28 to 4x14x14 latents
     (levels of 32 and 64 channels, one residual block each), trained like the fashion-mnist preset. At
     equal training budget its latent generator matched the pixel model's FID where one on 4x7x7 latents
-    (`--set model.ch_mult=1,2,2`) fell 38% short (README)."""
+    (`--set model.ch_mult=1,2,2`) fell 38% short (docs/results.md)."""
     cfg = _preset_fashion_mnist()
     cfg.name = "fashion-mnist-autoencoder"
     cfg.model = ModelConfig(kind="autoencoder", ch=32, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)

@@ -347,14 +347,50 @@ def load_run(
     cfg = loaded.cfg
     if cfg.model.kind == "autoencoder":
         raise ConfigError("this run is an autoencoder: sample a latent diffusion run trained on it")
-    check_memory(opts.num, _shape(cfg), _image_shape(cfg) if cfg.model.autoencoder else None)
+    _check_against_run(loaded, opts)
     autoencoder = None
     if cfg.model.autoencoder:
         from .latent import run_autoencoder
 
         autoencoder = run_autoencoder(cfg, loaded.checkpoint.path.parent, loaded.device)
-    sampling_chain(loaded.diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
     return LoadedRun(loaded, opts, procs, autoencoder)
+
+
+def _check_against_run(loaded: LoadedNetwork, opts: SampleOptions) -> None:
+    cfg = loaded.cfg
+    check_memory(opts.num, _shape(cfg), _image_shape(cfg) if cfg.model.autoencoder else None)
+    sampling_chain(loaded.diffusion, opts.sampler, opts.steps, opts.spacing)  # bad steps or spacing: fail now
+
+
+# The sampling options that decide how a run's network is loaded; the others are each request's.
+LOADING_OPTIONS = ("use_ema", "ema_width", "var_type", "device", "precision", "channels_last", "compile")
+LOADING_OPTIONS += ("compile_mode", "autoguidance", "autoguide_from")
+
+
+class LoadedRuns:
+    """Runs loaded once and reused by later requests that differ only in their per-request options
+    (sampler, steps, seed, count, condition, guidance): what a server or a pipeline answering many
+    requests holds. ``load`` is ``load_run`` with the same checks."""
+
+    def __init__(self):
+        self._runs: dict[tuple, LoadedRun] = {}
+
+    def load(
+        self,
+        checkpoint: str | Path | Checkpoint,
+        opts: SampleOptions,
+        device: torch.device | None = None,
+        procs: Processes | None = None,
+    ) -> LoadedRun:
+        path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+        key = (str(path), str(device), *(str(getattr(opts, name)) for name in LOADING_OPTIONS))
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = load_run(checkpoint, opts, device, procs)
+            return run
+        check_options(opts)
+        _check_against_run(run.loaded, opts)
+        return dataclasses.replace(run, opts=opts)
 
 
 @dataclass

@@ -88,7 +88,9 @@ FLAGS: dict[str, dict | Flag] = {
             help="a text-conditional run directory / checkpoint or a pipeline folder to sample from (the "
             "sampling flags are its generator's), or a folder of their samples"
         ),
+        serve=dict(help="a run directory / checkpoint, or a pipeline folder (see `ddpm pipeline`)"),
     ),
+    "--port": dict(type=int, default=7860, help="the page's port on 127.0.0.1 (default 7860)"),
     # ---- the config: presets, files, overrides and the shortcuts for config keys (training, `config`) ----
     "--preset": dict(help="start from a preset (see `ddpm presets`); default fashion-mnist"),
     "--config": dict(help="a JSON or TOML config file (may name its own preset)"),

@@ -9,7 +9,7 @@ import re
 import sys
 
 from ..errors import DDPMError
-from . import config, convert, evaluate, figures, invert, pipeline, sample, train
+from . import config, convert, evaluate, figures, invert, pipeline, sample, serve, train
 from .flags import FIELD_DESTS
 
 # `ddpm --help` lists the commands in this order
@@ -19,6 +19,7 @@ COMMANDS = (
     sample.add_sample,
     pipeline.add_pipeline,
     pipeline.add_generate,
+    serve.add_serve,
     invert.add_invert,
     convert.add_make_shards,
     convert.add_import,
