@@ -86,6 +86,7 @@ def evaluate_fid(
         if not (folder / "samples.json").is_file():  # else: these very samples were drawn before
             if sample_to_dir(source, folder, sampling, num=num, progress=progress) is None:
                 return None, {}  # under torchrun: this process helped sample; the main one scores
+        remove_stale_caches(ckpt, folder)  # (once these samples exist: a refused request removes nothing)
         source = folder
     if not init_processes(resolve_device(sampling.device)).is_main:
         return None, {}  # under torchrun only the main process scores (and writes)
@@ -136,9 +137,7 @@ CACHE_PREFIX = "fid-samples-"
 def sample_cache(ckpt: Checkpoint, num: int, sampling: SampleOptions) -> Path:
     """The folder of a run's FID samples: RUN/fid-samples-N-KEY, KEY a digest of the checkpoint's bytes
     and every sampling setting, so an evaluation with the same ones reuses the samples (complete: their
-    samples.json is written last) and one with others draws its own. Removes the run's sample folders of
-    other checkpoints (an earlier step) and those a killed evaluation left unfinished; never a folder
-    another process is writing, nor one whose samples did not come from this run."""
+    samples.json is written last) and one with others draws its own."""
     import dataclasses
     import hashlib
 
@@ -150,13 +149,17 @@ def sample_cache(ckpt: Checkpoint, num: int, sampling: SampleOptions) -> Path:
     settings = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("num", "progress")}
     settings |= {"num": num, "checkpoint": sha256_file(ckpt.path)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=value).encode()).hexdigest()[:12]
-    run_dir = ckpt.path.parent
-    folder = run_dir / f"{CACHE_PREFIX}{num}-{key}"
+    return ckpt.path.parent / f"{CACHE_PREFIX}{num}-{key}"
+
+
+def remove_stale_caches(ckpt: Checkpoint, keep: Path) -> None:
+    """Remove the run's sample folders of other checkpoints (an earlier step) and those a killed
+    evaluation left unfinished; never ``keep``, a folder another process is writing, nor one whose
+    samples did not come from this run."""
     step = ckpt.train_state.get("step")
-    for other in sorted(run_dir.glob(f"{CACHE_PREFIX}*")):
-        if other != folder and other.is_dir() and not other.is_symlink():
+    for other in sorted(ckpt.path.parent.glob(f"{CACHE_PREFIX}*")):
+        if other != keep and other.is_dir() and not other.is_symlink():
             _remove_if_stale(other, ckpt.path, step)
-    return folder
 
 
 def _remove_if_stale(folder: Path, checkpoint: Path, step) -> None:
