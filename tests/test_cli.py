@@ -1,6 +1,7 @@
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -423,3 +424,24 @@ def test_the_config_shortcuts_come_from_the_flag_table():
             "tokenizer": "model.tokenizer",
         }.items()
     )
+
+
+def test_long_commands_show_a_progress_bar_and_no_progress_hides_it(class_run, tmp_path, capsys):
+    """invert, figures, make-shards (and eval's bootstrap) show a bar with its rate and ETA on stderr."""
+    run, data = class_run
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    commands = {
+        "invert": ["invert", str(run), "--num", "2", "--steps", "3", "--data-dir", str(data)],
+        "figures": ["figures", str(run), "--figure", "forward", "--figure", "progressive", "--frames", "2"],
+        "shards": ["make-shards", str(tmp_path / "images")],
+    }
+    commands["figures"] += ["--data-dir", str(data), "--num", "2"]
+    for bar, argv in commands.items():
+        out = ["--out", str(tmp_path / bar)]
+        assert main([*argv, *out]) == 0
+        err = capsys.readouterr().err
+        assert re.search(rf"{bar}: 100%.*\[\d\d:\d\d<00:00", err), err[-300:]
+        assert main([*argv, *out, "--no-progress"]) == 0
+        assert f"{bar}:" not in capsys.readouterr().err

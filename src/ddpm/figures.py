@@ -187,6 +187,7 @@ def make_figures(
     guidance: float = 0.0,
     prompt: str | None = None,
     sampler: str = "ancestral",
+    progress: bool = False,
 ) -> dict:
     """Write the chosen figures (default: all) as PNG/GIF into ``out_dir``, plus figures.json.
     The network runs on ``runtime`` (default ``Runtime()``: auto, fp32; ``Runtime(precision="bf16")``
@@ -228,11 +229,15 @@ def make_figures(
         real = to_model_range(data[picks])
     out = Path(out_dir)  # made once the data is known to be there: a refusal leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(set(which)), desc="figures", unit="figure", disable=not progress)  # (with ETA)
     if "forward" in which:
         times = [0] + _times(T, frames)[::-1][1:]
         rows, snr = forward_process(diffusion, real[:num], times, _generator(seed, 1))
         _save_rows(rows, out / "forward.png")
         written["forward"] = {"file": "forward.png", "t": times, "snr": [float(f"{v:.4g}") for v in snr]}
+        bar.update()
     if "progressive" in which:
         xs, x0s = progressive(model, diffusion, num, shape, frames, _generator(seed, 2), dev, sampler)
         _save_rows(xs, out / "progressive_xt.png")
@@ -241,12 +246,14 @@ def make_figures(
             "files": ["progressive_xt.png", "progressive_x0.png"],
             "t": _times(T, frames),
         }
+        bar.update()
     if "shared" in which:
         times = _times(T, 5)[1:]  # e.g. 750, 500, 250, 0: from far to near the data
         g = _generator(seed, 3)
         rows = shared_latents(model, diffusion, real[0], times, num - 1, g, dev, sampler)
         _save_rows(rows, out / "shared_latents.png")
         written["shared"] = {"file": "shared_latents.png", "t": times}
+        bar.update()
     if "interpolate" in which:
         times = _times(T, 5)[1:]
         lambdas = np.linspace(0, 1, num).tolist()
@@ -254,10 +261,13 @@ def make_figures(
         rows = interpolate(model, diffusion, real[0], real[1], times, lambdas, g, dev, sampler)
         _save_rows(rows, out / "interpolation.png")
         written["interpolate"] = {"file": "interpolation.png", "t": times, "lambdas": lambdas}
+        bar.update()
     if "gif" in which:
         g, gif = _generator(seed, 5), out / "denoising.gif"
         denoising_gif(model, diffusion, num, shape, max(frames, 20), g, dev, gif, sampler)
         written["gif"] = {"file": "denoising.gif"}
+        bar.update()
+    bar.close()
     weights = "ema" if use_ema else "model"
     info = {
         "checkpoint": str(checkpoint),

@@ -268,7 +268,7 @@ def evaluate_inception(
     ref = reference_statistics(model, dataset, split, root, size, weights, cache_dir, progress)
     features, probs = inception_outputs(model, samples_uint8, progress=progress)
     fid = frechet_distance(*feature_statistics(features), ref["mu"], ref["sigma"])
-    uncertainty = fid_uncertainty(features, ref["mu"], ref["sigma"], fid, resamples)
+    uncertainty = fid_uncertainty(features, ref["mu"], ref["sigma"], fid, resamples, progress=progress)
     floor = floor_statistics(
         model, dataset, split, root, size, weights, len(features), ref, cache_dir, progress
     )

@@ -32,6 +32,7 @@ def invert_to_dir(
     class_name: str | int | None = None,
     guidance: float = 0.0,
     prompt: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """Invert ``num`` images (the first of a samples.npz / its folder, or of the run's test split) to
     latents with DDIM on ``steps`` timesteps (picked by ``spacing``, default DDIM's linspace), regenerate
@@ -63,7 +64,10 @@ def invert_to_dir(
     conditioner = make_conditioner(cfg, loaded.checkpoint.path.parent)
     network = conditioner.for_one(loaded.network, index, guidance, prompt)
     latents, recon = [], []
-    for start in range(0, len(originals), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(originals), batch_size)
+    for start in tqdm(starts, desc="invert", unit="batch", disable=not progress):  # (with ETA)
         x0 = to_model_range(originals[start : start + batch_size]).to(dev)
         latent = ddim_invert(chain, network, x0, clip_denoised=True)  # as the generating loop below
         back = ddim_sample_loop(

@@ -67,7 +67,13 @@ Z_95 = 1.959964  # the standard normal's 97.5% quantile: a two-sided 95% interva
 
 
 def fid_uncertainty(
-    features: np.ndarray, ref_mu, ref_sigma, fid: float, resamples: int = FID_RESAMPLES, seed: int = 0
+    features: np.ndarray,
+    ref_mu,
+    ref_sigma,
+    fid: float,
+    resamples: int = FID_RESAMPLES,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict:
     """How much the FID of ``features`` (the samples) against a reference Gaussian moves with the samples
     drawn: the standard deviation of the FID over ``resamples`` bootstrap resamples of the samples (drawn
@@ -80,9 +86,11 @@ def fid_uncertainty(
     rng = np.random.default_rng(seed)
     n = len(features)
     sqrt_ref = psd_sqrt(ref_sigma)  # (the distance is symmetric: the reference's root serves every resample)
+    from tqdm.auto import tqdm
+
     values = [
         frechet_distance(ref_mu, ref_sigma, *feature_statistics(features[rng.integers(0, n, n)]), sqrt_ref)
-        for _ in range(resamples)
+        for _ in tqdm(range(resamples), desc="FID bootstrap", unit="resample", disable=not progress)
     ]
     se = float(np.std(values, ddof=1))
     return {
@@ -307,7 +315,7 @@ def evaluate_domain(
     f_ref, _ = classify(model, reference)
     ref_stats = feature_statistics(f_ref)
     fid = frechet_distance(*feature_statistics(f_samples), *ref_stats)
-    uncertainty = fid_uncertainty(f_samples, *ref_stats, fid, resamples)
+    uncertainty = fid_uncertainty(f_samples, *ref_stats, fid, resamples, progress=progress)
     real = load_dataset(DataConfig(dataset=dataset, root=root, image_size=size, split=other_split(split)))
     floor = real_floor(lambda images: classify(model, images)[0], real.data, len(samples_uint8), ref_stats)
     kid_mean, kid_std = kernel_inception_distance(f_samples, f_ref)

@@ -69,7 +69,7 @@ def _owned_shards(out: Path) -> set[str]:
     return owned
 
 
-def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> dict:
+def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, progress: bool = False) -> dict:
     """Write every image below ``folder`` into tar shards of ``shard_size`` images in ``out`` (the
     original file bytes, keys in sorted order), plus shards.json. Returns the index. Only its own files
     are ever replaced or removed: a folder holding shard files or a shards.json that make_shards did not
@@ -83,7 +83,10 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
     owned = _owned_shards(out) if out.is_dir() else set()
     files = image_files(str(folder), "shards")
     grayscale = True
-    for file in files:  # every image must decode: a bad one is found now (before anything is written)
+    from tqdm.auto import tqdm
+
+    # every image must decode: a bad one is found now (before anything is written)
+    for file in tqdm(files, desc="decode", unit="image", disable=not progress):
         grayscale &= decode_image(file, str(file))[1]
     names = [f"shard-{i:06d}.tar" for i in range(-(-len(files) // shard_size))]
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000) -> 
     writing = {"format": FORMAT, "version": 1, "count": 0, "channels": 1 if grayscale else 3, "shards": []}
     write_json(out / INDEX_NAME, {**writing, "writing": sorted(owned | set(names))})
     shards = []
-    for first in range(0, len(files), shard_size):
+    for first in tqdm(range(0, len(files), shard_size), desc="shards", unit="shard", disable=not progress):
         name = f"shard-{first // shard_size:06d}.tar"
         part = files[first : first + shard_size]
 

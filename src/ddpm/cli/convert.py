@@ -9,7 +9,7 @@ from .options import print_json
 
 def add_make_shards(commands) -> None:
     p = commands.add_parser("make-shards", help="write an image folder as tar shards to stream in training")
-    add_flags(p, "folder:shards", "--out:shards", "--shard-size")
+    add_flags(p, "folder:shards", "--out:shards", "--shard-size", "--no-progress")
     p.set_defaults(func=cmd_make_shards)
 
 
@@ -28,7 +28,7 @@ def add_export(commands) -> None:
 def cmd_make_shards(args) -> int:
     from ..shards import make_shards
 
-    index = make_shards(args.folder, args.out, args.shard_size)
+    index = make_shards(args.folder, args.out, args.shard_size, progress=not args.no_progress)
     summary = {k: index[k] for k in ("count", "channels")}
     return print_json(out=str(args.out), shards=len(index["shards"]), **summary)
 

@@ -12,6 +12,7 @@ def add_figures(commands) -> None:
     )
     add_flags(p, "checkpoint", "--out:figures", "--figure", "--num:figures", "--frames", "--seed")
     add_flags(p, "--no-ema", *RUNTIME_FLAGS, "--data-dir", "--class", "--prompt", "--guidance", "--sampler")
+    add_flags(p, "--no-progress")
     p.set_defaults(func=cmd_figures)
 
 
@@ -35,5 +36,6 @@ def cmd_figures(args) -> int:
         guidance=args.guidance,
         prompt=args.prompt,
         sampler=args.sampler,
+        progress=not args.no_progress,
     )
     return print_json(out_dir=str(out), **info)

@@ -10,7 +10,7 @@ def add_invert(commands) -> None:
     p = commands.add_parser("invert", help="DDIM inversion: images -> latents -> the same images (eta = 0)")
     add_flags(p, "checkpoint", "--out:invert", "--images", "--num:invert", "--steps:invert")
     add_flags(p, "--spacing", "--batch-size", "--no-ema", *RUNTIME_FLAGS, "--data-dir")
-    add_flags(p, "--class", "--prompt", "--guidance")
+    add_flags(p, "--class", "--prompt", "--guidance", "--no-progress")
     p.set_defaults(func=cmd_invert)
 
 
@@ -32,5 +32,6 @@ def cmd_invert(args) -> int:
         class_name=args.class_name,
         guidance=args.guidance,
         prompt=args.prompt,
+        progress=not args.no_progress,
     )
     return print_json(out_dir=str(out), **info)
