@@ -4,7 +4,7 @@
 # samples/, metrics.jsonl} and runs/fashion-mnist-demo/final/{grid.png,images/,samples.npz}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --no-dev
+bash scripts/setup.sh --no-dev tensorboard  # (then .venv/bin/tensorboard --logdir runs/ shows it)
 RUN=runs/fashion-mnist-demo
 if [ -f "$RUN/checkpoint.safetensors" ]; then
     .venv/bin/ddpm train --resume "$RUN"          # continues an interrupted run; no-op if finished
@@ -12,4 +12,4 @@ else
     .venv/bin/ddpm train --preset fashion-mnist --out "$RUN" --time-limit 9.5
 fi
 .venv/bin/ddpm sample "$RUN" --num 64 --steps 100 --seed 0 --precision bf16 --out "$RUN/final"
-echo "demo: samples in $RUN/final/grid.png"
+echo "demo: samples in $RUN/final/grid.png; watch the run with: .venv/bin/tensorboard --logdir runs/"

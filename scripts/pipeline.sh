@@ -6,7 +6,7 @@
 # 2 cores; an interrupted run continues where it stopped. Writes runs/pipeline-demo/generated/grid.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --no-dev
+bash scripts/setup.sh --no-dev tensorboard,ui  # (and ddpm serve, below)
 DDPM=.venv/bin/ddpm
 OUT=runs/pipeline-demo
 if [ -f "$OUT/text-encoder/checkpoint.safetensors" ]; then  # exported once its training finished
@@ -38,3 +38,4 @@ $DDPM generate "$OUT/pipeline" --out "$OUT/generated" --num 40 --guidance 2 --se
     --prompt "a photo of a dark coat" --prompt "a photo of a light t-shirt/top" \
     --prompt "a photo of a large bag" --prompt "a photo of a small sneaker"
 echo "pipeline: samples in $OUT/generated/grid.png (the generator's 14x14 images in low-res-grid.png)"
+echo "pipeline: type your own prompts in a web page: .venv/bin/ddpm serve $OUT/pipeline (http://127.0.0.1:7860)"

@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+# `--no-dev [EXTRA,...]`: ddpm without the dev tools, with those extras (e.g. tensorboard,ui)
 EXTRAS="[dev]"
-if [ "${1:-}" = "--no-dev" ]; then EXTRAS=""; fi
+if [ "${1:-}" = "--no-dev" ]; then EXTRAS="${2:+[$2]}"; fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
@@ -29,7 +30,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 
 # Chromium and its driver for the test of `ddpm serve`'s page in a real browser (dev set-up only).
-if [ -n "$EXTRAS" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null \
+if [ "$EXTRAS" = "[dev]" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null \
     && [ "$(id -u)" = 0 ]; then
     echo "setup: installing chromium and chromium-driver (for the web page's browser test)"
     (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
@@ -44,7 +45,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch ${cpu_wheel:+from $cpu_wheel}"
     pip_install "${cpu_wheel:-torch}"
 fi
-echo "setup: installing ddpm${EXTRAS:+ and its dev tools}"
+echo "setup: installing ddpm${EXTRAS:+ with $EXTRAS}"
 pip_install -e ".$EXTRAS"
 # torch-fidelity (Inception FID/IS) declares torchvision, which has no build matching the local CPU torch and would
 # pull a CUDA torch; its Inception network needs none of it, so it is installed without dependencies.
