@@ -92,3 +92,25 @@ def test_a_prompt_typed_in_the_page_gives_images_and_bad_input_a_message(text_ru
         browser.quit()
         blocks.close()
         time.sleep(0.1)
+
+
+def test_a_class_run_serves_its_classes_and_an_unconditional_run_takes_no_condition(
+    class_run, idx_dir, tmp_path
+):
+    from conftest import tiny_config
+
+    import ddpm.sample as sample
+    from ddpm.train import Trainer
+
+    run, _ = class_run
+    studio = Studio(run)
+    assert studio.conditioning == "class" and len(studio.class_names) == 10
+    request = Request(class_name=studio.class_names[1], guidance=1.0, steps=3, seed=2, count=2)
+    drawn = studio.draw(request)
+    assert torch.equal(drawn, to_uint8(sample.prepare(run, studio.options(request)).draw()))
+    with pytest.raises(ConfigError, match="No class"):
+        studio.draw(Request(class_name="No class", steps=3, count=2))
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(idx_dir, steps=2), plain, progress=False).train()
+    studio = Studio(plain)
+    assert studio.conditioning == "none" and studio.draw(Request(steps=2, count=3)).shape == (3, 1, 8, 8)
