@@ -83,10 +83,7 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, pro
     owned = _owned_shards(out) if out.is_dir() else set()
     files = image_files(str(folder), "shards")
     grayscale = True
-    from tqdm.auto import tqdm
-
-    # every image must decode: a bad one is found now (before anything is written)
-    for file in tqdm(files, desc="decode", unit="image", disable=not progress):
+    for file in files:  # every image must decode: a bad one is found now (before anything is written)
         grayscale &= decode_image(file, str(file))[1]
     names = [f"shard-{i:06d}.tar" for i in range(-(-len(files) // shard_size))]
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +94,9 @@ def make_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, pro
     writing = {"format": FORMAT, "version": 1, "count": 0, "channels": 1 if grayscale else 3, "shards": []}
     write_json(out / INDEX_NAME, {**writing, "writing": sorted(owned | set(names))})
     shards = []
+    from tqdm.auto import tqdm
+
+    # (a bar for the writing only: a refusal above stays one line on stderr)
     for first in tqdm(range(0, len(files), shard_size), desc="shards", unit="shard", disable=not progress):
         name = f"shard-{first // shard_size:06d}.tar"
         part = files[first : first + shard_size]
