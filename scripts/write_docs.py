@@ -442,15 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page differs")
     parser.add_argument("--dir", type=Path, default=REFERENCE, help="the folder (default: docs/reference/)")
     args = parser.parse_args(argv)
-    differ = []
-    for path, text in pages().items():
-        path = args.dir / path.name
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            continue
-        differ.append(path)
-        if not args.check:
-            args.dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+    differ = stale(args.dir)
+    if not args.check:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        written = {path.name: text for path, text in pages().items()}
+        for path in differ:
+            path.write_text(written[path.name], encoding="utf-8")
     for path in differ:
         print(f"{'stale (run scripts/write_docs.py)' if args.check else 'wrote'}: {path}")
     return 1 if args.check and differ else 0
