@@ -84,7 +84,7 @@ def test_eps_mean_without_clipping_is_eq11():
     torch.testing.assert_close(out.mean, eq11, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "x0", "xprev", "v"])
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "xprev", "v", "edm"])
 def test_parameterisations_agree(mean_type):
     """Each parameterisation, fed the exact target for the same (x0, eps), gives the true posterior mean."""
     d = linear(mean_type=mean_type)
@@ -98,6 +98,7 @@ def test_parameterisations_agree(mean_type):
         "x0": x0,
         "xprev": d.q_posterior(x0, x_t, t)[0],
         "v": d.v_target(x0, t, eps),
+        "edm": d.edm_target(x0, t, eps),
     }[mean_type]
     out = d.p_mean_variance(target, x_t, t, clip_denoised=False)
     torch.testing.assert_close(out.mean, d.q_posterior(x0, x_t, t)[0], rtol=1e-3, atol=1e-4)

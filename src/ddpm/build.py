@@ -31,6 +31,7 @@ def build_diffusion(cfg: Config) -> GaussianDiffusion:
         d.hybrid_lambda,
         loss_weighting=d.loss_weighting,
         min_snr_gamma=d.min_snr_gamma,
+        sigma_data=d.sigma_data,
     )
 
 

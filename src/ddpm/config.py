@@ -222,6 +222,8 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"
     lognormal_mean: float = -1.2
     lognormal_std: float = 1.2
+    # mean_type "edm": the data's standard deviation in EDM's preconditioning (Karras et al. 2022, Table 1)
+    sigma_data: float = 0.5
 
 
 @dataclass
@@ -518,6 +520,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion.lognormal_mean must be finite and diffusion.lognormal_std positive")
     if not d.min_snr_gamma > 0:
         raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
+    if not (math.isfinite(d.sigma_data) and d.sigma_data > 0):
+        raise ConfigError(f"diffusion.sigma_data must be positive, got {d.sigma_data}")
     check_precision(t.precision, "train.precision", TRAIN_PRECISIONS)
     check_compile_mode(t.compile_mode, "train.compile_mode")
     if t.optimizer not in OPTIMIZERS or t.lr_schedule not in LR_SCHEDULES:

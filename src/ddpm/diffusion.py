@@ -39,6 +39,8 @@ class MeanType(str, enum.Enum):
     START_X = "x0"  # the clean image
     PREVIOUS_X = "xprev"  # the posterior mean mu directly ("mu-prediction" in the paper's Table 2)
     VELOCITY = "v"  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), an extension
+    # EDM's preconditioned network output F (Karras et al. 2022, Table 1), an extension: see edm_coefficients
+    EDM = "edm"
 
 
 class VarType(str, enum.Enum):
@@ -107,6 +109,7 @@ class GaussianDiffusion:
         timestep_map: np.ndarray | None = None,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        sigma_data: float = 0.5,
     ):
         self.mean_type = parse_option(MeanType, mean_type, "mean type")
         self.var_type = parse_option(VarType, var_type, "variance type")
@@ -119,6 +122,9 @@ class GaussianDiffusion:
                 "the hybrid loss trains a learned variance; use var_type learned_range or loss mse"
             )
         self.hybrid_lambda = hybrid_lambda
+        if not sigma_data > 0:
+            raise ConfigError(f"sigma_data must be positive, got {sigma_data}")
+        self.sigma_data = sigma_data
         self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
         if loss_weighting not in ("none", "min-snr"):
             raise ConfigError(f"loss weighting must be none or min-snr, got {loss_weighting!r}")
@@ -161,6 +167,7 @@ class GaussianDiffusion:
             fixed_large_variance=np.append(posterior_variance[1:2], betas[1:]) if T > 1 else betas,
         )
         self.np["fixed_large_log_variance"] = np.log(self.np["fixed_large_variance"])
+        self.np.update(edm_coefficients(ac, sigma_data))
         self.np["loss_weight"] = self._loss_weights()
         # Cast once to float32 tensors: each sampling step then costs one gather per coefficient.
         self._coef = {k: torch.from_numpy(v).float() for k, v in self.np.items()}
@@ -183,6 +190,8 @@ class GaussianDiffusion:
             MeanType.EPSILON: clipped / snr,
             MeanType.START_X: clipped,
             MeanType.VELOCITY: clipped / (snr + 1.0),
+            # F's error is x0's divided by c_out
+            MeanType.EDM: clipped * self.np["edm_c_out"] ** 2,
         }[self.mean_type]
 
     @property
@@ -223,6 +232,7 @@ class GaussianDiffusion:
             timestep_map=self.timestep_map[kept],
             loss_weighting=self.loss_weighting,
             min_snr_gamma=self.min_snr_gamma,
+            sigma_data=self.sigma_data,
         )
         chain.full_chain = self.full_chain
         return chain
@@ -275,6 +285,16 @@ class GaussianDiffusion:
             - self.coef("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * v
         )
 
+    def pred_x0_from_edm(self, x_t, t, out):
+        """EDM's D = c_skip x + c_out F, with x = x_t / sqrt(abar_t) = x0 + sigma_t eps."""
+        x = self.coef("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
+        return self.coef("edm_c_skip", t, x_t.ndim) * x + self.coef("edm_c_out", t, x_t.ndim) * out
+
+    def edm_target(self, x0, t, noise):
+        """The F that makes D = x0 exactly: (x0 - c_skip (x0 + sigma eps)) / c_out."""
+        x = x0 + self.coef("sqrt_recipm1_alphas_cumprod", t, x0.ndim) * noise
+        return (x0 - self.coef("edm_c_skip", t, x0.ndim) * x) / self.coef("edm_c_out", t, x0.ndim)
+
     def v_target(self, x0, t, noise):
         return (
             self.coef("sqrt_alphas_cumprod", t, x0.ndim) * noise
@@ -282,6 +302,12 @@ class GaussianDiffusion:
         )
 
     # ---- reverse process p ----
+
+    def network(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at x_t, timesteps t of this chain: EDM's input is scaled by c_in."""
+        if self.mean_type == MeanType.EDM:
+            x_t = self.coef("edm_c_in", t, x_t.ndim) * x_t
+        return model(x_t, self.model_timesteps(t))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original-chain timesteps the model is called with."""
@@ -330,6 +356,8 @@ class GaussianDiffusion:
                 pred_x0 = self.pred_x0_from_eps(x_t, t, model_output)
             elif self.mean_type == MeanType.START_X:
                 pred_x0 = model_output
+            elif self.mean_type == MeanType.EDM:
+                pred_x0 = self.pred_x0_from_edm(x_t, t, model_output)
             else:
                 pred_x0 = self.pred_x0_from_v(x_t, t, model_output)
             pred_x0 = maybe_clip(pred_x0)
@@ -340,7 +368,7 @@ class GaussianDiffusion:
         self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
     ) -> PMeanVar:
         """Call the network on x_t at timesteps t of this chain and form p_theta(x_{t-1} | x_t)."""
-        return self.p_mean_variance(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
+        return self.p_mean_variance(self.network(model, x_t, t), x_t, t, clip_denoised)
 
     # ---- Algorithm 2 on this chain (see ancestral_progressive below) ----
 
@@ -416,7 +444,7 @@ class GaussianDiffusion:
         for j in reversed(range(len(kept))):
             t = torch.full((B,), kept[j], device=x0.device, dtype=torch.long)
             x_t = self.q_sample(x0, t, randn_like(x0, generator))
-            output = model(x_t, self.model_timesteps(t))
+            output = self.network(model, x_t, t)
             vb[:, j], pred_x0 = self.vb_terms_bpd(output, x0, x_t, t, clip_denoised)
             x0_mse[:, j] = mean_flat((pred_x0 - x0) ** 2)
         prior = self.prior_bpd(x0)
@@ -435,7 +463,7 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-example losses at timesteps t (Algorithm 1 for L_simple). Keys: loss, and mse / vb."""
         x_t = self.q_sample(x0, t, noise)
-        model_output = model(x_t, self.model_timesteps(t))
+        model_output = self.network(model, x_t, t)
         terms: dict[str, torch.Tensor] = {}
         if self.loss_type == LossType.KL:
             # The true bound: the VLB term with gradients through mean and variance; no x0 clipping.
@@ -450,6 +478,8 @@ class GaussianDiffusion:
             target = x0
         elif self.mean_type == MeanType.PREVIOUS_X:
             target = self.q_posterior(x0, x_t, t)[0]
+        elif self.mean_type == MeanType.EDM:
+            target = self.edm_target(x0, t, noise)
         else:
             target = self.v_target(x0, t, noise)
         terms["mse"] = mean_flat((target - prediction) ** 2)
@@ -464,6 +494,24 @@ class GaussianDiffusion:
             terms["vb"] = vb * self.num_timesteps * self.hybrid_lambda
             terms["loss"] = terms["loss"] + terms["vb"]
         return terms
+
+
+def edm_coefficients(alphas_cumprod: np.ndarray, sigma_data: float) -> dict[str, np.ndarray]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1) at each timestep of a variance-preserving chain.
+
+    EDM's noisy image is x = x0 + sigma n; here x = x_t / sqrt(abar_t), sigma_t = sqrt((1 - abar_t) / abar_t).
+    The denoiser is D(x) = c_skip x + c_out F(c_in x), with c_skip = sd^2 / (sigma^2 + sd^2),
+    c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2) (sd: sigma_data). EDM's loss
+    weight lambda = 1 / c_out^2 makes the loss on F unweighted, which is how it is trained here. The network
+    is given x_t, so its input factor is c_in / sqrt(abar_t) (edm_c_in). With sd = 1 F is -v.
+    """
+    sigma2 = (1.0 - alphas_cumprod) / alphas_cumprod
+    sd2 = sigma_data**2
+    return {
+        "edm_c_skip": sd2 / (sigma2 + sd2),
+        "edm_c_out": np.sqrt(sigma2 * sd2 / (sigma2 + sd2)),
+        "edm_c_in": np.sqrt((1.0 + sigma2) / (sigma2 + sd2)),
+    }
 
 
 def lognormal_timesteps(
