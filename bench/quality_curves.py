@@ -6,6 +6,10 @@ interrupted sweep resumes. Writes OUT/curve.json (every point's result) and OUT/
     python bench/quality_curves.py minutes OUT --recipe demo="--preset fashion-mnist" \\
         --recipe new="--preset fashion-mnist --set train.lr_schedule=linear" --minutes 3 6 9
     python bench/quality_curves.py nfe OUT RUN --setting sde-dpm++3m:10:3 --setting edm:10 --setting ddim:50
+    python bench/quality_curves.py points OUT --point old:6.6:base.fid.json --point new:6.6:new.fid.json
+
+`points` plots `ddpm eval fid` results already made, at the training minutes given (for runs trained to a
+step count beside other work, whose own clocks would overstate their minutes).
 
 The protocol (--num 5000, seed 1, bf16, and for `minutes` sde-dpm++3m with eta 3 on 20 steps) is the one
 issue 23 compares at; fewer samples are screening (the eval result says so). Costs on 2 cores: a point is
@@ -121,6 +125,16 @@ def nfe_curve(args) -> list[dict]:
     return points
 
 
+def given_points(args) -> list[dict]:
+    points = []
+    for text in args.point:
+        name, minutes, path = text.split(":", 2) if text.count(":") >= 2 else (text, "", "")
+        if not (name and path and minutes.replace(".", "", 1).isdigit()):
+            raise SystemExit(f"quality_curves: a point is RECIPE:MINUTES:RESULT.json, got {text!r}")
+        points.append(point(json.loads(Path(path).read_text()), recipe=name, minutes=float(minutes)))
+    return points
+
+
 def plot(points: list[dict], x: str, xlabel: str, path: Path) -> None:
     import matplotlib
 
@@ -159,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("out", type=Path)
     n.add_argument("run", type=Path)
     n.add_argument("--setting", action="append", required=True, help="SAMPLER:STEPS[:ETA]")
+    g = sub.add_parser("points", help="FID against training minutes, from eval results already made")
+    g.add_argument("out", type=Path)
+    g.add_argument("--point", action="append", required=True, help="RECIPE:MINUTES:RESULT.json")
     for p in (m, n):
         p.add_argument("--num", type=int, default=5000)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.mode == "minutes":
-        points, x, label = minutes_curve(args), "minutes", "training minutes (2 CPU cores)"
+    if args.mode in ("minutes", "points"):
+        points = minutes_curve(args) if args.mode == "minutes" else given_points(args)
+        x, label = "minutes", "training minutes (2 CPU cores)"
     else:
         points, x, label = nfe_curve(args), "nfe", "network evaluations per sample"
     (args.out / "curve.json").write_text(json.dumps(points, indent=1))

@@ -258,3 +258,11 @@ def test_the_quality_curves_script_plots_finished_points_with_their_intervals(tm
     assert curves["main"](["minutes", str(out), "--recipe", "demo=--preset x", "--minutes", "3", "6"]) == 0
     points = json.loads((out / "curve.json").read_text())
     assert [(p["minutes"], p["steps"], p["fid"]) for p in points] == [(3.0, 300, 60.0), (6.0, 600, 45.0)]
+    given = ["points", str(out), "--point", f"old:6.6:{out / 'demo-3min.fid.json'}"]
+    assert curves["main"](given + ["--point", f"new:25:{out / 'demo-6min.fid.json'}"]) == 0
+    points = json.loads((out / "curve.json").read_text())
+    expected = [("old", 6.6, 60.0), ("new", 25.0, 45.0)]
+    assert [(p["recipe"], p["minutes"], p["fid"]) for p in points] == expected
+    for bad in ("old:6.6", "old:x:a.json", ":1:a.json"):
+        with pytest.raises(SystemExit, match="a point is RECIPE:MINUTES:RESULT.json"):
+            curves["main"](["points", str(out), "--point", bad])
