@@ -94,6 +94,21 @@ def test_a_prompt_typed_in_the_page_gives_images_and_bad_input_a_message(text_ru
         time.sleep(0.1)
 
 
+def test_the_page_defaults_to_the_best_measured_few_step_sampler(class_run):
+    """sde-dpm++3m with eta 3 on 20 steps (docs/results.md); a sampler without an eta ignores the page's."""
+    from ddpm.serve import suggested_eta
+
+    run, _ = class_run
+    studio = Studio(run)
+    opts = studio.options(Request())
+    assert (opts.sampler, opts.steps, opts.eta) == ("sde-dpm++3m", 20, 3.0)
+    assert studio.options(Request(sampler="ancestral", steps=3, eta=2.0)).eta is None
+    assert studio.options(Request(sampler="ddim")).eta == 0.0  # (not the SDE solvers' 3)
+    assert studio.options(Request(eta=0.0)).eta == 0.0  # the probability-flow ODE, as typed
+    assert studio.draw(Request(sampler="ancestral", steps=3, count=1)).shape[0] == 1
+    assert [suggested_eta(s) for s in ("sde-dpm++2m", "ddim", "edm", "dpm++2m")] == [3.0, 0.0, 10.0, None]
+
+
 def test_a_class_run_serves_its_classes_and_an_unconditional_run_takes_no_condition(
     class_run, idx_dir, tmp_path
 ):
