@@ -33,7 +33,7 @@ def test_no_fashion_mnist_preset_flips():
     """Fashion-MNIST's shoes all face left: a half-flipped copy of the real test images scores domain FID
     44.75 against the test split (docs/results.md), so a model trained on flips cannot score below that."""
     fashion = [name for name in PRESETS if preset(name).data.dataset == "fashion-mnist"]
-    assert len(fashion) == 8
+    assert len(fashion) == 9
     assert [name for name in fashion if preset(name).data.random_flip] == []
 
 

@@ -80,6 +80,16 @@ def _preset_fashion_mnist() -> Config:
     )
 
 
+def _preset_fashion_mnist_25min() -> Config:
+    """The fashion-mnist preset trained to a 25-minute budget (training time, on the machine in use: the
+    run times its first steps and fixes its step count; 5,691 steps on a 2-core Xeon with AMX)."""
+    cfg = _preset_fashion_mnist()
+    cfg.name = "fashion-mnist-25min"
+    cfg.train.budget_minutes = 25.0
+    cfg.train.sample_every = 2000
+    return cfg
+
+
 def _preset_fashion_mnist_class() -> Config:
     """The fashion-mnist preset conditioned on the ten class labels (condition dropout 0.1 trains the
     unconditional branch for guidance), with a 10 x 10 training grid: a row per class. Same network,
@@ -204,6 +214,7 @@ PRESETS = {
     "celebahq256": lambda: _preset_256("celebahq256", 500_000),
     "lsun256": lambda: _preset_256("lsun256", 2_400_000),
     "fashion-mnist": _preset_fashion_mnist,
+    "fashion-mnist-25min": _preset_fashion_mnist_25min,
     "fashion-mnist-class": _preset_fashion_mnist_class,
     "fashion-mnist-text": _preset_fashion_mnist_text,
     "fashion-mnist-text-14": _preset_fashion_mnist_text_14,
