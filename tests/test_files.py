@@ -126,3 +126,30 @@ def test_records_ddpm_writes_read_back_unless_strict(tmp_path):
     assert record["class_names"] == ["caf\udce9"] and record["fid"] != record["fid"]
     with pytest.raises(DataError, match="not Unicode|NaN"):
         read_json(tmp_path / "samples.json")
+
+
+def test_a_lock_taken_a_moment_ago_names_its_owner(tmp_path):
+    """The owner writes its pid just after taking the lock: a process that loses the race in between
+    reads the file again rather than calling the owner unknown (tests/test_train_processes.py raced here)."""
+    import fcntl
+    import threading
+
+    from ddpm.errors import ConfigError
+    from ddpm.files import DirectoryLock
+
+    tmp_path.mkdir(exist_ok=True)
+    held = open(tmp_path / ".lock", "a+")  # locked, pid not written yet
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def write_pid():
+        held.write("4242\n")
+        held.flush()
+
+    timer = threading.Timer(0.2, write_pid)
+    timer.start()
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another ddpm process \(pid 4242\)"):
+            DirectoryLock(tmp_path).acquire()
+    finally:
+        timer.join()
+        held.close()

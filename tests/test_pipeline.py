@@ -286,7 +286,8 @@ def test_a_served_pipeline_draws_what_generate_draws(parts, tmp_path):
     assert studio.conditioning == "text"
     request = Request(prompt="a dark shirt", negative_prompt="a coat", guidance=1.5, steps=3, seed=2, count=2)
     images = studio.draw(request)
-    options = ddpm.SampleOptions(sampler="ddim", steps=3, progress=False)
+    # the page's default sampler and its eta, in both stages
+    options = ddpm.SampleOptions(sampler="sde-dpm++3m", eta=3.0, steps=3, progress=False)
     made = ddpm.Pipeline.load(pipe)(
         prompts=["a dark shirt"],
         guidance=Guidance(1.5, negative_prompt="a coat"),

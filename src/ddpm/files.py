@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,8 +201,7 @@ class DirectoryLock:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.seek(0)
-                owner = f.read().strip() or "unknown"
+                owner = _lock_owner(f)
                 owned = f"{self.path} is in use by another {self.what} (pid {owner})"
                 raise ConfigError(f"{owned}; wait for it or stop it first") from None
             f.seek(0)
@@ -217,6 +217,18 @@ class DirectoryLock:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _lock_owner(f) -> str:
+    """The pid a held lock file names. The owner writes it just after taking the lock, so an empty file is
+    read again for up to a second (a process that lost a race for the lock saw it empty)."""
+    for _ in range(20):
+        f.seek(0)
+        owner = f.read().strip()
+        if owner:
+            return owner
+        time.sleep(0.05)
+    return "unknown"
 
 
 class OutputFolder:
