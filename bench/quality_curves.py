@@ -128,9 +128,11 @@ def nfe_curve(args) -> list[dict]:
 def given_points(args) -> list[dict]:
     points = []
     for text in args.point:
-        name, minutes, path = text.split(":", 2) if text.count(":") >= 2 else (text, "", "")
+        name, minutes, path = (text.split(":", 2) + ["", ""])[:3]
         if not (name and path and minutes.replace(".", "", 1).isdigit()):
             raise SystemExit(f"quality_curves: a point is RECIPE:MINUTES:RESULT.json, got {text!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"quality_curves: no eval result at {path}")
         points.append(point(json.loads(Path(path).read_text()), recipe=name, minutes=float(minutes)))
     return points
 

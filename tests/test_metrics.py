@@ -266,3 +266,5 @@ def test_the_quality_curves_script_plots_finished_points_with_their_intervals(tm
     for bad in ("old:6.6", "old:x:a.json", ":1:a.json"):
         with pytest.raises(SystemExit, match="a point is RECIPE:MINUTES:RESULT.json"):
             curves["main"](["points", str(out), "--point", bad])
+    with pytest.raises(SystemExit, match="no eval result at"):
+        curves["main"](["points", str(out), "--point", f"old:1:{out / 'missing.json'}"])
