@@ -91,8 +91,10 @@ def test_min_snr_weights_the_x0_error_and_respacing_keeps_sigma_data():
 
 
 def test_bad_sigma_data_is_refused():
-    cfg = preset("fashion-mnist")
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(ConfigError, match="sigma_data"):
-            set_value(cfg, "diffusion.sigma_data", bad)
+    for bad in ("0", "-1", "nan", "inf"):
+        cfg = preset("fashion-mnist")
+        set_value(cfg, "diffusion.sigma_data", bad)
+        with pytest.raises(ConfigError, match="diffusion.sigma_data must be"):
             validate(cfg)
+    with pytest.raises(ConfigError, match="sigma_data must be positive"):
+        GaussianDiffusion(BETAS, "edm", sigma_data=0.0)
