@@ -92,6 +92,26 @@ def test_generate_runs_the_stages_as_sampling_them_by_hand_would(parts, tmp_path
     assert torch.equal(made.images, images) and made.labels.tolist() == [0, 0, 1, 1]
 
 
+def test_generate_passes_each_stage_its_own_eta(parts, tmp_path):
+    pipe = tmp_path / "pipe"
+    assert assemble(pipe, parts / "text-4", parts / "sr-4-8", "--text-encoder", str(parts / "encoder")) == 0
+    common = ["--num", "2", "--seed", "5", "--no-progress", "--prompt", "a photo of a coat"]
+    generator = ["--sampler", "sde-dpm++3m", "--eta", "3", "--steps", "3"]
+    decoder = ["--sampler", "ddim", "--eta", "0.5", "--steps", "2"]
+    out = tmp_path / "out"
+    stage = ["--decoder-sampler", "ddim", "--decoder-eta", "0.5", "--decoder-steps", "2"]
+    assert main(["generate", str(pipe), *common, *generator, *stage, "--out", str(out)]) == 0
+    assert main(["sample", str(parts / "text-4"), *common, *generator, "--out", str(tmp_path / "a")]) == 0
+    by_hand = ["--low-res", str(tmp_path / "a"), "--out", str(tmp_path / "b")]
+    assert main(["sample", str(parts / "sr-4-8"), *common[:5], *decoder, *by_hand]) == 0
+    assert torch.equal(load_samples(out), load_samples(tmp_path / "b"))
+    # eta 0.5 changes the decoder's samples (it is not ignored), and a bad one is refused before any work
+    assert main(["generate", str(pipe), *common, *generator, "--out", str(tmp_path / "c")]) == 0
+    assert not torch.equal(load_samples(out), load_samples(tmp_path / "c"))
+    bad = ["--decoder-sampler", "ancestral", "--decoder-eta", "1", "--out", str(tmp_path / "d")]
+    assert main(["generate", str(pipe), *common, *bad]) == 2 and not (tmp_path / "d").exists()
+
+
 def test_a_class_generator_takes_classes_and_swapping_the_decoder_is_an_edit(parts, tmp_path):
     pipe = tmp_path / "pipe"
     # a class generator at 8x8 needs a decoder from 8: the 4 -> 8 stage does not fit

@@ -349,6 +349,7 @@ FLAGS: dict[str, dict | Flag] = {
         choices=tuple(SAMPLERS), default="ddim", help="the decoder's (default ddim)"
     ),
     "--decoder-steps": dict(type=positive, default=50, help="the decoder's sampling steps (default 50)"),
+    "--decoder-eta": dict(type=float, help="the decoder's noise level (as --eta, for --decoder-sampler)"),
     "--images": dict(  # invert
         help="samples.npz (or its folder) to invert (default: the run's test split)"
     ),

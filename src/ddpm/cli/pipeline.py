@@ -24,8 +24,8 @@ def add_generate(commands) -> None:
     add_flags(p, "pipeline", "--out:generate", "--num:generate", "--prompt:sampling")
     add_flags(p, "--negative-prompt", "--class", "--guidance", "--seed", "--batch-size")
     add_flags(p, *RUNTIME_FLAGS, "--no-progress", "--guidance-interval", "--guidance-rescale")
-    add_flags(p, "--sampler:generate")
-    add_flags(p, "--steps:generate", "--decoder-sampler", "--decoder-steps", "--low-res-noise")
+    add_flags(p, "--sampler:generate", "--eta", "--steps:generate")
+    add_flags(p, "--decoder-sampler", "--decoder-steps", "--decoder-eta", "--low-res-noise")
     p.set_defaults(func=cmd_generate)
 
 
@@ -43,10 +43,11 @@ def cmd_generate(args) -> int:
     from ..pipeline import generate_to_dir
     from ..sample import SampleOptions
 
-    def stage(steps, sampler, **extra):  # one stage's sampling options
+    def stage(steps, sampler, eta, **extra):  # one stage's sampling options
         return SampleOptions(
             steps=steps,
             sampler=sampler,
+            eta=eta,
             batch_size=args.batch_size,
             **dataclasses.asdict(runtime(args)),  # SampleOptions' fields of the same names
             progress=not args.no_progress,
@@ -55,8 +56,9 @@ def cmd_generate(args) -> int:
 
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
     guidance = Guidance(args.guidance, interval, args.guidance_rescale, args.negative_prompt)
-    generator = stage(args.steps, args.sampler)
-    decoder = stage(args.decoder_steps, args.decoder_sampler, low_res_noise=args.low_res_noise)
+    generator = stage(args.steps, args.sampler, args.eta)
+    decoder_eta = args.decoder_eta
+    decoder = stage(args.decoder_steps, args.decoder_sampler, decoder_eta, low_res_noise=args.low_res_noise)
     out = Path(args.out or Path(args.pipeline) / "generated")
     record = generate_to_dir(
         args.pipeline,
