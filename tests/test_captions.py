@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from ddpm.captions import TEMPLATES, attribute_words, folder_captions, make_captions, measure
-from ddpm.config import DataConfig
+from ddpm.config import DataConfig, validate
 from ddpm.data import load_dataset
-from ddpm.errors import DataError
+from ddpm.errors import ConfigError, DataError
+from ddpm.presets import preset
 
 
 def squares(sides, values):
@@ -53,6 +54,41 @@ def test_captions_name_the_class_with_varied_templates_and_the_measured_words(id
     again = make_captions(data.data, data.labels, data.class_names)
     assert again == data.captions  # seeded: the same captions every time
     assert make_captions(data.data, data.labels, data.class_names, seed=1) != data.captions
+
+
+def test_attribute_dropout_leaves_out_the_words_of_a_seeded_share_and_keeps_the_templates(idx_dir):
+    data = load_dataset(DataConfig(root=str(idx_dir), image_size=8, split="train", labels="captions"))
+    images, labels, names = data.data, data.labels, data.class_names
+    words = attribute_words(images, labels)
+    none = make_captions(images, labels, names, attribute_dropout=1.0)
+    assert not any(w in c.split() for c in none for w in ("small", "large", "dark", "light"))
+    half = make_captions(images, labels, names, attribute_dropout=0.5)
+    assert half == make_captions(images, labels, names, attribute_dropout=0.5)  # seeded
+    kept = [h == c for h, c in zip(half, data.captions, strict=True)]
+    # each caption is either the plain one or the one without words, in the same template
+    assert all(k or h == n for k, h, n in zip(kept, half, none, strict=True))
+    dropped = sum(not k for k, w in zip(kept, words, strict=True) if w)
+    with_words = sum(bool(w) for w in words)
+    assert 0 < dropped < with_words  # some, not all (40 images: a binomial draw, seeded)
+    # the stream is the images' own: a larger share drops a superset
+    more = make_captions(images, labels, names, attribute_dropout=0.9)
+    assert all(m == n for h, m, n, c in zip(half, more, none, data.captions, strict=True) if h != c)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(labels="captions", caption_attribute_dropout=1.5), "must be in \\[0, 1\\], got 1.5"),
+        (dict(labels="classes", caption_attribute_dropout=0.5), "applies to made captions"),
+        (dict(dataset="folder", labels="captions", caption_attribute_dropout=0.5), "not to dataset=folder"),
+    ],
+)
+def test_attribute_dropout_is_checked(changes, message):
+    cfg = preset("fashion-mnist-text")
+    for key, value in changes.items():
+        setattr(cfg.data, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
 
 
 def write_folder(root, names):

@@ -68,13 +68,22 @@ def attribute_words(images_uint8: torch.Tensor, labels: torch.Tensor) -> list[li
 
 
 def make_captions(
-    images_uint8: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], seed: int = 0
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: tuple[str, ...],
+    seed: int = 0,
+    attribute_dropout: float = 0.0,
 ) -> list[str]:
     """One caption per image: a template chosen from (seed, image index), the class name in lower case
-    and the image's attribute words, e.g. "a photo of a large dark ankle boot", "an ankle boot"."""
+    and the image's attribute words, e.g. "a photo of a large dark ankle boot", "an ankle boot". A share
+    ``attribute_dropout`` of the images (drawn from a stream of their own: the templates do not change)
+    lose their words, so that a caption without words describes the whole class, not its middle thirds."""
     words = attribute_words(images_uint8, labels)
     choices = torch.randint(len(TEMPLATES), (len(labels),), generator=generator(seed, SEED_CAPTIONS, 0))
     choices = choices.tolist()
+    if attribute_dropout:
+        dropped = torch.rand(len(labels), generator=generator(seed, SEED_CAPTIONS, 1)) < attribute_dropout
+        words = [[] if drop else attrs for attrs, drop in zip(words, dropped.tolist(), strict=True)]
     captions = []
     for label, attrs, choice in zip(labels.tolist(), words, choices, strict=True):
         prefix, name = "".join(w + " " for w in attrs), class_names[label].lower()

@@ -241,7 +241,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if folder_text:
         captions = folder_captions(cfg.root, image_files(cfg.root))
     elif cfg.labels == "captions":
-        captions = make_captions(images, labels, class_names)
+        captions = make_captions(images, labels, class_names, attribute_dropout=cfg.caption_attribute_dropout)
     images = match_images(images, cfg.image_size, cfg.channels)
     return Dataset(images, name, labels, class_names, captions)
 
