@@ -142,7 +142,8 @@ def test_a_run_uses_its_own_copy_and_checks_the_width(tmp_path):
     cfg.model.text_encoder, cfg.model.context_dim = str(tmp_path / "gone"), 32
     assert run_text_encoder(cfg, run).width == 32  # the original folder is gone: the copy serves
     cfg.model.context_dim = 64
-    with pytest.raises(DataError, match="gives 32-wide states; the run was trained on 64"):
+    message = "gives 32-wide states and a 32-wide pooled text; the run was trained on 64 and 64"
+    with pytest.raises(DataError, match=message):
         run_text_encoder(cfg, run)
     info = json.loads((run / "text-encoder" / "text-encoder.json").read_text())
     assert info["format"] == "ddpm-text-encoder"

@@ -345,6 +345,37 @@ def test_a_text_conditional_run_trains_resumes_exactly_and_keeps_its_encoder(tex
     assert any("cross" in name for name in a.model)
 
 
+@pytest.mark.parametrize("kind", ["domain", "transformers"])
+def test_an_encoder_whose_pooled_text_is_narrower_than_its_states_works(text_run, tmp_path, kind):
+    """A domain encoder 32 wide with a 16-wide projection, or a CLIP with one (24 -> 12): the U-Net's pooled
+    text layer takes the projection's size (it once took the states' and failed on the first step)."""
+    from conftest import text_config
+    from test_encoders import tiny_clip_text
+
+    from ddpm.checkpoint import Checkpoint
+    from ddpm.cli import main
+    from ddpm.clip import ClipConfig, DomainClip, save_clip
+    from ddpm.images import load_samples
+
+    _, data, _ = text_run
+    encoder = tmp_path / "encoder"
+    if kind == "domain":
+        torch.manual_seed(0)
+        clip = ClipConfig(width=32, layers=1, heads=2, max_length=40, embed_dim=16, image_width=8)
+        save_clip(DomainClip(clip), {"format": "ddpm-text-encoder"}, encoder)
+    else:
+        tiny_clip_text(encoder)
+    ddpm.Trainer(text_config(data, encoder, steps=2), tmp_path / "run", progress=False).train()
+    model = Checkpoint(tmp_path / "run").config["model"]
+    widths = (32, 16) if kind == "domain" else (24, 12)
+    assert (model["context_dim"], model["pooled_dim"]) == widths
+    assert Checkpoint(tmp_path / "run").model["text_pool.weight"].shape[1] == widths[1]
+    ddpm.Trainer(text_config(data, encoder, steps=3), tmp_path / "run", resume=True, progress=False).train()
+    args = ["sample", str(tmp_path / "run"), "--num", "2", "--steps", "2", "--prompt", "a coat"]
+    assert main([*args, "--guidance", "1", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert load_samples(tmp_path / "s").shape[0] == 2
+
+
 def test_a_text_conditional_run_samples_prompts_in_rows_with_a_negative_prompt(text_run, tmp_path, capsys):
     import json
 

@@ -67,6 +67,7 @@ def build_model(cfg: Config, channels: int, text_tower: nn.Module | None = None)
         num_groups=m.num_groups,
         num_classes=m.num_classes,
         context_dim=m.context_dim,
+        pooled_dim=m.pooled_dim,
         low_res_channels=channels if m.low_res else 0,
     )
     if m.text_tower == "frozen":

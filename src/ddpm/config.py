@@ -135,6 +135,7 @@ class UNetConfig(ModelConfig):
     # data.labels=captions: a `ddpm train-text-encoder` folder, or a transformers CLIP / T5 model
     text_encoder: str = ""
     context_dim: int = 0  # > 0: text-conditional (set from the text encoder's width)
+    pooled_dim: int = 0  # the size of the encoder's pooled text (set from it; 0: context_dim's)
     # frozen: the text encoder is fixed; finetune / scratch: a domain encoder's text tower is trained with
     # the denoiser (GLIDE), starting from its weights / from random ones
     text_tower: str = "frozen"
@@ -240,8 +241,8 @@ class DataConfig:
     labels: str = "none"
     # Made captions: the share of images whose caption leaves out its attribute words (drawn per image
     # from the captions' seed), so that a prompt without them ("a photo of a coat") asks for any coat. At 0
-    # such a caption belongs only to the middle thirds, whose real images score domain FID 13.77 against
-    # Fashion-MNIST's test split (bench/caption_floor.py); the class's own images score 0.76
+    # such a caption belongs only to the middle thirds, whose real images score domain FID 13.81 against
+    # Fashion-MNIST's test split (bench/caption_floor.py); the class's own images score 0.90
     caption_attribute_dropout: float = 0.0
     class_names: tuple[str, ...] = ()  # of a class-conditional run, recorded from the data
     loader_workers: int = 0  # processes decoding streamed shards (dataset "shards"); 0 = in the trainer
@@ -456,8 +457,9 @@ LIMITS = {
     "diffusion.num_timesteps": 10**6,
     "model.num_classes": 10**6,
     "model.text_max_length": 2**14,
-    **{f"model.{name}": MAX_WIDTH for name in ("ch", "latent_channels", "context_dim", "text_width")},
-    **{f"model.{name}": MAX_WIDTH for name in ("text_heads", "image_width", "embed_dim", "mlp_hidden")},
+    **{f"model.{name}": MAX_WIDTH for name in ("ch", "latent_channels", "context_dim", "pooled_dim")},
+    **{f"model.{name}": MAX_WIDTH for name in ("text_heads", "text_width", "image_width", "embed_dim")},
+    "model.mlp_hidden": MAX_WIDTH,
     **{f"model.{name}": 1024 for name in ("num_res_blocks", "num_groups", "text_layers", "mlp_layers")},
     "diffusion.lognormal_mean": 100.0,  # (ln sigma: e^100 is far past any chain's noise)
 }

@@ -30,6 +30,7 @@ class DomainTextEncoder:
 
         self.clip, self.info = load_clip(folder)
         self.width = self.clip.config.width
+        self.pooled_width = self.clip.config.embed_dim  # the end token's state, projected
         self.source = {"kind": "domain-clip", "path": str(folder)}
 
     @torch.no_grad()
@@ -96,6 +97,9 @@ class PretrainedTextEncoder:
             raise DataError(f"cannot load text encoder {name!r}: {first}") from None
         text_config = getattr(config, "text_config", config)
         self.width = getattr(text_config, "hidden_size", None) or text_config.d_model
+        # CLIP's pooled text is its projection's output where it has one; T5's is the tokens' mean
+        projected = cls is transformers.CLIPTextModelWithProjection
+        self.pooled_width = config.projection_dim if projected else self.width
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length))
         self.source = {"kind": f"transformers-{self.kind}", "path": name}
 
@@ -137,10 +141,11 @@ def run_text_encoder(cfg, run_dir: str | Path):
                 f"{encoder.source['path']} is a pretrained model (use it frozen)"
             )
         encoder = TrainedTowerEncoder(encoder.source["path"], mode)
-    if cfg.model.context_dim and encoder.width != cfg.model.context_dim:
+    trained = (cfg.model.context_dim, cfg.model.pooled_dim or cfg.model.context_dim)
+    if cfg.model.context_dim and (encoder.width, encoder.pooled_width) != trained:
         raise DataError(
-            f"text encoder {encoder.source['path']} gives {encoder.width}-wide states; the run was trained "
-            f"on {cfg.model.context_dim}"
+            f"text encoder {encoder.source['path']} gives {encoder.width}-wide states and a "
+            f"{encoder.pooled_width}-wide pooled text; the run was trained on {trained[0]} and {trained[1]}"
         )
     return encoder
 

@@ -205,10 +205,11 @@ class Pipeline:
             encoder = load_text_encoder(path)
         except DDPMError as e:
             raise ConfigError(f"pipeline text encoder {path}: {e}") from None
-        if encoder.width != g_model["context_dim"]:
+        trained = (g_model["context_dim"], g_model.get("pooled_dim") or g_model["context_dim"])
+        if (encoder.width, encoder.pooled_width) != trained:
             raise ConfigError(
-                f"pipeline text encoder {path} gives {encoder.width}-wide states; the generator was trained "
-                f"on {g_model['context_dim']}"
+                f"pipeline text encoder {path} gives {encoder.width}-wide states and a {encoder.pooled_width}"
+                f"-wide pooled text; the generator was trained on {trained[0]} and {trained[1]}"
             )
         own = self.generator.path.parent / RUN_COPY
         if info_file(own) is not None:

@@ -105,10 +105,13 @@ def _preset_fashion_mnist_text() -> Config:
     """The fashion-mnist preset conditioned on captions ("a photo of a large dark coat") through the
     frozen domain text encoder that `ddpm train-text-encoder --out runs/text-encoder` trains first
     (cross-attention at 7x7 and in the middle, the pooled text added to the time embedding); a 10 x 10
-    training grid, a row per class prompt."""
+    training grid, a row per class prompt. Half the captions lose their attribute words, so that "a photo
+    of a coat" asks for any coat: at 1,375 steps and w = 0.5 that took domain FID from 20.78 to 13.84
+    (docs/results.md, 5,000 samples)."""
     cfg = _preset_fashion_mnist()
     cfg.name = "fashion-mnist-text"
     cfg.data.labels = "captions"
+    cfg.data.caption_attribute_dropout = 0.5
     cfg.model.text_encoder = "runs/text-encoder"
     cfg.train.num_sample_images = 100
     return cfg

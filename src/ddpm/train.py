@@ -209,6 +209,7 @@ def _restore_open_values(cfg: Config, saved: dict) -> None:
         cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
     if cfg.model.text_encoder and not cfg.model.context_dim:  # (a text encoder run has no width to take)
         cfg.model.context_dim = saved.get("model", {}).get("context_dim", 0)
+        cfg.model.pooled_dim = saved.get("model", {}).get("pooled_dim", 0)
         cfg.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
 
 

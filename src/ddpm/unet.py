@@ -231,6 +231,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         context_dim: int = 0,
         low_res_channels: int = 0,
+        pooled_dim: int = 0,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -293,7 +294,7 @@ class UNet(nn.Module):
         # Text: cross-attention after every self-attention, and the pooled text embedding added to the
         # time embedding. Also made last, in the order of the attention blocks.
         self.context_dim = context_dim
-        self.text_pool = linear(context_dim, temb_ch) if context_dim else None
+        self.text_pool = linear(pooled_dim or context_dim, temb_ch) if context_dim else None
         if context_dim:
             for block in self.modules():
                 if isinstance(block, AttnBlock):

@@ -284,10 +284,10 @@ class TextConditioner:
         from ..encoders import CaptionCache
 
         cfg, encoder = self.cfg, self.encoder
-        if cfg.model.context_dim not in (0, encoder.width):
-            width = cfg.model.context_dim
-            raise ConfigError(f"model.context_dim={width}; the text encoder gives {encoder.width}")
-        cfg.model.context_dim = encoder.width
+        for name, size in (("context_dim", encoder.width), ("pooled_dim", encoder.pooled_width)):
+            if getattr(cfg.model, name) not in (0, size):
+                raise ConfigError(f"model.{name}={getattr(cfg.model, name)}; the text encoder gives {size}")
+            setattr(cfg.model, name, size)
         self.cache = CaptionCache(encoder, dataset.captions, NULL_TEXT).to(device)
         if dataset.class_names:  # kept for the grids' prompts and for evaluation
             cfg.data.class_names = tuple(dataset.class_names)
