@@ -57,8 +57,9 @@ def cmd_generate(args) -> int:
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
     guidance = Guidance(args.guidance, interval, args.guidance_rescale, args.negative_prompt)
     generator = stage(args.steps, args.sampler, args.eta)
-    low_res_noise = args.low_res_noise
-    decoder = stage(args.decoder_steps, args.decoder_sampler, args.decoder_eta, low_res_noise=low_res_noise)
+    decoder = stage(
+        args.decoder_steps, args.decoder_sampler, args.decoder_eta, low_res_noise=args.low_res_noise
+    )
     out = Path(args.out or Path(args.pipeline) / "generated")
     record = generate_to_dir(
         args.pipeline,
