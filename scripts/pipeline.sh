@@ -34,7 +34,9 @@ train "$OUT/generator-14" fashion-mnist-text-14 --set model.text_encoder="$OUT/t
 train "$OUT/decoder-sr" fashion-mnist-sr
 $DDPM pipeline "$OUT/pipeline" --generator "$OUT/generator-14" --decoder "$OUT/decoder-sr" \
     --text-encoder "$OUT/text-encoder"
-$DDPM generate "$OUT/pipeline" --out "$OUT/generated" --num 40 --guidance 2 --seed 0 --precision bf16 \
+# 50 network evaluations an image: the generator's 20 steps guided (40), the decoder's 10
+$DDPM generate "$OUT/pipeline" --out "$OUT/generated" --num 40 --guidance 1 --seed 0 --precision bf16 \
+    --sampler sde-dpm++3m --eta 3 --steps 20 --decoder-steps 10 \
     --prompt "a photo of a dark coat" --prompt "a photo of a light t-shirt/top" \
     --prompt "a photo of a large bag" --prompt "a photo of a small sneaker"
 echo "pipeline: samples in $OUT/generated/grid.png (the generator's 14x14 images in low-res-grid.png)"
