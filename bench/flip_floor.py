@@ -34,15 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     mirrored = images[:, :, ::-1]
     half = np.where(rng.random(len(images))[:, None, None, None] < 0.5, mirrored, images)
     for name, array in (("plain", images), ("half", half), ("all", mirrored)):
-        np.savez(args.out / f"{name}.npz", np.ascontiguousarray(array))
-        result_path = args.out / f"{name}.fid.json"
-        command = [sys.executable, "-m", "ddpm", "eval", "fid", str(args.out / f"{name}.npz")]
-        command += ["--dataset", "fashion-mnist", "--out", str(result_path), "--no-progress"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        result = json.loads(result_path.read_text())
+        result = score_real(args.out, name, array)
         low, high = result["fid_interval"]
         print(f"{name:>6} flipped: domain FID {result['fid']:.2f} [{low:.2f}, {high:.2f}], n = {args.num}")
     return 0
+
+
+def score_real(out: Path, name: str, array: np.ndarray) -> dict:
+    """Real images (NHWC uint8) written as OUT/NAME.npz and scored as `ddpm eval fid` scores samples
+    against Fashion-MNIST's test split; its result (also in OUT/NAME.fid.json)."""
+    np.savez(out / f"{name}.npz", np.ascontiguousarray(array))
+    result_path = out / f"{name}.fid.json"
+    command = [sys.executable, "-m", "ddpm", "eval", "fid", str(out / f"{name}.npz")]
+    command += ["--dataset", "fashion-mnist", "--out", str(result_path), "--no-progress"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(result_path.read_text())
 
 
 if __name__ == "__main__":
