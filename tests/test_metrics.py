@@ -12,7 +12,9 @@ from ddpm.metrics import (
     feature_statistics,
     fid_uncertainty,
     frechet_distance,
+    frechet_distance_to_features,
     kernel_inception_distance,
+    psd_sqrt,
     real_floor,
 )
 
@@ -74,6 +76,20 @@ def test_the_fids_bootstrap_standard_error_matches_its_spread_over_fresh_samples
     assert 0.75 < np.mean(errors) / spread < 1.25
     with pytest.raises(DataError, match="resamples must be at least 2"):
         fid_uncertainty(features, mu, sigma, fid, resamples=1)
+
+
+@pytest.mark.parametrize("n", [3, 40, 200])  # fewer samples than dimensions (the N x N route), more
+def test_the_distance_to_features_is_the_frechet_distance_of_their_statistics(n):
+    """The bootstrap's distance from the features themselves equals ``frechet_distance`` of their mean and
+    covariance, whichever of the N x N and D x D matrices it decomposes."""
+    rng = np.random.default_rng(n)
+    mu, sigma = feature_statistics(rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64)))
+    features = rng.normal(size=(n, 64)) * 2 + 0.5
+    expected = frechet_distance(*feature_statistics(features), mu, sigma)
+    got = frechet_distance_to_features(features, mu, sigma, psd_sqrt(sigma))
+    assert got == pytest.approx(expected, rel=1e-7)  # the D x D route adds roots of rounding errors
+    with pytest.raises(DataError, match="need at least 2 feature vectors"):
+        frechet_distance_to_features(features[:1], mu, sigma, psd_sqrt(sigma))
 
 
 def test_the_real_data_floor_is_the_fid_of_real_images_at_the_same_count():

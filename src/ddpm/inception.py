@@ -30,9 +30,10 @@ from .metrics import (
     classifier_score,
     feature_statistics,
     fid_uncertainty,
-    frechet_distance,
+    frechet_distance_to_features,
     kernel_inception_distance,
     other_split,
+    psd_sqrt,
     real_floor,
 )
 from .safeload import load_state_dict, sha256_file
@@ -228,6 +229,7 @@ def floor_statistics(
     ref: dict,
     cache_dir=None,
     progress=True,
+    sqrt_ref=None,
 ) -> dict:
     """The real-data floor of an Inception FID at ``num`` samples (``ddpm.metrics.real_floor``: ``num``
     images of the other split against ``split``'s statistics ``ref``), cached beside the reference
@@ -244,6 +246,7 @@ def floor_statistics(
         real,
         num,
         (ref["mu"], ref["sigma"]),
+        sqrt_ref=sqrt_ref,
     )
     floor["split"] = other
     write_json(path, floor)
@@ -267,10 +270,15 @@ def evaluate_inception(
     size = samples_uint8.shape[-1]
     ref = reference_statistics(model, dataset, split, root, size, weights, cache_dir, progress)
     features, probs = inception_outputs(model, samples_uint8, progress=progress)
-    fid = frechet_distance(*feature_statistics(features), ref["mu"], ref["sigma"])
-    uncertainty = fid_uncertainty(features, ref["mu"], ref["sigma"], fid, resamples, progress=progress)
+    # One 2048-wide root, the reference's, serves the FID and every resample (fewer samples than 2048: no
+    # 2048-wide decomposition of theirs at all; see frechet_distance_to_features).
+    sqrt_ref = psd_sqrt(ref["sigma"])
+    fid = frechet_distance_to_features(np.asarray(features, np.float64), ref["mu"], ref["sigma"], sqrt_ref)
+    uncertainty = fid_uncertainty(
+        features, ref["mu"], ref["sigma"], fid, resamples, progress=progress, sqrt_ref=sqrt_ref
+    )
     floor = floor_statistics(
-        model, dataset, split, root, size, weights, len(features), ref, cache_dir, progress
+        model, dataset, split, root, size, weights, len(features), ref, cache_dir, progress, sqrt_ref
     )
     # torch-fidelity's defaults: KID over 100 subsets of 1000, IS over 10 splits of the 1008 logits.
     kid_mean, kid_std = kernel_inception_distance(features, ref["kid_features"], subsets=100)

@@ -59,9 +59,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+def frechet_distance_to_features(features: np.ndarray, mu, sigma, sqrt_sigma) -> float:
+    """``frechet_distance`` from the Gaussian (``mu``, ``sigma``, its root ``sqrt_sigma``) to the features
+    [N, D] (float64) without forming their D x D covariance C = X'X / (N - 1), X the centred features:
+    S^(1/2) C S^(1/2) = Y'Y with Y = X S^(1/2) / sqrt(N - 1), whose nonzero eigenvalues are those of the
+    N x N matrix YY'. The smaller of the two is decomposed, so a bootstrap of N < D samples (a quick
+    Inception screen) costs N^3, not D^3."""
+    n, d = features.shape
+    if n < 2:
+        raise DataError(f"need at least 2 feature vectors, got shape {features.shape}")
+    centred = (features - features.mean(0)) / math.sqrt(n - 1)
+    y = centred @ sqrt_sigma
+    cross = np.linalg.eigvalsh(y @ y.T if n < d else y.T @ y)
+    trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
+    diff = features.mean(0) - np.atleast_1d(mu)
+    return float(diff @ diff + np.trace(np.atleast_2d(sigma)) + (centred**2).sum() - 2 * trace_sqrt)
+
+
 # Resamples behind a FID's standard error: the estimate's own relative error is about 1 / sqrt(2 (B - 1)),
 # 10% at 50, and each resample costs one FID (milliseconds for the domain classifier's 128 features,
-# about half a second for Inception's 2048, the reference's root computed once).
+# about half a second for Inception's 2048 at N >= 2048, the reference's root computed once).
 FID_RESAMPLES = 50
 Z_95 = 1.959964  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -74,22 +91,25 @@ def fid_uncertainty(
     resamples: int = FID_RESAMPLES,
     seed: int = 0,
     progress: bool = False,
+    sqrt_ref=None,
 ) -> dict:
     """How much the FID of ``features`` (the samples) against a reference Gaussian moves with the samples
     drawn: the standard deviation of the FID over ``resamples`` bootstrap resamples of the samples (drawn
     with replacement, seeded), and the normal 95% interval fid +- 1.96 se around the estimate. The bootstrap
     stands in for drawing the samples again with another seed (tests/test_metrics.py checks it against
-    that); the reference's own noise and the training run's are not in it."""
+    that); the reference's own noise and the training run's are not in it. ``sqrt_ref``:
+    ``psd_sqrt(ref_sigma)`` where the caller has it."""
     if resamples < 2:
         raise DataError(f"resamples must be at least 2, got {resamples}", field="resamples")
     features = np.asarray(features, np.float64)
     rng = np.random.default_rng(seed)
     n = len(features)
-    sqrt_ref = psd_sqrt(ref_sigma)  # (the distance is symmetric: the reference's root serves every resample)
+    if sqrt_ref is None:  # (the distance is symmetric: the reference's root serves every resample)
+        sqrt_ref = psd_sqrt(ref_sigma)
     from tqdm.auto import tqdm
 
     values = [
-        frechet_distance(ref_mu, ref_sigma, *feature_statistics(features[rng.integers(0, n, n)]), sqrt_ref)
+        frechet_distance_to_features(features[rng.integers(0, n, n)], ref_mu, ref_sigma, sqrt_ref)
         for _ in tqdm(range(resamples), desc="FID bootstrap", unit="resample", disable=not progress)
     ]
     se = float(np.std(values, ddof=1))
@@ -105,13 +125,18 @@ def other_split(split: str) -> str:
     return "train" if split == "test" else "test"
 
 
-def real_floor(features_of, real_uint8: torch.Tensor, num: int, ref_stats, seed: int = 0) -> dict:
+def real_floor(
+    features_of, real_uint8: torch.Tensor, num: int, ref_stats, seed: int = 0, sqrt_ref=None
+) -> dict:
     """The FID that ``num`` real images reach against the reference (``ref_stats``: its mean and
     covariance): what a perfect model's ``num`` samples would score, the floor a FID at that count is read
     against. ``features_of`` maps uint8 images to features; the images are ``num`` of ``real_uint8`` (the
-    other split) picked by a seeded permutation, or all of them when it holds fewer (``num_images`` says)."""
+    other split) picked by a seeded permutation, or all of them when it holds fewer (``num_images`` says).
+    ``sqrt_ref``: ``psd_sqrt`` of the reference's covariance where the caller has it."""
     pick = torch.randperm(len(real_uint8), generator=torch.Generator().manual_seed(seed))[:num]
-    fid = frechet_distance(*feature_statistics(features_of(real_uint8[pick])), *ref_stats)
+    mu, sigma = ref_stats
+    features = np.asarray(features_of(real_uint8[pick]), np.float64)
+    fid = frechet_distance_to_features(features, mu, sigma, psd_sqrt(sigma) if sqrt_ref is None else sqrt_ref)
     return {"fid": round(fid, 4), "num_images": len(pick)}
 
 
