@@ -87,13 +87,14 @@ def test_eval_fid_inception_caches_reference_stats(inception_weights, cifar_dir,
     cache = tmp_path / "cache"
     argv = ["eval", "fid", str(samples), "--dataset", "cifar10", "--split", "train", "--data-dir"]
     argv += [str(cifar_dir), "--inception-weights", str(inception_weights), "--cache-dir", str(cache)]
-    argv += ["--resamples", "2"]  # (each bootstrap resample is a 2048-wide matrix square root: 1.5 s)
+    argv += ["--resamples", "2"]
     assert main(argv + ["--no-progress"]) == 0
     result = json.loads((samples / "fid-inception-v3-compat-train.json").read_text())
     assert result["extractor"] == "inception-v3-compat" and "torch-fidelity" in result["tool"]
     assert result["reference"] == {"dataset": "cifar10", "split": "train", "num_images": 12}
     assert abs(result["fid"]) < 1e-3  # a set against itself
     assert "warning" in result  # 12 samples, not the published 50,000
+    assert "over 2 bootstrap resamples" in result["fid_interval_method"]
     (stats_file,) = cache.glob("cifar10-train-32px-*.npz")
 
     # the second run reads the cached statistics, which are those of the train images' features
