@@ -83,6 +83,23 @@ def test_a_budgeted_run_fixes_its_steps_and_resumes_as_the_same_run(idx_dir, tmp
             assert torch.equal(value, getattr(b, group)[key]), f"{group}.{key} differs after resume"
 
 
+def test_a_budget_shorter_than_the_warm_up_says_so_in_one_line(idx_dir, tmp_path, capsys):
+    """30 steps fixed (as above) with 100 warm-up steps: the rate never reaches train.lr, and the run
+    says by how much; with the warm-up inside the budget it says nothing."""
+    for warmup, said in (
+        (
+            100,
+            "ddpm: the budget holds 30 steps, fewer than train.warmup_steps (100): the "
+            "learning rate peaks at 30% of train.lr\n",
+        ),
+        (2, ""),
+    ):
+        trainer = Trainer(budgeted(idx_dir, warmup_steps=warmup), tmp_path / f"w{warmup}", progress=False)
+        trainer.clock = Clock(0.125)
+        assert trainer.train()["step"] == PROBE_END + 5
+        assert capsys.readouterr().err == said
+
+
 def test_a_run_resumed_in_its_probe_goes_on_measuring(idx_dir, tmp_path):
     first = Trainer(budgeted(idx_dir, time_limit_minutes=1.2 / 60), tmp_path / "run", progress=False)
     first.clock = Clock(0.125)

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -507,6 +508,15 @@ class Trainer:
                     )
                     if fixed is not None:
                         t_cfg.steps = bar.total = fixed
+                        if fixed < t_cfg.warmup_steps and self.procs.is_main:
+                            from tqdm.auto import tqdm  # (its write keeps a progress bar intact)
+
+                            tqdm.write(
+                                f"ddpm: the budget holds {fixed} steps, fewer than train.warmup_steps "
+                                f"({t_cfg.warmup_steps}): the learning rate peaks at "
+                                f"{fixed / t_cfg.warmup_steps:.0%} of train.lr",
+                                file=sys.stderr,
+                            )
                 bar.update(1)
                 # Every process must stop at the same step: the time limit and signals are agreed on.
                 sigint, sigterm, out_of_time = self.procs.any(
