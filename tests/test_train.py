@@ -297,7 +297,7 @@ def test_a_damaged_checkpoint_is_refused_on_resume(idx_dir, tmp_path, damage, me
 def test_memory_stays_flat_over_a_long_run(idx_dir, tmp_path):
     """1,200 tiny steps with a checkpoint every 10 and a metrics row every step: the resident memory
     grows by less than 50 MiB over the second half's 600 steps and 60 checkpoints (nothing accumulates
-    per step or per checkpoint). (It was 2,000 steps, a checkpoint every 10: 85 s of a 633-s suite.)"""
+    per step or per checkpoint)."""
 
     def rss_mib() -> float:
         for line in open("/proc/self/status"):
