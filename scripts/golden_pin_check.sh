@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-settings=("OMP_NUM_THREADS=1" "OMP_NUM_THREADS=2" "ATEN_CPU_CAPABILITY=avx2" "MKL_CBWR=AVX2,STRICT")
+settings=("OMP_NUM_THREADS=1" "OMP_NUM_THREADS=2" "ATEN_CPU_CAPABILITY=avx2" "MKL_CBWR=AUTO")
 for mode in unpinned pinned; do
     for i in "${!settings[@]}"; do
         flag=$([ $mode = unpinned ] && echo --unpinned || true)

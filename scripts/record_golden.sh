@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Record tests/golden/reference.json from the code of one named commit, never from later code:
 #     bash scripts/record_golden.sh [COMMIT]   (default: the commit the current reference names)
-# It checks COMMIT out in a temporary worktree and runs that commit's tests/golden_outputs.py on that
-# commit's src/ (pinned to one thread and AVX2 kernels, see that file), so a machine whose pinned digests
-# still differ gets references computed by the recorded code. Needs the venv of scripts/setup.sh.
+# It checks COMMIT out in a temporary worktree and computes the digests of that commit's src/ with this
+# checkout's tests/golden_outputs.py (the harness: what it computes is unchanged since f099285, and its pin,
+# one thread and vendor-neutral kernels, is the current one), so a pin made stricter gets references
+# computed by the recorded code. Needs the venv of scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reference=tests/golden/reference.json
@@ -12,6 +13,7 @@ commit=$(git rev-parse --short "$commit^{commit}")
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/tree" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git worktree add --detach --quiet "$work/tree" "$commit"
+cp tests/golden_outputs.py "$work/tree/tests/golden_outputs.py"
 PYTHONPATH="$work/tree/src" .venv/bin/python "$work/tree/tests/golden_outputs.py" "$work/outputs.json"
 .venv/bin/python - "$work/outputs.json" "$work/tree/src/ddpm" "$commit" "$reference" <<'EOF'
 import json, sys

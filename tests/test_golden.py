@@ -1,8 +1,9 @@
 """Golden outputs: seeded training, every sampler, inversion, figures and the NLL bound stay bit-identical.
 
 ``golden_outputs.py`` computes them in a process of its own, pinned to one thread and to kernels that every
-x86-64 machine of this decade runs the same way (ATen and MKL at AVX2, oneDNN off; see that file). Unpinned,
-the digests belong to the machine that recorded them: two Xeons with the same torch disagreed.
+x86-64 machine of this decade runs the same way (ATen at AVX2, MKL's vendor-neutral branch, oneDNN off;
+see that file). Unpinned, the digests belong to the machine that recorded them: two Xeons with the same
+torch disagreed, and MKL pinned to its Intel-only AVX2 branch still differed on an AMD EPYC.
 
 The reference digests in ``golden/reference.json`` were recorded by ``scripts/record_golden.sh`` from the
 code of the commit they name (f099285: the code as it was at 7a0de15, where the first references came
