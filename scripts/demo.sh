@@ -12,6 +12,6 @@ if [ -f "$RUN/checkpoint.safetensors" ]; then
 else
     .venv/bin/ddpm train --preset fashion-mnist --out "$RUN" --time-limit 9.5
 fi
-.venv/bin/ddpm sample "$RUN" --num 64 --sampler sde-dpm++3m --eta 3 --steps 20 --seed 0 --precision bf16 \
+.venv/bin/ddpm sample "$RUN" --num 64 --sampler sde-dpm++3m --eta 3 --steps 20 --seed 0 --precision auto \
     --out "$RUN/final"
 echo "demo: samples in $RUN/final/grid.png; watch the run with: .venv/bin/tensorboard --logdir runs/"

@@ -38,7 +38,7 @@ train train "$OUT/generator" 10.3 fashion-mnist-latent-text \
 $DDPM pipeline "$OUT/pipeline" --generator "$OUT/generator" --decoder "$OUT/autoencoder" \
     --text-encoder "$OUT/text-encoder"
 # 40 network evaluations an image: 20 steps, each guided (the decoder is one pass of the autoencoder's)
-$DDPM generate "$OUT/pipeline" --out "$OUT/generated" --num 40 --guidance 0.4 --seed 0 --precision bf16 \
+$DDPM generate "$OUT/pipeline" --out "$OUT/generated" --num 40 --guidance 0.4 --seed 0 --precision auto \
     --sampler sde-dpm++3m --eta 3 --steps 20 \
     --prompt "a photo of a dark coat" --prompt "a photo of a light t-shirt/top" \
     --prompt "a photo of a large bag" --prompt "a photo of a small sneaker"

@@ -146,7 +146,7 @@ def text_run(tmp_path_factory):
 def wrap_calls(monkeypatch):
     """The options of every ``wrap_network`` call (device, precision, channels_last, compile, mode), in
     order; torch.compile is stubbed, since what it is given is the point of the tests that use this."""
-    from ddpm import runtime, sample
+    from ddpm import runtime
 
     seen, wrap = [], runtime.wrap_network
 
@@ -154,7 +154,6 @@ def wrap_calls(monkeypatch):
         seen.append(options)
         return wrap(model, *options)
 
-    monkeypatch.setattr(runtime, "wrap_network", spy)
-    monkeypatch.setattr(sample, "wrap_network", spy)  # generate's own
+    monkeypatch.setattr(runtime, "wrap_network", spy)  # (generate's too: through Runtime.wrap)
     monkeypatch.setattr(torch, "compile", lambda f, mode=None: f)
     return seen

@@ -128,7 +128,9 @@ def test_precisions_are_checked():
 
 def test_a_runtime_is_the_speed_options_as_one_checked_value():
     assert Runtime() == Runtime("auto", "fp32", False, False, "default")  # wrap_network's own defaults
-    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+    with pytest.raises(
+        ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, auto, got 'fp16'$"
+    ):
         Runtime(precision="fp16")
     with pytest.raises(ConfigError, match=r"^compile mode must be one of default, .*, got 'fast'$"):
         Runtime(compile_mode="fast")
@@ -245,6 +247,50 @@ def test_the_precision_probe_takes_bf16_only_where_it_is_10_percent_faster(bf16_
     probe = runtime.probe_precision(step, torch.device("cpu"))
     assert probe == {"chose": chose, "seconds": {"fp32": 1.0, "bf16": bf16_share}}
     assert calls == ["fp32"] * (runtime.PROBE_REPEATS + 1) + ["bf16"] * (runtime.PROBE_REPEATS + 1)
+
+
+@pytest.mark.parametrize("bf16_share,chose", [(0.5, "bf16"), (1.4, "fp32")])
+def test_auto_precision_probes_the_first_call_and_runs_every_call_in_the_choice(
+    bf16_share, chose, monkeypatch
+):
+    """A network wrapped in precision "auto" (sampling and the other forward-only commands) times its
+    first call in fp32 and bf16 on that call's inputs, then answers it and every later call in the
+    faster precision, as that precision's own wrapping would; the choice is recorded once made. Here on
+    a clock where an fp32 call takes 1 s."""
+    import time
+
+    from ddpm.runtime import PROBE_REPEATS, ProbedPrecision
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    model, calls = small_unet().eval(), []
+    forward = model.forward
+
+    def timed(x, t, *cond):
+        bf16 = torch.is_autocast_enabled("cpu")
+        calls.append("bf16" if bf16 else "fp32")
+        now[0] += bf16_share if bf16 else 1.0
+        return forward(x, t, *cond)
+
+    monkeypatch.setattr(model, "forward", timed)
+    runtime = Runtime("cpu", "auto")
+    network = runtime.wrap(model)
+    assert isinstance(network, ProbedPrecision) and network.record() == {}
+    assert runtime.record(network) == {"precision": "auto"}  # before its first call
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+    with torch.no_grad():
+        first, second = network(x, t), network(x, 2 * t)
+        expected = [wrap_network(model, precision=chose)(x, s) for s in (t, 2 * t)]
+    probe = ["fp32"] * (PROBE_REPEATS + 1) + ["bf16"] * (PROBE_REPEATS + 1)
+    assert calls[: len(probe) + 2] == probe + [chose, chose]
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+    seconds = {"fp32": 1.0, "bf16": bf16_share}
+    assert runtime.record(network) == {
+        "precision": chose,
+        "precision_probe": {"chose": chose, "seconds": seconds},
+    }
+    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'auto'$"):
+        wrap_network(model, precision="auto")  # one precision per wrapping: "auto" is a Runtime's
 
 
 def test_training_with_auto_precision_is_the_run_with_the_chosen_precision(idx_dir, tmp_path):

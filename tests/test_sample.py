@@ -556,8 +556,31 @@ def test_the_runtime_reaches_the_network_once_and_generate_takes_it_wrapped(clas
     wrapped = ddpm.generate(Runtime("cpu", "bf16").wrap(model), diffusion, precision=None, **kwargs)
     assert len(seen) == 1  # by Runtime.wrap alone
     assert torch.equal(wrapped, ddpm.generate(model, diffusion, precision="bf16", **kwargs))
-    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+    with pytest.raises(
+        ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, auto, got 'fp16'$"
+    ):
         sample_to_dir(tmp_path / "no-run", tmp_path / "c", options, precision="fp16")  # before loading
+
+
+def test_auto_precision_samples_as_the_precision_it_chose_and_records_it(class_run, tmp_path):
+    """precision "auto" (``ddpm sample --precision auto``): the samples are those of the precision its
+    probe chose, asked for by name, and samples.json says which, with the probe's timings."""
+    import json
+
+    import numpy as np
+
+    from ddpm.cli import main
+
+    run, _ = class_run
+    args = [str(run), "--num", "4", "--batch-size", "2", "--steps", "4", "--seed", "3", "--device", "cpu"]
+    assert main(["sample", *args, "--out", str(tmp_path / "auto"), "--precision", "auto"]) == 0
+    info = json.loads((tmp_path / "auto" / "samples.json").read_text())
+    chose = info["precision"]
+    assert chose in ("fp32", "bf16") and info["precision_probe"]["chose"] == chose
+    assert set(info["precision_probe"]["seconds"]) == {"fp32", "bf16"}
+    assert main(["sample", *args, "--out", str(tmp_path / "named"), "--precision", chose]) == 0
+    a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("auto", "named"))
+    assert np.array_equal(a, b)
     assert not (tmp_path / "c").exists()
 
 

@@ -14,7 +14,7 @@ from .config import Config, check_run_config, validate
 from .diffusion import GaussianDiffusion, VarType, parse_option
 from .errors import CheckpointError, ConfigError
 from .mlp import MLPDenoiser
-from .runtime import Network, Runtime
+from .runtime import Network, ProbedPrecision, Runtime
 from .schedules import make_betas
 from .text import TextTowerDenoiser
 from .unet import UNet
@@ -134,10 +134,15 @@ class LoadedNetwork:
     checkpoint: Checkpoint
     weights: str  # "ema" or "model"
     runtime: Runtime  # its device resolved
+    probed: ProbedPrecision | None = None  # precision "auto": the network as wrapped, which chooses
 
     @property
     def device(self) -> torch.device:
         return self.runtime.device
+
+    def record(self) -> dict:
+        """How the network ran, for a command's JSON record (``Runtime.record``)."""
+        return self.runtime.record(self.probed)
 
 
 def load_network(
@@ -158,7 +163,9 @@ def load_network(
     runtime = (runtime or Runtime()).resolve()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     model, diffusion, cfg = load_model(ckpt, weights == "ema", runtime.device, var_type, ema_width)
-    return LoadedNetwork(runtime.wrap(model), model, diffusion, cfg, ckpt, weights, runtime)
+    network = runtime.wrap(model)
+    probed = network if isinstance(network, ProbedPrecision) else None
+    return LoadedNetwork(network, model, diffusion, cfg, ckpt, weights, runtime, probed)
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:

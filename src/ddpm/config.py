@@ -35,9 +35,10 @@ COMPILE_MODES = (
 )  # torch.compile's
 
 
-# train.precision may also be "auto": fp32 or bf16, whichever a short probe of the run's own training step
-# finds faster on the machine in use (bf16 only when at least 10% faster; ddpm.runtime.probe_precision)
-TRAIN_PRECISIONS = (*PRECISIONS, "auto")
+# A precision may also be "auto": fp32 or bf16, whichever a short probe finds faster on the machine in use
+# (bf16 only when at least 10% faster; ddpm.runtime.probe_precision): in training, of the run's own first
+# step; in sampling, the likelihood, inversion and the figures, of the network's first call
+AUTO_PRECISIONS = (*PRECISIONS, "auto")
 
 
 def check_precision(precision: str, what: str = "precision", choices: tuple[str, ...] = PRECISIONS) -> None:
@@ -529,7 +530,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
     if not (math.isfinite(d.sigma_data) and d.sigma_data > 0):
         raise ConfigError(f"diffusion.sigma_data must be positive, got {d.sigma_data}")
-    check_precision(t.precision, "train.precision", TRAIN_PRECISIONS)
+    check_precision(t.precision, "train.precision", AUTO_PRECISIONS)
     check_compile_mode(t.compile_mode, "train.compile_mode")
     if t.optimizer not in OPTIMIZERS or t.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(

@@ -274,7 +274,7 @@ def make_figures(
         "seed": seed,
         "weights": weights,
         "sampler": sampler,
-        **loaded.runtime.record(),
+        **loaded.record(),
         **({"class": index, "guidance": guidance} if index is not None else {}),
         **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         **written,

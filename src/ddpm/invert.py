@@ -87,7 +87,7 @@ def invert_to_dir(
         "source": str(images) if images is not None else f"{cfg.data.dataset} test split",
         "steps": steps,
         "spacing": spacing,
-        **loaded.runtime.record(),
+        **loaded.record(),
         **({"class": index, "guidance": guidance} if index is not None else {}),
         **({"prompt": prompt, "guidance": guidance} if prompt is not None else {}),
         "rmse_0_255": round(diff.pow(2).mean().sqrt().item(), 3),

@@ -129,7 +129,7 @@ def evaluate_nll(
         "var_type": cfg.diffusion.var_type,
         "estimate": timesteps is not None,
         "timesteps_evaluated": len(kept),
-        **loaded.runtime.record(),
+        **loaded.record(),
         "seed": seed,
         "seconds": round(time.time() - start, 1),
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .config import check_compile_mode, check_precision
+from .config import AUTO_PRECISIONS, check_compile_mode, check_precision
 from .errors import ConfigError
 from .unet import norms_in_bf16
 
@@ -139,7 +139,7 @@ class Runtime:
     compile_mode: str = "default"
 
     def __post_init__(self):
-        check_precision(self.precision)
+        check_precision(self.precision, choices=AUTO_PRECISIONS)
         check_compile_mode(self.compile_mode)
 
     def resolve(self) -> Runtime:
@@ -147,15 +147,21 @@ class Runtime:
         return replace(self, device=resolve_device(self.device))
 
     def wrap(self, model: nn.Module | Network) -> Network:
-        """``model`` as the network the maths calls, on this runtime (``wrap_network``)."""
-        device, precision = resolve_device(self.device), self.precision
-        return wrap_network(model, device, precision, self.channels_last, self.compile, self.compile_mode)
+        """``model`` as the network the maths calls, on this runtime (``wrap_network``); precision "auto":
+        a ``ProbedPrecision`` (forward only: training resolves "auto" itself, from its own step)."""
+        device = resolve_device(self.device)
+        speed = (self.channels_last, self.compile, self.compile_mode)
+        if self.precision == "auto":
+            return ProbedPrecision({p: wrap_network(model, device, p, *speed) for p in PROBED}, device)
+        return wrap_network(model, device, self.precision, *speed)
 
-    def record(self) -> dict:
-        """How the network ran, for a command's JSON record: the precision, and the speed options that
-        were on (they change float rounding, not the maths)."""
+    def record(self, probed: ProbedPrecision | None = None) -> dict:
+        """How the network ran, for a command's JSON record: the precision (with "auto", once ``probed``
+        has run: the one it chose, and its probe), and the speed options that were on (they change float
+        rounding, not the maths)."""
         return {
             "precision": self.precision,
+            **(probed.record() if probed is not None else {}),
             **({"channels_last": True} if self.channels_last else {}),
             **({"compile": self.compile_mode} if self.compile else {}),
         }
@@ -165,15 +171,18 @@ PROBE_REPEATS = 3  # timed calls per precision, after one untimed (allocation, k
 BF16_GAIN = 0.9  # bf16 is chosen only when it takes at most this share of fp32's time
 
 
+PROBED = ("fp32", "bf16")  # what precision "auto" chooses between
+
+
 def probe_precision(step: Callable[[str], object], device: torch.device) -> dict:
-    """Time ``step(precision)`` (one training step's forward and backward) in fp32 and in bf16 autocast on
-    this machine, and choose bf16 only where it is at least 10% faster: it was 1.45x faster on a Xeon
-    with AMX and 1.42x slower on one without (issue 23), so no default holds for every machine. Returns the
-    choice and the seconds per call of each."""
+    """Time ``step(precision)`` (a training step's forward and backward, or a network call) in fp32 and
+    in bf16 autocast on this machine, and choose bf16 only where it is at least 10% faster: it was 1.45x
+    faster on a Xeon with AMX and 1.42x slower on one without (issue 23), so no default holds for every
+    machine. Returns the choice and the seconds per call of each."""
     import time
 
     seconds = {}
-    for precision in ("fp32", "bf16"):
+    for precision in PROBED:
         step(precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -185,6 +194,28 @@ def probe_precision(step: Callable[[str], object], device: torch.device) -> dict
         seconds[precision] = round((time.perf_counter() - start) / PROBE_REPEATS, 6)
     chose = "bf16" if seconds["bf16"] <= BF16_GAIN * seconds["fp32"] else "fp32"
     return {"chose": chose, "seconds": seconds}
+
+
+class ProbedPrecision:
+    """A network in precision "auto" where it only runs forward (sampling, the likelihood, inversion,
+    the figures): its first call is timed in fp32 and in bf16 on that call's own inputs
+    (``probe_precision``: 8 extra calls), and that call and every later one run in the faster. Under
+    torchrun each process probes for itself. ``probe``: the choice and the seconds of each, once made."""
+
+    def __init__(self, networks: dict[str, Network], device: torch.device):
+        self.networks, self.device = networks, device
+        self.probe: dict | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
+        if self.probe is None:
+            self.probe = probe_precision(lambda p: self.networks[p](x, t, *cond), self.device)
+        return self.networks[self.probe["chose"]](x, t, *cond)
+
+    def record(self) -> dict:
+        """The precision that ran and the probe that chose it (nothing before the first call)."""
+        if self.probe is None:
+            return {}
+        return {"precision": self.probe["chose"], "precision_probe": self.probe}
 
 
 @dataclass(frozen=True)

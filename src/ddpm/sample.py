@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .files import OutputFolder, write_json
 from .images import plot_points, save_class_grid, save_grid, save_npz, save_pngs, to_uint8
 from .rng import sampling_generator
-from .runtime import Network, Processes, Runtime, init_processes, wrap_network
+from .runtime import Network, ProbedPrecision, Processes, Runtime, init_processes
 from .samplers import ETA_DEFAULTS, check_eta, get_sampler, sampling_chain
 
 __all__ = [
@@ -145,8 +145,9 @@ def generate(
     ``cond``: a condition per sample ([num, ...], e.g. class ids); ``model`` is then called as
     ``model(x, t, cond)`` with each batch's rows.
 
-    ``precision="bf16"`` runs the network under bf16 autocast (about 1.8x faster on this CPU); the
-    chain's arithmetic stays in fp32. The default fp32 is the reference. ``precision=None``: ``model`` is
+    ``precision="bf16"`` runs the network under bf16 autocast (faster on some CPUs, slower on others);
+    the chain's arithmetic stays in fp32. The default fp32 is the reference; "auto" times the first call
+    in both and runs in the faster (``ProbedPrecision``). ``precision=None``: ``model`` is
     a network already wrapped for its runtime (``ddpm.build.load_network``, ``Runtime.wrap``), called as
     it is."""
     if num <= 0 or batch_size <= 0:
@@ -155,7 +156,7 @@ def generate(
         raise ConfigError(f"{len(cond)} conditions for {num} samples")
     loop = get_sampler(sampler).loop
     chain = sampling_chain(diffusion, sampler, steps, spacing)
-    network = model if precision is None else wrap_network(model, device, precision)
+    network = model if precision is None else Runtime(device, precision).wrap(model)
     procs = procs or Processes()
     progress = progress and procs.is_main
     out = []
@@ -250,6 +251,7 @@ class Request:
     cond: object  # what the network is conditioned on, per sample
     conditions: dict  # how the conditions were chosen, for the record
     autoencoder: object = None  # a latent diffusion run's (FrozenAutoencoder): decodes the samples
+    probed: ProbedPrecision | None = None  # precision "auto": what chose it (LoadedNetwork.probed)
 
     @property
     def class_ids(self) -> torch.Tensor | None:
@@ -307,7 +309,7 @@ class Request:
             "var_type": self.cfg.diffusion.var_type,
             "steps": opts.steps or self.diffusion.num_timesteps,
             "clip_denoised": self.clip_denoised,
-            **opts.runtime.record(),
+            **opts.runtime.record(self.probed),
             **self._autoguidance(),
             **({"processes": self.procs.world_size} if self.procs.distributed else {}),
             **({"autoencoder": self.autoencoder.source} if self.autoencoder is not None else {}),
@@ -434,6 +436,7 @@ class LoadedRun:
             cond,
             conditions,
             self.autoencoder,
+            loaded.probed,
         )
 
     def check_before_low_res(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..config import COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, PRECISIONS, TRAIN_PRECISIONS
+from ..config import AUTO_PRECISIONS, COMPILE_MODES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE
 from ..runtime import Runtime
 from ..sample import SampleOptions
 from ..samplers import SAMPLERS, SPACINGS
@@ -167,13 +167,14 @@ FLAGS: dict[str, dict | Flag] = {
     ),
     "--precision": flag(
         dict(
-            choices=PRECISIONS,
+            choices=AUTO_PRECISIONS,
             default=RUNTIME_DEFAULTS.precision,
-            help="bf16 runs the network under autocast: faster, not bit-identical to fp32; bf16-norm also "
-            "keeps GroupNorm in bf16 (no casts around it on CUDA) (default fp32)",
+            help="bf16 runs the network under autocast: faster on some machines, not bit-identical to fp32; "
+            "bf16-norm also keeps GroupNorm in bf16 (no casts around it on CUDA); auto times the network's "
+            "first call in fp32 and bf16 and runs in the faster (recorded) (default fp32)",
         ),
         config=dict(
-            choices=TRAIN_PRECISIONS,
+            choices=AUTO_PRECISIONS,
             default=None,
             help="fp32, bf16 autocast, bf16-norm (GroupNorm in bf16 too), or auto (the faster of fp32 and "
             "bf16 on this machine, by a short probe)" + KEEP,
