@@ -169,8 +169,6 @@ class Runtime:
 
 PROBE_REPEATS = 3  # timed calls per precision, after one untimed (allocation, kernel choice)
 BF16_GAIN = 0.9  # bf16 is chosen only when it takes at most this share of fp32's time
-
-
 PROBED = ("fp32", "bf16")  # what precision "auto" chooses between
 
 
