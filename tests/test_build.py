@@ -102,5 +102,8 @@ def test_load_network_gives_the_ema_weights_wrapped_for_the_runtime(tmp_path):
         assert torch.equal(fast.network(x, t), expected)
     with pytest.raises(ConfigError, match=r"^weights must be one of ema, model, got 'raw'$"):
         load_network(tmp_path, "raw")
-    with pytest.raises(ConfigError, match=r"^precision must be one of fp32, bf16, bf16-norm, got 'fp16'$"):
+    auto = load_network(tmp_path, runtime=Runtime("cpu", "auto"))  # chooses at its first call
+    assert auto.probed is auto.network and auto.record() == {"precision": "auto"}
+    bad = r"^precision must be one of fp32, bf16, bf16-norm, auto, got 'fp16'$"
+    with pytest.raises(ConfigError, match=bad):
         load_network(tmp_path, runtime=Runtime(precision="fp16"))
